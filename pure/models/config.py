@@ -149,3 +149,35 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["use_sliding_window"] = config.sliding_window is not None
     hf.setdefault("torch_dtype", "float32")
     return hf
+
+
+def expected_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`{hf_state_dict_name: shape}` of every parameter of the model, in HF order.
+
+    `lm_head.weight` is absent when the embeddings are tied (it *is* `model.embed_tokens.weight`).
+    """
+    h, i, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_size
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(config.num_hidden_layers):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        for name, out_features in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[f"{attn}.{name}.weight"] = (out_features, h)
+            if config.qkv_bias:
+                shapes[f"{attn}.{name}.bias"] = (out_features,)
+        shapes[f"{attn}.o_proj.weight"] = (h, q)
+        if config.o_bias:
+            shapes[f"{attn}.o_proj.bias"] = (h,)
+        if config.qk_norm:
+            shapes[f"{attn}.q_norm.weight"] = (hd,)
+            shapes[f"{attn}.k_norm.weight"] = (hd,)
+        for name, (out_features, in_features) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            shapes[f"{mlp}.{name}.weight"] = (out_features, in_features)
+            if config.mlp_bias:
+                shapes[f"{mlp}.{name}.bias"] = (out_features,)
+        shapes[f"model.layers.{layer}.input_layernorm.weight"] = (h,)
+        shapes[f"model.layers.{layer}.post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes

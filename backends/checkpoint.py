@@ -1,0 +1,132 @@
+"""Checkpoints of the whole `TrainState`: tensors as safetensors, the rest as JSON, written atomically.
+
+A checkpoint is `output_dir/checkpoint-<step>/` with `state.safetensors` (trainable params,
+optimizer state, RNG key, keyed by their pytree paths) and `state.json` (step, data cursor, the
+tensor paths, anything extra). It is written into a temporary folder, fsynced, then renamed into
+place: a kill during a save leaves the previous checkpoint as the latest one, never a broken one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optree
+import torch
+from safetensors.torch import load_file, save_file
+
+from pure.train import TrainState
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be restored into the expected state."""
+
+
+def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    tensors, values = {}, {}
+    for path, leaf in zip(paths, leaves):
+        name = ".".join(str(p) for p in path)
+        if isinstance(leaf, torch.Tensor):
+            tensors[name] = leaf.detach().contiguous().cpu()
+        else:
+            values[name] = leaf
+    return tensors, values
+
+
+def _state_tree(state: TrainState) -> dict:
+    return {"trainable": state.trainable, "opt_state": state.opt_state, "rng_key": state.rng_key}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dict | None = None,
+                    total_limit: int | None = None) -> Path:
+    """Write `checkpoint-<step>` atomically and prune the oldest beyond `total_limit`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / f"checkpoint-{state.step}"
+    tensors, values = _flatten(_state_tree(state))
+    meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values,
+            "tensors": sorted(tensors), "extra": extra or {}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=output_dir))
+    try:
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        _fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (temporary folders are not checkpoints)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))
+             and (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainState, dict]:
+    """Restore a state saved by `save_checkpoint`; `like` (a freshly initialised state of the same
+    run) gives the structure. Returns the state and the `extra` dict saved with it."""
+    path = Path(path)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise CheckpointError(f"{path} is not a puretune checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
+    meta = json.loads((path / STATE_JSON).read_text())
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path / STATE_TENSORS} cannot be read ({e}); the file is damaged") from e
+    template = _state_tree(like)
+    paths, leaves, treedef = optree.tree_flatten_with_path(template, none_is_leaf=True)
+    restored = []
+    for p, leaf in zip(paths, leaves):
+        name = ".".join(str(x) for x in p)
+        if isinstance(leaf, torch.Tensor):
+            if name not in tensors:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint is from a different run setup")
+            t = tensors[name]
+            if t.shape != leaf.shape:
+                raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, expected {list(leaf.shape)}")
+            restored.append(t.to(device=leaf.device, dtype=leaf.dtype))
+        else:
+            restored.append(meta["values"].get(name, leaf))
+    unexpected = set(tensors) - {".".join(str(x) for x in p) for p in paths}
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a different run setup")
+    tree = optree.tree_unflatten(treedef, restored)
+    state = like.replace(step=meta["step"], trainable=tree["trainable"], opt_state=tree["opt_state"],
+                         rng_key=tree["rng_key"], data_cursor=meta["data_cursor"])
+    return state, meta.get("extra", {})

@@ -1,0 +1,36 @@
+"""Helpers every token-level objective shares: next-token targets and their log-probs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """targets[t] = labels[t + 1]: what the logits at t must predict ([B, T], -100 = no target).
+
+    The last position has no target; in packed rows neither has the last token of a document
+    (its successor belongs to the next document, which it must not learn to predict).
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if segment_ids is not None:
+        crosses = segment_ids[:, 1:] != segment_ids[:, :-1]
+        targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for logits [..., V] and integer targets [...], in float32.
+
+    `log_softmax` is taken through `cross_entropy` so no float64 or extra [N, V] copy is made.
+    """
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return -F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per-row sum (or mean) of token log-probs over the positions where `mask` is true."""
+    total = (token_lp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total

@@ -1,0 +1,27 @@
+"""Supervised fine-tuning: next-token cross-entropy over the trained (label != -100) tokens."""
+from __future__ import annotations
+
+import torch
+
+from pure.losses.common import IGNORE_INDEX, next_token_targets, token_logprobs
+from pure.losses.core import Loss
+
+
+def sft_loss(apply, batch, key=None):
+    """L = -(1/N) sum_t log p(y_t | y_<t) over the N trained tokens of the whole accumulated batch.
+
+    `batch["total_target_tokens"]` is N for the full (accumulated) batch, set by the train step, so the
+    sum of micro-batch losses is the mean over all trained tokens whatever the micro-batching.
+    lm_head logits are computed only where there is a target.
+    """
+    targets = next_token_targets(batch["labels"], batch.get("segment_ids"))
+    mask = targets != IGNORE_INDEX
+    out = apply(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                logits_at=mask, key=key)
+    nll = -token_logprobs(out.logits, targets[mask]).sum()
+    normalizer = batch.get("total_target_tokens", mask.sum().clamp(min=1))
+    return nll / normalizer, {"num_trained_tokens": mask.sum()}
+
+
+sft = Loss(sft_loss, "sft")
+nll = Loss(sft_loss, "nll")

@@ -1,0 +1,145 @@
+"""Explicit random keys, JAX style: randomness is a function of a key, never of global state.
+
+A key is an int64 tensor of shape [2] holding two unsigned 32-bit words. New keys are derived
+with the Threefry-2x32 block cipher (Salmon et al. 2011, "Parallel random numbers: as easy as
+1, 2, 3"; 20 rounds, the variant JAX uses), computed with int64 tensor math masked to 32 bits,
+so the derivation is a pure integer function: one key gives the same children on any machine
+and any device. `key`, `split` and `fold_in` match the classic (non-partitionable) JAX
+`PRNGKey`, `random.split` and `random.fold_in` bit for bit.
+
+Sampling turns a key into a seeded CPU `torch.Generator` and draws from it; the result is then
+moved to `device`. Drawing on the CPU keeps the numbers identical whatever the accelerator (CUDA
+generators use a different algorithm) at the cost of a host-to-device copy, which is fine for
+the masks, permutations and noise this project draws. Nothing here reads or advances torch's
+global RNG.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = 0x1BD11BDA
+# Domain separation for the generator seed, so it never equals a key's words or its children.
+_GENERATOR_TWEAK = 0x70757265  # "pure"
+
+
+def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) | (x >> (32 - r))) & _MASK32
+
+
+def threefry_2x32(key: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threefry-2x32 of the counter words `(x0, x1)` (int64 tensors of values < 2**32) under `key`."""
+    k0, k1 = (int(w) & _MASK32 for w in key.tolist())
+    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0 = (x0 + ks[0]) & _MASK32
+    x1 = (x1 + ks[1]) & _MASK32
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = (x0 + x1) & _MASK32
+            x1 = _rotl(x1, r) ^ x0
+        x0 = (x0 + ks[(i + 1) % 3]) & _MASK32
+        x1 = (x1 + ks[(i + 2) % 3] + i + 1) & _MASK32
+    return x0, x1
+
+
+def _check(key: torch.Tensor) -> torch.Tensor:
+    if not isinstance(key, torch.Tensor) or key.shape != (2,) or key.dtype != torch.int64:
+        raise TypeError(f"expected a key: an int64 tensor of shape [2], got {_describe(key)}")
+    return key.detach().cpu()
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__
+
+
+def key(seed: int) -> torch.Tensor:
+    """The root key of an integer seed: its 64 bits as two 32-bit words `[high, low]`."""
+    seed = int(seed) & _MASK64
+    return torch.tensor([seed >> 32, seed & _MASK32], dtype=torch.int64)
+
+
+def split(key: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """`n` new independent keys as an [n, 2] tensor (take rows: `a, b = split(k)`)."""
+    key = _check(key)
+    if n < 1:
+        raise ValueError(f"split: n must be >= 1, got {n}")
+    counts = torch.arange(2 * n, dtype=torch.int64)
+    y0, y1 = threefry_2x32(key, counts[:n], counts[n:])
+    return torch.cat([y0, y1]).reshape(n, 2)
+
+
+def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
+    """A new key that mixes the integer `data` (a step, a rank, a row index) into `key`."""
+    key = _check(key)
+    data = int(data) & _MASK64
+    y0, y1 = threefry_2x32(key, torch.tensor([data >> 32]), torch.tensor([data & _MASK32]))
+    return torch.cat([y0, y1])
+
+
+def seed_of(key: torch.Tensor) -> int:
+    """A 64-bit integer derived from `key`, used to seed a torch generator."""
+    key = _check(key)
+    y0, y1 = threefry_2x32(key, torch.tensor([_GENERATOR_TWEAK]), torch.tensor([0]))
+    return (int(y0) << 32) | int(y1)
+
+
+def generator(key: torch.Tensor, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh `torch.Generator` on `device` seeded deterministically from `key`.
+
+    The sampling helpers below always use a CPU generator; a generator on another device gives
+    that device's own (different) stream for the same key.
+    """
+    return torch.Generator(device=device).manual_seed(seed_of(key))
+
+
+def _shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+
+
+def _sampling_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Low-precision draws are fp32 draws rounded, so they agree with the fp32 stream.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uniform(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu", low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Samples from U[low, high)."""
+    x = torch.rand(_shape(shape), generator=generator(key), dtype=_sampling_dtype(dtype))
+    if low != 0.0 or high != 1.0:
+        x = x * (high - low) + low
+    return x.to(device=device, dtype=dtype)
+
+
+def normal(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32,
+           device: str | torch.device = "cpu", std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    """Samples from N(mean, std^2)."""
+    x = torch.randn(_shape(shape), generator=generator(key), dtype=_sampling_dtype(dtype))
+    if std != 1.0 or mean != 0.0:
+        x = x * std + mean
+    return x.to(device=device, dtype=dtype)
+
+
+def bernoulli(key: torch.Tensor, p: float, shape: int | Sequence[int],
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """A bool tensor whose entries are True with probability `p` (e.g. a dropout keep mask)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"bernoulli: p must be in [0, 1], got {p}")
+    mask = uniform(key, shape) < p if p < 1.0 else torch.ones(_shape(shape), dtype=torch.bool)
+    return mask.to(device)
+
+
+def randint(key: torch.Tensor, low: int, high: int, shape: int | Sequence[int],
+            device: str | torch.device = "cpu") -> torch.Tensor:
+    """int64 samples uniform over [low, high)."""
+    return torch.randint(low, high, _shape(shape), generator=generator(key), dtype=torch.int64).to(device)
+
+
+def permutation(key: torch.Tensor, n: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A random permutation of `range(n)` as an int64 tensor."""
+    return torch.randperm(n, generator=generator(key), dtype=torch.int64).to(device)

@@ -1,0 +1,150 @@
+"""The explicit train state and the pure train step.
+
+    state, metrics = train_step(state, micro_batches)
+
+`TrainState` holds everything a run's future depends on: the step, the trainable params, the
+optimizer state, the RNG key and the data cursor. The step splits the key; nothing else draws
+randomness, so (config, state) determines the rest of the run and resume is bitwise exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pure import rng
+from pure.losses.common import IGNORE_INDEX, next_token_targets
+from pure.lora import LoraConfig
+from pure.models.config import ModelConfig
+from pure.models.llama import ModelOutput, forward, sdpa_attention
+from pure.tree import global_norm, tree_map
+
+
+@dataclass
+class TrainState:
+    """step: optimizer steps taken. trainable: `{"params": {...}, "lora": {...}}` (either may be
+    empty). data_cursor: where the data stream stands (epoch, batch index), plain ints."""
+
+    step: int
+    trainable: dict
+    opt_state: Any
+    rng_key: torch.Tensor
+    data_cursor: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+
+    def replace(self, **changes) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+
+def init_train_state(trainable: dict, optimizer, key: torch.Tensor) -> TrainState:
+    return TrainState(step=0, trainable=trainable, opt_state=optimizer.init(trainable), rng_key=key)
+
+
+def neftune_embed(alpha: float, key: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """NEFTune (Jain et al. 2023): add U(-1, 1) * alpha / sqrt(L * d) noise to input embeddings."""
+
+    def embed_fn(x):
+        scale = alpha / (x.shape[1] * x.shape[2]) ** 0.5
+        return x + (rng.uniform(key, x.shape, dtype=x.dtype, device=x.device) * 2 - 1) * scale
+
+    return embed_fn
+
+
+def make_apply(
+    config: ModelConfig,
+    frozen: dict[str, torch.Tensor],
+    *,
+    lora_config: LoraConfig | None = None,
+    checkpoint_layers: bool = False,
+    attention_fn=sdpa_attention,
+    neftune_alpha: float | None = None,
+) -> Callable[[dict], Callable[..., ModelOutput]]:
+    """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
+    with the trainable params over the frozen ones (and the LoRA delta when there is one).
+    `apply.reference` is the reference policy: the same params with the adapter disabled."""
+
+    def bind(trainable: dict):
+        params = {**frozen, **trainable.get("params", {})}
+        lora = trainable.get("lora") or None
+
+        def apply(tokens, key=None, **kwargs) -> ModelOutput:
+            dropout_key = embed_fn = None
+            if key is not None:
+                dropout_key, noise_key = rng.split(key, 2)
+                if neftune_alpha:
+                    embed_fn = neftune_embed(neftune_alpha, noise_key)
+            return forward(params, tokens, config, lora=lora, lora_config=lora_config, dropout_key=dropout_key,
+                           embed_fn=embed_fn, checkpoint_layers=checkpoint_layers, attention_fn=attention_fn,
+                           **kwargs)
+
+        def reference(tokens, **kwargs) -> ModelOutput:
+            with torch.no_grad():
+                return forward(params, tokens, config, attention_fn=attention_fn, **kwargs)
+
+        apply.reference = reference
+        return apply
+
+    return bind
+
+
+def count_targets(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Normalisers of the whole accumulated batch: trained target tokens and rows."""
+    tokens = sum(
+        int((next_token_targets(mb["labels"], mb.get("segment_ids")) != IGNORE_INDEX).sum())
+        for mb in micro_batches if "labels" in mb
+    )
+    rows = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches if "input_ids" in mb)
+    return {"total_target_tokens": torch.tensor(max(tokens, 1)), "total_rows": torch.tensor(max(rows, 1))}
+
+
+def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
+    """Build `train_step(state, micro_batches) -> (state, metrics)`.
+
+    Each micro-batch's gradient comes from `torch.func.grad_and_value` over the trainable subtree;
+    losses are normalised by counts of the whole accumulated batch (`count_fn`), so the summed
+    gradient is the gradient of the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1).
+    Then one optimizer update. Metrics are floats-as-tensors with stable names.
+    """
+    from pure.optim import apply_updates
+
+    def micro_loss(trainable, batch, key):
+        return loss(bind(trainable), batch, key)
+
+    grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, micro_batches: Sequence[dict]):
+        step_key, next_key = rng.split(state.rng_key, 2)
+        counts = count_fn(micro_batches)
+        grads, total, aux = None, torch.zeros(()), {}
+        for i, mb in enumerate(micro_batches):
+            (g, (value, metrics)) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i))
+            grads = g if grads is None else tree_map(torch.add, grads, g)
+            total = total + value.detach()
+            for name, v in metrics.items():
+                aux[name] = aux.get(name, 0) + v.detach()
+        grad_norm = global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
+        trainable = apply_updates(state.trainable, updates)
+        metrics = {"train/loss": total, "train/grad_norm": grad_norm, **aux}
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
+
+    return train_step
+
+
+def make_eval_step(loss, bind):
+    """`eval_step(trainable, micro_batches) -> metrics` without gradients or randomness."""
+
+    def eval_step(trainable, micro_batches, count_fn=count_targets):
+        counts = count_fn(micro_batches)
+        total, aux = torch.zeros(()), {}
+        with torch.no_grad():
+            apply = bind(trainable)
+            for mb in micro_batches:
+                value, metrics = loss(apply, {**mb, **counts}, None)
+                total = total + value
+                for name, v in metrics.items():
+                    aux[name] = aux.get(name, 0) + v
+        return {"eval/loss": total, **aux}
+
+    return eval_step

@@ -1,0 +1,191 @@
+"""Pytree helpers over params, LoRA deltas, gradients and optimizer states.
+
+A tree is any nesting of dicts, lists and tuples with tensors (or Python scalars) as leaves; the
+params are usually a flat dict keyed by Hugging Face state-dict names, and LoRA deltas nest one
+level more (`{path: {"A": ..., "B": ...}}`). Both shapes work with every function here.
+
+A leaf's *path* is its keys joined with "." (so a flat HF dict's paths are its keys, and
+`{"a": {"b": x}}` has the path "a.b"). `None` is an empty subtree, never a leaf, as in optree.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+import optree
+import torch
+
+Tree = Any
+PathPredicate = Union[Callable[[str, Any], bool], str, Iterable[str]]
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """`fn` applied leaf by leaf over `tree` and the trees in `rest` (same structure)."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: Tree) -> list[Any]:
+    """The leaves of `tree`, in the order of `leaves_with_paths`."""
+    return [leaf for _, leaf in leaves_with_paths(tree)]
+
+
+def leaves_with_paths(tree: Tree) -> list[tuple[str, Any]]:
+    """`[(dotted_path, leaf), ...]` in the order the dicts were built (HF order for params)."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(node: Any, prefix: tuple) -> None:
+        if node is None:
+            return
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, (*prefix, k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, (*prefix, i))
+        elif optree.tree_is_leaf(node):
+            out.append((_join(prefix), node))
+        else:  # another registered container: optree's own order
+            paths, leaves, _ = optree.tree_flatten_with_path(node)
+            out.extend((_join((*prefix, *p)), leaf) for p, leaf in zip(paths, leaves))
+
+    walk(tree, ())
+    return out
+
+
+def _join(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _as_predicate(select: PathPredicate) -> Callable[[str, Any], bool]:
+    if callable(select):
+        return select
+    patterns = [select] if isinstance(select, str) else list(select)
+    compiled = [re.compile(p) for p in patterns]
+    return lambda path, _leaf: any(p.search(path) for p in compiled)
+
+
+def partition(tree: Tree, select: PathPredicate) -> tuple[Tree, Tree]:
+    """Split `tree` into `(selected, rest)`.
+
+    `select` is a predicate `(path, leaf) -> bool`, or a regex (or a list of them) searched in the
+    dotted path. Both results keep the dict structure of `tree` but hold only their own leaves:
+    no `None` placeholders, and dicts left empty are dropped. `combine(selected, rest)` gives the
+    tree back. Lists and tuples can't drop entries without renumbering, so they must fall wholly
+    on one side.
+    """
+    predicate = _as_predicate(select)
+
+    def split(node: Any, prefix: str) -> tuple[Any, Any]:
+        # Returns (selected, rest); _EMPTY marks a side that holds nothing.
+        if isinstance(node, Mapping):
+            picked, left = {}, {}
+            for k, v in node.items():
+                a, b = split(v, f"{prefix}.{k}" if prefix else str(k))
+                if a is not _EMPTY:
+                    picked[k] = a
+                if b is not _EMPTY:
+                    left[k] = b
+            return (picked or _EMPTY), (left or _EMPTY)
+        if node is None:
+            return _EMPTY, _EMPTY
+        if isinstance(node, (list, tuple)):
+            flags = {predicate(_join((prefix, p)) if prefix else p, leaf)
+                     for p, leaf in leaves_with_paths(node)}
+            if len(flags) > 1:
+                raise TypeError(
+                    f"partition: the {type(node).__name__} at {prefix!r} would be split; "
+                    "only dicts can be partitioned leaf by leaf"
+                )
+            return (node, _EMPTY) if flags == {True} else (_EMPTY, node)
+        return (node, _EMPTY) if predicate(prefix, node) else (_EMPTY, node)
+
+    selected, rest = split(tree, "")
+    empty = type(tree)() if isinstance(tree, Mapping) else None
+    return (empty if selected is _EMPTY else selected), (empty if rest is _EMPTY else rest)
+
+
+class _Empty:
+    __slots__ = ()
+
+
+_EMPTY = _Empty()
+
+
+def combine(a: Tree, b: Tree) -> Tree:
+    """Deep-merge two trees of dicts, the inverse of `partition`; a path in both is an error."""
+
+    def merge(x: Any, y: Any, prefix: str) -> Any:
+        if x is None:
+            return y
+        if y is None:
+            return x
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out = dict(x)
+            for k, v in y.items():
+                out[k] = merge(out[k], v, f"{prefix}.{k}" if prefix else str(k)) if k in out else v
+            return out
+        raise ValueError(f"combine: {prefix or '<root>'!r} is present in both trees")
+
+    return merge(a, b, "")
+
+
+def cast(tree: Tree, dtype: torch.dtype) -> Tree:
+    """`tree` with every floating-point tensor cast to `dtype`; integer and bool leaves untouched."""
+    return tree_map(
+        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
+    )
+
+
+def global_norm(tree: Tree) -> torch.Tensor:
+    """`sqrt(sum_i ||x_i||^2)` over all tensor leaves, accumulated in fp32 (a 0-dim fp32 tensor)."""
+    tensors = [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    device = tensors[0].device
+    norms = [torch.linalg.vector_norm(x, dtype=torch.float32).to(device) for x in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def zeros_like(tree: Tree) -> Tree:
+    """A tree of zero tensors with the shapes, dtypes and devices of `tree`."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def num_params(tree: Tree) -> int:
+    """Total number of elements over all tensor leaves."""
+    return sum(x.numel() for x in tree_leaves(tree) if isinstance(x, torch.Tensor))
+
+
+def shape_summary(tree: Tree) -> str:
+    """A table of path, shape, dtype and element count per leaf, with the total on the last line."""
+    rows = []
+    for path, leaf in leaves_with_paths(tree):
+        if isinstance(leaf, torch.Tensor):
+            dtype = str(leaf.dtype).removeprefix("torch.")
+            rows.append((path, str(tuple(leaf.shape)), dtype, leaf.numel()))
+        else:
+            rows.append((path, "()", type(leaf).__name__, 0))
+    total = sum(r[3] for r in rows)
+    header = ("path", "shape", "dtype", "count")
+    widths = [max([len(header[i])] + [len(str(r[i])) if i < 3 else len(f"{r[i]:,}") for r in rows])
+              for i in range(4)]
+    widths[3] = max(widths[3], len(f"{total:,}"))
+
+    def line(cells: tuple[str, str, str, str]) -> str:
+        return (f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]:<{widths[2]}}  "
+                f"{cells[3]:>{widths[3]}}").rstrip()
+
+    lines = [line(header), "-" * (sum(widths) + 6)]
+    lines += [line((p, s, d, f"{n:,}")) for p, s, d, n in rows]
+    lines.append(line(("total", "", f"{len(rows)} leaves", f"{total:,}")))
+    lines.append(f"({_human(total)} parameters)")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    exp = min(int(math.log10(n) // 3), 4)
+    return f"{n / 10 ** (3 * exp):.1f}{' KMBT'[exp]}"
