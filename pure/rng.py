@@ -4,8 +4,9 @@ A key is an int64 tensor of shape [2] holding two unsigned 32-bit words. New key
 with the Threefry-2x32 block cipher (Salmon et al. 2011, "Parallel random numbers: as easy as
 1, 2, 3"; 20 rounds, the variant JAX uses), computed with int64 tensor math masked to 32 bits,
 so the derivation is a pure integer function: one key gives the same children on any machine
-and any device. `key`, `split` and `fold_in` match the classic (non-partitionable) JAX
-`PRNGKey`, `random.split` and `random.fold_in` bit for bit.
+and any device. `key`, `split` and `fold_in` follow the classic (non-partitionable) JAX
+derivation of `PRNGKey`, `random.split` and `random.fold_in` (for `fold_in`, data < 2**32);
+the tests pin the Random123 known answers and JAX's `split(PRNGKey(0))`.
 
 Sampling turns a key into a seeded CPU `torch.Generator` and draws from it; the result is then
 moved to `device`. Drawing on the CPU keeps the numbers identical whatever the accelerator (CUDA

@@ -2,6 +2,8 @@
 
 `format_labels` writes every token as `decoded(label, id)`, separated by spaces, e.g.
 `<s>(1, 1) Hello(22557, 22557) good(-100, 1179)`: label -100 = masked, label == id = trained.
+Each token is decoded on its own, as axolotl's `check_example_labels` does, so a byte-level BPE
+token keeps its leading space (` good(-100, 1123)`) and a newline token prints a real newline.
 """
 from __future__ import annotations
 

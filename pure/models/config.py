@@ -73,11 +73,12 @@ class ModelConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or self.model_type == "qwen2"
+        # qwen2 always has q/k/v biases; mistral never has attention biases whatever its config says.
+        return self.model_type == "qwen2" or (self.attention_bias and self.model_type in ("llama", "qwen3"))
 
     @property
     def o_bias(self) -> bool:
-        return self.attention_bias and self.model_type in ("llama",)
+        return self.attention_bias and self.model_type in ("llama", "qwen3")
 
     @property
     def qk_norm(self) -> bool:

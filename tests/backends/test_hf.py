@@ -313,3 +313,31 @@ def test_embedded_model_loads_with_tied_embeddings_and_a_chat_template():
     assert tokenizer is not None and tokenizer.chat_template
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False)
     assert "Hello" in text
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_network(saved_models, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+    model, folder = saved_models["qwen3"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--puretune-tests--tiny-qwen3"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params, config, _ = hf.load_pretrained("puretune-tests/tiny-qwen3")
+    assert config.model_type == "qwen3"
+    assert_params_equal(params, hf_params(model))
+
+
+def test_bfloat16_params_are_saved_as_bfloat16_and_transformers_keeps_the_dtype(saved_models, tmp_path):
+    _, folder = saved_models["llama"]
+    params, config, _ = hf.load_pretrained(folder, dtype=torch.bfloat16)
+    out = hf.save_pretrained(params, config, None, tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_params_equal(hf.load_params(out, dtype=None), params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    assert_params_equal(dict(reloaded.state_dict()), params)

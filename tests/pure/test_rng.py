@@ -139,3 +139,14 @@ def test_keys_derived_from_a_split_row_are_valid_keys():
     a, _ = rng.split(rng.key(0))
     assert words(rng.split(a)[0]) != words(rng.split(rng.key(0))[0])
     assert rng.fold_in(a, 1).shape == (2,)
+
+
+def test_keys_can_be_split_and_sampled_inside_torch_func_grad():
+    def loss(w, key):
+        mask_key, noise_key = rng.split(rng.fold_in(key, 3))
+        return (w * rng.bernoulli(mask_key, 0.5, w.shape) * rng.normal(noise_key, w.shape)).sum()
+
+    w = torch.randn(6)
+    grad = torch.func.grad(loss)(w, rng.key(0))
+    k1, k2 = rng.split(rng.fold_in(rng.key(0), 3))
+    assert torch.equal(grad, rng.bernoulli(k1, 0.5, (6,)) * rng.normal(k2, (6,)))

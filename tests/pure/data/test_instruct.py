@@ -223,7 +223,9 @@ def test_labels_align_with_ids(smollm_tokenizer, instruction, input_text, output
     [ex] = rows(row, 0)
     assert len(ex["labels"]) == len(ex["input_ids"])
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(ex["labels"], ex["input_ids"]))
-    assert ex["labels"][-1] == smollm_tokenizer.eos_token_id
+    target = smollm_tokenizer(output, add_special_tokens=False)["input_ids"] + [smollm_tokenizer.eos_token_id]
+    assert ex["input_ids"][len(ex["input_ids"]) - len(target):] == target
+    assert ex["labels"][len(ex["labels"]) - len(target):] == target
 
 
 @hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

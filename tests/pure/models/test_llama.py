@@ -25,6 +25,8 @@ HF_CONFIGS = {
     "mistral-sliding-window": (transformers.MistralConfig, dict(TINY, sliding_window=5)),
     "qwen2-qkv-bias": (transformers.Qwen2Config, dict(TINY, tie_word_embeddings=True)),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(TINY, head_dim=24, tie_word_embeddings=False)),
+    "qwen3-attention-bias": (transformers.Qwen3Config, dict(TINY, attention_bias=True)),
+    "mistral-attention-bias-ignored": (transformers.MistralConfig, dict(TINY, attention_bias=True)),
 }
 
 

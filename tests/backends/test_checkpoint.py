@@ -1,0 +1,75 @@
+"""Checkpoints of the train state: bit-exact round trip, atomic writes, pruning, clear errors."""
+import os
+
+import pytest
+import torch
+
+from backends import checkpoint as ckpt
+from pure import rng
+from pure.lora import LoraConfig, init_lora
+from pure.models import ModelConfig, init
+from pure.optim import adamw
+from pure.train import init_train_state
+
+CONFIG = ModelConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+
+
+def fresh_state(seed=0):
+    params = init(CONFIG, rng.key(seed))
+    delta = init_lora(params, LoraConfig(r=2), rng.key(seed + 1), target_linear=True)
+    return init_train_state({"lora": delta}, adamw(1e-3), rng.key(seed + 2))
+
+
+def assert_states_equal(a, b):
+    import optree
+
+    assert a.step == b.step and a.data_cursor == b.data_cursor
+    la, lb = optree.tree_leaves((a.trainable, a.opt_state, a.rng_key)), optree.tree_leaves((b.trainable, b.opt_state, b.rng_key))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert (torch.equal(x, y) and x.dtype == y.dtype) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    state = fresh_state().replace(step=7, data_cursor={"epoch": 1, "batch": 3})
+    path = ckpt.save_checkpoint(state, tmp_path, extra={"note": "x"})
+    restored, extra = ckpt.load_checkpoint(path, fresh_state(seed=5))
+    assert_states_equal(state, restored)
+    assert extra == {"note": "x"} and path.name == "checkpoint-7"
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = fresh_state()
+    ckpt.save_checkpoint(state.replace(step=1), tmp_path)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(state.replace(step=2), tmp_path)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-1"
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), state)
+    # A temporary folder left by a SIGKILL is never taken for a checkpoint.
+    (tmp_path / ".tmp-checkpoint-3-abc").mkdir()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+def test_total_limit_prunes_the_oldest(tmp_path):
+    state = fresh_state()
+    for step in (1, 2, 3, 10):
+        ckpt.save_checkpoint(state.replace(step=step), tmp_path, total_limit=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-10"]
+
+
+def test_damaged_or_mismatched_checkpoints_fail_clearly(tmp_path):
+    path = ckpt.save_checkpoint(fresh_state(), tmp_path)
+    other = init_train_state({"params": init(CONFIG, rng.key(0))}, adamw(1e-3), rng.key(0))
+    with pytest.raises(ckpt.CheckpointError, match="missing"):
+        ckpt.load_checkpoint(path, other)
+    data = (path / "state.safetensors").read_bytes()
+    (path / "state.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load_checkpoint(path, fresh_state())
