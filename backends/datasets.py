@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 from pure.data.settings import DataError, DataSettings, Example
 
@@ -45,7 +45,8 @@ EXTENSION_TYPES = {
     ".arrow": "arrow", ".txt": "text",
 }
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "adl://", "abfs://", "az://", "oci://", "http://", "https://")
-PREFERENCE_KINDS = ("dpo", "ipo", "kto", "orpo", "simpo", "rm")
+# Below this many rows per process, forking costs more than it saves.
+PARALLEL_MIN_ROWS = 1000
 
 
 @dataclass
@@ -79,10 +80,9 @@ def _bound(value: str | None, n: int, default: int) -> int:
     if value is None:
         return default
     if value.endswith("%"):
-        pct = int(value[:-1])
-        index = int(round(n * pct / 100))  # datasets' default "closest" rounding
-        return index if pct >= 0 else n + int(round(n * pct / 100)) - index + index
-    index = int(value)
+        index = int(round(n * int(value[:-1]) / 100))  # datasets' default "closest" rounding
+    else:
+        index = int(value)
     return index if index >= 0 else n + index
 
 
@@ -416,7 +416,7 @@ def _dataset_label(entry: Mapping) -> str:
 
 def _run_strategy(dataset, row_fn, num_proc: int) -> list[Example]:
     """row_fn over every row, in order; with num_proc > 1 through datasets.map in processes."""
-    if num_proc <= 1 or len(dataset) < 1000 * num_proc:
+    if num_proc <= 1 or len(dataset) < PARALLEL_MIN_ROWS * num_proc:
         examples: list[Example] = []
         for index, row in enumerate(dataset):
             examples.extend(row_fn(row, index))
@@ -652,9 +652,9 @@ def prepare_tokenizer(tokenizer, config) -> int:
             tokenizer.add_special_tokens(updates)
         extra = [t for t in special.get("additional_special_tokens") or [] if t not in tokenizer.get_vocab()]
         if extra:
-            tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False) \
-                if _accepts_kw(tokenizer.add_special_tokens, "replace_extra_special_tokens") else \
-                tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_additional_special_tokens=False)
+            keep_old = ("replace_extra_special_tokens" if _accepts_kw(tokenizer.add_special_tokens, "replace_extra_special_tokens")
+                        else "replace_additional_special_tokens")  # transformers 5 / 4 spelling
+            tokenizer.add_special_tokens({"additional_special_tokens": extra}, **{keep_old: False})
     tokens = _get(config, "tokens")
     if tokens:
         vocab = tokenizer.get_vocab()
@@ -705,12 +705,3 @@ def _override_added_tokens(tokenizer, overrides: dict[int, str]) -> None:
         value = getattr(tokenizer, attr, None)
         if value in old_names:
             setattr(tokenizer, attr, old_names[value])
-    if hasattr(tokenizer, "_added_tokens_decoder"):
-        for token_id, new in overrides.items():
-            token = tokenizer._added_tokens_decoder.get(token_id)
-            if token is not None:
-                token.content = new
-    if hasattr(tokenizer, "_added_tokens_encoder"):
-        tokenizer._added_tokens_encoder = {
-            old_names.get(k, k): v for k, v in tokenizer._added_tokens_encoder.items()
-        }

@@ -10,6 +10,8 @@ the whole config.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import os
 import sys
@@ -1081,8 +1083,6 @@ def _check_rules(c: Config) -> None:
         raise ConfigError(
             f"dataset_shard_idx: expected an index < dataset_shard_num ({c.dataset_shard_num}), got {c.dataset_shard_idx}"
         )
-    if c.adapter and c.lora_model_dir is None and c.lora_r is None and c.adapter == "lora":
-        pass  # lora_r falls back to the LoRA builder's default
     if c.lora_model_dir and not c.adapter:
         raise ConfigError("lora_model_dir is set but adapter is not; add adapter: lora")
     for list_key in ("datasets", "test_datasets"):
@@ -1218,7 +1218,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     Values are YAML scalars (`1e-4`, `true`, `[a, b]`); a boolean key given alone means true;
     `None`/`null` values are dropped like axolotl does.
     """
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)
     items = list(overrides)
     i = 0
     while i < len(items):
@@ -1396,5 +1396,5 @@ def data_settings(config: Config) -> DataSettings:
         min_sample_len=config.min_sample_len if config.min_sample_len is not None else 2,
         seed=config.seed if config.seed is not None else 42,
     )
-    known = {f.name for f in __import__("dataclasses").fields(DataSettings)}
+    known = {f.name for f in dataclasses.fields(DataSettings)}
     return DataSettings(**{k: v for k, v in kwargs.items() if k in known})

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from pure.data.settings import IGNORE_INDEX, DataError, DataSettings, Example, RowFn

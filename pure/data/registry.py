@@ -7,8 +7,8 @@ Dispatch, in order:
 - SFT `type: chat_template` -> `pure.data.chat_template`;
 - SFT alpaca family, user-defined mappings, completion, input_output, stepwise_supervised, and
   pre-tokenised rows (`type:` empty) -> `pure.data.instruct`;
-- preference kinds (dpo, ipo, kto, orpo, simpo, rm) -> `pure.data.preference`
-  (a `stepwise_supervised` PRM entry goes to `pure.data.instruct`, which builds it);
+- preference kinds (dpo, ipo, kto, orpo, simpo, rm) and prm (`stepwise_supervised`) ->
+  `pure.data.preference`;
 - a name the builders do not know that is a dotted path `module.fn` importable from the working
   directory -> a user dataset transform, as axolotl calls them for GRPO/EBFT:
   `fn(cfg, dataset_idx=i) -> (map_fn(row, tokenizer=None) -> dict, {"remove_columns": [...] | "__all__"})`.
@@ -92,14 +92,14 @@ def _builtin(kind: str, type_spec: Any, ds_cfg: dict, tokenizer, settings: DataS
             f"dataset {ds_cfg.get('path')!r}: rl: {kind} datasets need `type:` to be a transform "
             f"`module.fn` importable from the working directory, got {type_spec!r}"
         )
-    if type_spec == "stepwise_supervised" or (kind in (SFT, "prm") and type_spec != "chat_template"):
-        from pure.data.instruct import build_instruct_strategy
-
-        return build_instruct_strategy(type_spec, ds_cfg, tokenizer, settings)
-    if kind in (SFT, "prm"):  # type: chat_template
+    if kind == SFT and type_spec == "chat_template":
         from pure.data.chat_template import build_chat_template_strategy
 
         return build_chat_template_strategy(ds_cfg, tokenizer, settings)
+    if kind == SFT:
+        from pure.data.instruct import build_instruct_strategy
+
+        return build_instruct_strategy(type_spec, ds_cfg, tokenizer, settings)
     from pure.data.preference import build_preference_strategy
 
     return build_preference_strategy(kind, type_spec, ds_cfg, tokenizer, settings)

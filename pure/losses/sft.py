@@ -18,9 +18,12 @@ def sft_loss(apply, batch, key=None):
     mask = targets != IGNORE_INDEX
     out = apply(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                 logits_at=mask, key=key)
-    nll = -token_logprobs(out.logits, targets[mask]).sum()
+    wanted = targets[mask]
+    nll = -token_logprobs(out.logits, wanted).sum()
     normalizer = batch.get("total_target_tokens", mask.sum().clamp(min=1))
-    return nll / normalizer, {"num_trained_tokens": mask.sum()}
+    # Summed over micro-batches, both metrics are those of the whole accumulated batch.
+    correct = (out.logits.detach().argmax(-1) == wanted).sum()
+    return nll / normalizer, {"num_trained_tokens": mask.sum(), "token_accuracy": correct / normalizer}
 
 
 sft = Loss(sft_loss, "sft")

@@ -1,0 +1,177 @@
+"""Wiring shared by the training programs: config -> model, trainable subtree, optimizer, batches.
+
+No math here: each function reads a few config keys and calls `pure/` and `backends/`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends.hf import load_pretrained
+from pure import rng
+from pure.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing
+from pure.lora import LoraConfig, init_lora
+from pure.optim import build_optimizer, make_param_groups
+from pure.schedules import build_schedule
+
+
+def fail(message: str, code: int = 2):
+    """One clear line on stderr and a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def load_model(config):
+    """(params, model config, tokenizer) with the tokenizer's added tokens reflected in the embeddings."""
+    from backends.datasets import prepare_tokenizer
+
+    params, model_config, tokenizer = load_pretrained(config.base_model)
+    if tokenizer is None:
+        from backends.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
+    prepare_tokenizer(tokenizer, config)
+    if len(tokenizer) > model_config.vocab_size:
+        params, model_config = resize_embeddings(params, model_config, len(tokenizer))
+    return params, model_config, tokenizer
+
+
+def resize_embeddings(params, model_config, vocab_size: int):
+    """Grow the embedding (and untied head) to `vocab_size`; new rows are the mean of the old ones."""
+    params = dict(params)
+    names = ["model.embed_tokens.weight"] + ([] if model_config.tie_word_embeddings else ["lm_head.weight"])
+    for name in names:
+        w = params[name]
+        extra = w.mean(0, keepdim=True).expand(vocab_size - w.shape[0], -1)
+        params[name] = torch.cat([w, extra], dim=0)
+    return params, model_config.replace(vocab_size=vocab_size)
+
+
+def lora_config_of(config) -> LoraConfig:
+    return LoraConfig(r=config.lora_r or 8, alpha=config.lora_alpha or 16, dropout=config.lora_dropout or 0.0,
+                      use_rslora=bool(config.peft_use_rslora), use_dora=bool(config.peft_use_dora))
+
+
+def build_trainable(config, params, key):
+    """Split params into (trainable subtree, frozen params, LoraConfig or None).
+
+    LoRA: the delta (fresh, or read from `lora_model_dir`) plus `lora_modules_to_save` params.
+    Full fine-tune: every param, or those matching `unfrozen_parameters` regexes.
+    """
+    if config.adapter == "lora":
+        if config.lora_model_dir:
+            from backends.export import load_peft_adapter
+
+            delta, lora_config, saved = load_peft_adapter(config.lora_model_dir, params)
+        else:
+            lora_config = lora_config_of(config)
+            delta = init_lora(params, lora_config, key, target_modules=config.lora_target_modules,
+                              target_linear=bool(config.lora_target_linear))
+            saved = {}
+        to_save = {}
+        for module in config.lora_modules_to_save or []:
+            names = [n for n in params if n.rsplit(".", 1)[0].endswith(module)]
+            if not names:
+                raise ValueError(f"lora_modules_to_save: {module!r} matches no parameter of the model")
+            to_save.update({n: saved.get(n, params[n]) for n in names})
+        frozen = {k: v for k, v in params.items() if k not in to_save}
+        return {"lora": delta, "params": to_save}, frozen, lora_config
+    if config.unfrozen_parameters:
+        patterns = [re.compile(p) for p in config.unfrozen_parameters]
+        trained = {k: v for k, v in params.items() if any(p.search(k) for p in patterns)}
+        if not trained:
+            raise ValueError(f"unfrozen_parameters {config.unfrozen_parameters} match no parameter")
+        return {"params": trained}, {k: v for k, v in params.items() if k not in trained}, None
+    return {"params": dict(params)}, {}, None
+
+
+def build_optimizer_from_config(config, total_steps: int):
+    schedule = build_schedule(
+        config.lr_scheduler or "cosine", config.learning_rate, total_steps,
+        warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
+        cosine_min_lr_ratio=config.cosine_min_lr_ratio, cosine_constant_lr_ratio=config.cosine_constant_lr_ratio,
+    )
+    groups = make_param_groups(
+        config.learning_rate, loraplus_lr_ratio=config.loraplus_lr_ratio,
+        lr_groups=[g.model_dump() if hasattr(g, "model_dump") else g for g in (config.lr_groups or [])] or None,
+        embedding_lr=config.embedding_lr, embedding_lr_scale=config.embedding_lr_scale,
+    )
+    optimizer = build_optimizer(
+        config.optimizer or "adamw_torch_fused", schedule, weight_decay=config.weight_decay or 0.0,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm, param_groups=groups,
+    )
+    return optimizer, schedule
+
+
+def epoch_micro_batches(examples, config, pad_id: int, epoch: int, packing: bool | None = None) -> list[dict]:
+    """The micro-batches of one epoch, a pure function of (examples, config, epoch): packed bins
+    shuffled by (seed, epoch), or padded rows in a (seed, epoch) permutation."""
+    packing = config.sample_packing if packing is None else packing
+    seed = config.seed if config.seed is not None else 42
+    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+    if packing:
+        bins = pack_first_fit_decreasing(
+            lengths, config.sequence_len, max_per_bin=config.sample_packing_bin_size or 200,
+            group_size=config.sample_packing_group_size or 100_000,
+            sequential=bool(config.sample_packing_sequentially), seed=seed, epoch=epoch)
+        return collate_packed(examples, bins, config.micro_batch_size, config.sequence_len, pad_id,
+                              pad_to_sequence_len=config.pad_to_sequence_len is not False)
+    order = rng.permutation(rng.fold_in(rng.key(seed), epoch), len(examples)).numpy()
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    return collate_padded(examples, order, config.micro_batch_size, pad_id, pad_to=pad_to,
+                          bucket_by_length=bool(config.group_by_length))
+
+
+def eval_micro_batches(examples, config, pad_id: int) -> list[dict]:
+    """Eval batches in dataset order (packed only with `eval_sample_packing`)."""
+    packing = bool(config.sample_packing) and config.eval_sample_packing is not False
+    if packing:
+        lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+        bins = pack_first_fit_decreasing(lengths, config.sequence_len, sequential=True)
+        return collate_packed(examples, bins, config.eval_batch_size or config.micro_batch_size,
+                              config.sequence_len, pad_id)
+    return collate_padded(examples, range(len(examples)), config.eval_batch_size or config.micro_batch_size, pad_id)
+
+
+def steps_per_epoch(num_micro_batches: int, accumulation: int) -> int:
+    return max(1, num_micro_batches // accumulation)
+
+
+def total_steps(config, per_epoch: int) -> int:
+    return config.max_steps or max(1, math.ceil(per_epoch * config.num_epochs))
+
+
+def tensors_only(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def is_resumable_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.name.startswith("checkpoint-") for p in path.iterdir())
+
+
+def adapter_dir(config, explicit: str | None = None) -> Path | None:
+    """The LoRA folder to apply: --lora_model_dir, then the config's, then the run's own output."""
+    for candidate in (explicit, config.lora_model_dir, config.output_dir):
+        if candidate and (Path(candidate) / "adapter_config.json").is_file():
+            return Path(candidate)
+    if explicit or config.lora_model_dir:
+        raise ValueError(f"no LoRA adapter (adapter_config.json) in {explicit or config.lora_model_dir}")
+    return None
+
+
+def load_model_with_adapter(config, explicit_lora_dir: str | None = None):
+    """(params, model config, tokenizer, lora delta or None, LoraConfig or None) for inference/eval/merge."""
+    from backends.export import load_peft_adapter
+
+    params, model_config, tokenizer = load_model(config)
+    folder = adapter_dir(config, explicit_lora_dir) if config.adapter == "lora" or explicit_lora_dir else None
+    if folder is None:
+        return params, model_config, tokenizer, None, None
+    delta, lora_config, saved = load_peft_adapter(folder, params)
+    return {**params, **saved}, model_config, tokenizer, delta, lora_config
