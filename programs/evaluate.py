@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         loss = metrics["eval/loss"].item()
         result[f"{split}_loss"] = loss
         result[f"{split}_perplexity"] = math.exp(loss)
-        result[f"{split}_token_accuracy"] = metrics["token_accuracy"].item()
+        result[f"{split}_token_accuracy"] = metrics["eval/token_accuracy"].item()
         result[f"{split}_examples"] = len(examples)
     print(json.dumps(result, indent=2))
     return 0

@@ -74,7 +74,9 @@ def every(value, per_epoch: int) -> int | None:
     return max(1, round(value * per_epoch)) if isinstance(value, float) and value < 1 else int(value)
 
 
-def run(config, overwrite: bool = False) -> dict:
+def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
+    """Train as the config says. `stop_after_step` stops like a signal would (checkpoint, clean
+    exit) once that step is done: the resume tests use it."""
     out = Path(config.output_dir)
     resume_from = find_resume_checkpoint(config)
     check_output_dir(config, overwrite, resume_from is not None)
@@ -175,6 +177,8 @@ def run(config, overwrite: bool = False) -> dict:
             logger.log(state.step, evaluate())
         if save_every and state.step % save_every == 0:
             last_saved = save("scheduled")
+        if stop_after_step is not None and state.step >= stop_after_step:
+            stop.signal = "stop_after_step"
         if stop.signal:
             last_saved = save(stop.signal)
             print(f"stopped by {stop.signal} at step {state.step}; resume with "

@@ -145,6 +145,6 @@ def make_eval_step(loss, bind):
                 total = total + value
                 for name, v in metrics.items():
                     aux[name] = aux.get(name, 0) + v
-        return {"eval/loss": total, **aux}
+        return {"eval/loss": total, **{f"eval/{name}": v for name, v in aux.items()}}
 
     return eval_step
