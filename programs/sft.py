@@ -239,10 +239,10 @@ def main(argv=None) -> int:
 
     try:
         config, extra = parse_cli(argv, DESCRIPTION, program_flags={"--overwrite": False})
-        result = run(config, overwrite="--overwrite" in extra)
+        run(config, overwrite="--overwrite" in extra)
     except (ConfigError, DataError, ModelLoadError, CheckpointError, AdapterError, FloatingPointError, ValueError) as e:
         common.fail(str(e))
-    return 0 if not result["stopped"] else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
     gradient is the gradient of the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1).
     Then one optimizer update. Metrics are floats-as-tensors with stable names.
     """
-    from pure.optim import apply_updates
+    from pure.optim import apply_updates, grad_norm_from_state
 
     def micro_loss(trainable, batch, key):
         return loss(bind(trainable), batch, key)
@@ -123,8 +123,11 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
             total = total + value.detach()
             for name, v in metrics.items():
                 aux[name] = aux.get(name, 0) + v.detach()
-        grad_norm = global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
+        # The clipping transform already measured the pre-clip norm; measure only when none did.
+        grad_norm = grad_norm_from_state(opt_state)
+        if grad_norm is None:
+            grad_norm = global_norm(grads)
         trainable = apply_updates(state.trainable, updates)
         metrics = {"train/loss": total, "train/grad_norm": grad_norm, **aux}
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
