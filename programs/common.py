@@ -175,3 +175,30 @@ def load_model_with_adapter(config, explicit_lora_dir: str | None = None):
         return params, model_config, tokenizer, None, None
     delta, lora_config, saved = load_peft_adapter(folder, params)
     return {**params, **saved}, model_config, tokenizer, delta, lora_config
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def seed_of(config) -> int:
+    return config.seed if config.seed is not None else 42
+
+
+def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -> Path:
+    """LoRA: the PEFT adapter (and tokenizer) in output_dir; full: an HF model folder output_dir/model."""
+    out = Path(config.output_dir)
+    if lora_config is not None:
+        from backends.export import save_peft_adapter
+
+        save_peft_adapter(out / "adapter", state.trainable["lora"], lora_config,
+                          modules_to_save=state.trainable.get("params") or None,
+                          base_model_name_or_path=str(config.base_model), tokenizer=tokenizer)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (out / name).write_bytes((out / "adapter" / name).read_bytes())
+        tokenizer.save_pretrained(out)
+        return out
+    from backends.hf import save_pretrained
+
+    save_pretrained({**frozen, **state.trainable["params"]}, model_config, tokenizer, out / "model")
+    return out / "model"

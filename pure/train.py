@@ -59,10 +59,13 @@ def make_apply(
     checkpoint_layers: bool = False,
     attention_fn=sdpa_attention,
     neftune_alpha: float | None = None,
+    reference_params: dict[str, torch.Tensor] | None = None,
 ) -> Callable[[dict], Callable[..., ModelOutput]]:
     """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
-    `apply.reference` is the reference policy: the same params with the adapter disabled."""
+    `apply.reference` is the reference policy: `reference_params` (the initial weights: with
+    LoRA the same tensors as the frozen ones, so no copy) with no adapter; by default the bound
+    params with the adapter disabled."""
 
     def bind(trainable: dict):
         params = {**frozen, **trainable.get("params", {})}
@@ -80,9 +83,11 @@ def make_apply(
 
         def reference(tokens, **kwargs) -> ModelOutput:
             with torch.no_grad():
-                return forward(params, tokens, config, attention_fn=attention_fn, **kwargs)
+                return forward(params if reference_params is None else reference_params, tokens, config,
+                               attention_fn=attention_fn, **kwargs)
 
         apply.reference = reference
+        apply.params = params  # heads outside the forward (reward models' `score.weight`) read it
         return apply
 
     return bind
@@ -98,13 +103,17 @@ def count_targets(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
     return {"total_target_tokens": torch.tensor(max(tokens, 1)), "total_rows": torch.tensor(max(rows, 1))}
 
 
-def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
+def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stats_fn=None):
     """Build `train_step(state, micro_batches) -> (state, metrics)`.
 
     Each micro-batch's gradient comes from `torch.func.grad_and_value` over the trainable subtree;
     losses are normalised by counts of the whole accumulated batch (`count_fn`), so the summed
     gradient is the gradient of the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1).
     Then one optimizer update. Metrics are floats-as-tensors with stable names.
+
+    `batch_stats_fn(apply, micro_batches) -> dict` computes statistics of the whole accumulated
+    batch that no gradient flows through (KTO's KL baseline) once, before the gradients; like the
+    counts they are merged into every micro-batch.
     """
     from pure.optim import apply_updates, grad_norm_from_state
 
@@ -116,6 +125,9 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)
         counts = count_fn(micro_batches)
+        if batch_stats_fn is not None:
+            with torch.no_grad():
+                counts = {**counts, **batch_stats_fn(bind(state.trainable), micro_batches)}
         grads, total, aux = None, torch.zeros(()), {}
         for i, mb in enumerate(micro_batches):
             (g, (value, metrics)) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i))
@@ -135,14 +147,17 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets):
     return train_step
 
 
-def make_eval_step(loss, bind):
-    """`eval_step(trainable, micro_batches) -> metrics` without gradients or randomness."""
+def make_eval_step(loss, bind, *, count_fn=count_targets, batch_stats_fn=None):
+    """`eval_step(trainable, micro_batches) -> metrics` without gradients or randomness; the
+    micro-batches are one accumulated batch (normalised together, see `make_train_step`)."""
 
-    def eval_step(trainable, micro_batches, count_fn=count_targets):
+    def eval_step(trainable, micro_batches):
         counts = count_fn(micro_batches)
         total, aux = torch.zeros(()), {}
         with torch.no_grad():
             apply = bind(trainable)
+            if batch_stats_fn is not None:
+                counts = {**counts, **batch_stats_fn(apply, micro_batches)}
             for mb in micro_batches:
                 value, metrics = loss(apply, {**mb, **counts}, None)
                 total = total + value

@@ -34,3 +34,27 @@ def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, average: bool 
     """Per-row sum (or mean) of token log-probs over the positions where `mask` is true."""
     total = (token_lp * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def completion_logps(apply, batch: dict, key=None, reference: bool = False) -> dict[str, torch.Tensor]:
+    """Per-row log-prob of the trained (label != -100) tokens of `batch` under the policy, or under
+    the reference policy (`apply.reference`, no gradient) when `reference`.
+
+    Returns `logps` [R] (sum over the row's completion tokens), `tokens` [R] (how many), and
+    `logits_mean` [R] (mean logit over the vocabulary and the completion positions, detached: TRL's
+    `logits/chosen`). Only completion positions go through lm_head.
+    """
+    targets = next_token_targets(batch["labels"], batch.get("segment_ids"))
+    mask = targets != IGNORE_INDEX
+    kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), logits_at=mask)
+    out = apply.reference(batch["input_ids"], **kwargs) if reference else apply(batch["input_ids"], key=key, **kwargs)
+    lp = token_logprobs(out.logits, targets[mask])
+    rows = mask.nonzero()[:, 0]
+    zeros = torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device)
+    tokens = mask.sum(-1)
+    logit_sums = zeros.index_add(0, rows, out.logits.detach().float().mean(-1))
+    return {
+        "logps": zeros.index_add(0, rows, lp),
+        "tokens": tokens,
+        "logits_mean": logit_sums / tokens.clamp(min=1),
+    }

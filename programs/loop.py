@@ -1,0 +1,239 @@
+"""The training loop every program shares (SFT, DPO family, KTO, ORPO, reward models).
+
+A program builds its pieces (model, batches, loss, step) and hands them to `fit`, which owns what
+is the same for all of them: resume, the step loop over the data cursor, logging, eval, scheduled
+and signal-triggered checkpoints, the NaN guard, the final eval and export.
+
+    out, resume_from = start(config, overwrite)
+    ... the program builds `Run` ...
+    return fit(config, run, resume_from=resume_from, stop_after_step=None)
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backends import checkpoint as ckpt
+from backends.metrics import MetricsLogger
+from programs import common
+from pure.train import TrainState
+
+
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop saves a resumable checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+@dataclass
+class Run:
+    """What a program hands to `fit`.
+
+    epoch_batches(epoch) -> that epoch's micro-batches, a pure function of the epoch (so resume
+    rebuilds the same ones); each micro-batch is a dict of tensors plus `num_tokens` (real tokens).
+    eval_step(trainable, micro_batches) -> metrics named `eval/...`. export(state) -> the folder.
+    summary(before, after) -> a line comparing the first and last eval records (or None).
+    """
+
+    state: TrainState
+    train_step: Callable
+    epoch_batches: Callable[[int], list[dict]]
+    schedule: Callable[[int], float]
+    export: Callable[[TrainState], Path]
+    eval_step: Callable | None = None
+    eval_batches: list[dict] = field(default_factory=list)
+    num_examples: tuple[int, int] = (0, 0)
+    summary: Callable[[dict, dict], str] | None = None
+    quiet_metrics: tuple[str, ...] = ()
+
+
+def start(config, overwrite: bool) -> tuple[Path, Path | None]:
+    """Check output_dir against the config (or resume), write the resolved config; return
+    (output_dir, checkpoint to resume from or None)."""
+    from programs.config import write_resolved_config
+
+    out = Path(config.output_dir)
+    resume_from = find_resume_checkpoint(config)
+    check_output_dir(config, overwrite, resume_from is not None)
+    write_resolved_config(config, out)
+    return out, resume_from
+
+
+def check_output_dir(config, overwrite: bool, resuming: bool) -> None:
+    """Refuse to train into an output_dir written by a different config, unless resuming or --overwrite."""
+    from programs.config import ConfigError
+
+    previous = Path(config.output_dir) / "config.yaml"
+    if not previous.is_file() or overwrite or resuming:
+        return
+    import yaml
+
+    old = yaml.safe_load(previous.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(config.to_dict())) or {}
+    ignored = {"resume_from_checkpoint", "auto_resume_from_checkpoints", "max_steps", "num_epochs"}
+    changed = sorted(k for k in set(old) | set(new) if k not in ignored and old.get(k) != new.get(k))
+    if changed:
+        raise ConfigError(
+            f"output_dir {config.output_dir} holds a run with a different config (keys {changed[:6]} differ); "
+            "pass --overwrite to replace it, or choose another output_dir"
+        )
+
+
+def find_resume_checkpoint(config) -> Path | None:
+    if config.resume_from_checkpoint:
+        path = Path(config.resume_from_checkpoint)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"resume_from_checkpoint: {path} does not exist")
+        return path
+    if config.auto_resume_from_checkpoints:
+        return ckpt.latest_checkpoint(config.output_dir)
+    return None
+
+
+def every(value, per_epoch: int) -> int | None:
+    """`eval_steps` / `save_steps` given as a count or a fraction of an epoch."""
+    if value is None:
+        return None
+    return max(1, round(value * per_epoch)) if isinstance(value, float) and value < 1 else int(value)
+
+
+def check_enough_batches(num_micro_batches: int, config) -> None:
+    accumulation = config.gradient_accumulation_steps or 1
+    if num_micro_batches < accumulation:
+        raise ValueError(
+            f"the training data makes {num_micro_batches} micro-batch(es) of micro_batch_size "
+            f"{config.micro_batch_size}, fewer than one batch of gradient_accumulation_steps {accumulation}; "
+            "add data or lower micro_batch_size / gradient_accumulation_steps"
+        )
+
+
+def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: int | None = None) -> dict:
+    """Train `run.state` with `run.train_step` until the config's step count, then export.
+
+    `stop_after_step` stops like a signal would (checkpoint, clean exit) once that step is done:
+    the resume tests use it."""
+    out = Path(config.output_dir)
+    accumulation = config.gradient_accumulation_steps or 1
+    first_epoch = run.epoch_batches(0)
+    check_enough_batches(len(first_epoch), config)
+    per_epoch = common.steps_per_epoch(len(first_epoch), accumulation)
+    total = common.total_steps(config, per_epoch)
+    state = run.state
+    if resume_from is not None:
+        state, _ = ckpt.load_checkpoint(resume_from, state)
+        print(f"resumed from {resume_from} at step {state.step}", flush=True)
+
+    logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard), wandb_project=config.wandb_project,
+                           wandb_name=config.wandb_name, wandb_mode=config.wandb_mode,
+                           config_dict=config.to_dict(), resume=resume_from is not None)
+    if resume_from is not None:
+        logger.truncate_after(state.step)
+    eval_every = every(config.eval_steps, per_epoch) or (
+        max(1, per_epoch // config.evals_per_epoch) if config.evals_per_epoch else None)
+    save_every = every(config.save_steps, per_epoch) or (
+        max(1, per_epoch // config.saves_per_epoch) if config.saves_per_epoch else None)
+    if config.save_strategy == "no":
+        save_every = None
+    elif config.save_strategy == "epoch":
+        save_every = per_epoch
+    log_every = config.logging_steps or 1
+    stop = StopRequested()
+    n_params = sum(t.numel() for t in torch.utils._pytree.tree_leaves(state.trainable))
+    print(f"training {n_params:,} params for {total} steps ({per_epoch} per epoch, {run.num_examples[0]} examples, "
+          f"{run.num_examples[1]} eval)", flush=True)
+    has_eval = bool(run.eval_batches) and run.eval_step is not None
+
+    def evaluate() -> dict:
+        return run.eval_step(state.trainable, [common.tensors_only(b) for b in run.eval_batches])
+
+    def save(reason: str) -> Path:
+        path = ckpt.save_checkpoint(state, out, extra={"reason": reason}, total_limit=config.save_total_limit)
+        print(f"saved {path}", flush=True)
+        return path
+
+    epoch_batches, epoch_of_batches = first_epoch, 0
+    last_saved = resume_from
+    window_tokens, window_start = 0, time.perf_counter()
+    if has_eval and state.step == 0:
+        logger.log(0, evaluate())
+    while state.step < total:
+        epoch, index = state.data_cursor["epoch"], state.data_cursor["batch"]
+        if index + accumulation > len(epoch_batches) or epoch != epoch_of_batches:
+            if index + accumulation > len(epoch_batches) and epoch == epoch_of_batches:
+                epoch, index = epoch + 1, 0
+            epoch_batches, epoch_of_batches = run.epoch_batches(epoch), epoch
+        micro = epoch_batches[index:index + accumulation]
+        new_state, metrics = run.train_step(state, [common.tensors_only(b) for b in micro])
+        if not math.isfinite(metrics["train/loss"].item()):
+            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+            raise FloatingPointError(f"train/loss is {metrics['train/loss'].item()} at step {state.step + 1}; {where}")
+        state = new_state.replace(data_cursor={"epoch": epoch, "batch": index + accumulation})
+        window_tokens += sum(b["num_tokens"] for b in micro)
+        if state.step % log_every == 0 or state.step == total:
+            elapsed = time.perf_counter() - window_start
+            metrics["train/learning_rate"] = run.schedule(state.step - 1)
+            metrics["train/tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            metrics["train/epoch"] = epoch + (index + accumulation) / len(epoch_batches)
+            metrics["memory/max_rss_mb"] = max_rss_mb()
+            logger.log(state.step, {k: v for k, v in metrics.items() if k not in run.quiet_metrics})
+            window_tokens, window_start = 0, time.perf_counter()
+        if has_eval and eval_every and state.step % eval_every == 0:
+            logger.log(state.step, evaluate())
+        if save_every and state.step % save_every == 0:
+            last_saved = save("scheduled")
+        if stop_after_step is not None and state.step >= stop_after_step:
+            stop.signal = "stop_after_step"
+        if stop.signal:
+            last_saved = save(stop.signal)
+            print(f"stopped by {stop.signal} at step {state.step}; resume with "
+                  f"--resume_from_checkpoint {last_saved}", flush=True)
+            logger.close()
+            return {"stopped": True, "step": state.step, "checkpoint": str(last_saved)}
+
+    final = {}
+    if has_eval:
+        final = logger.records[-1] if (eval_every and state.step % eval_every == 0) else logger.log(state.step, evaluate())
+        before = next((r for r in logger.records if r["step"] == 0 and "eval/loss" in r), None)
+        if before is not None and run.summary is not None:
+            print(run.summary(before, final), flush=True)
+    if config.save_strategy != "no" and (last_saved is None or last_saved.name != f"checkpoint-{state.step}"):
+        save("final")
+    exported = run.export(state)
+    print(f"exported to {exported}", flush=True)
+    logger.plot_losses()
+    logger.close()
+    return {"stopped": False, "step": state.step, "eval": final, "records": logger.records, "state": state}
+
+
+def max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main_for(run_fn: Callable, description: str, argv=None) -> int:
+    """The `main` of a training program: parse the CLI, run, turn known errors into one line."""
+    from backends.checkpoint import CheckpointError
+    from backends.export import AdapterError
+    from backends.hf import ModelLoadError
+    from programs.config import ConfigError, parse_cli
+    from pure.data.settings import DataError
+
+    try:
+        config, extra = parse_cli(argv, description, program_flags={"--overwrite": False})
+        run_fn(config, overwrite="--overwrite" in extra)
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, AdapterError, FloatingPointError, ValueError) as e:
+        common.fail(str(e))
+    return 0
