@@ -186,6 +186,27 @@ def _load_files(ds_type: str, files: list[Path], entry: Mapping):
         ) from None
 
 
+def local_data_files(entry: Mapping, path: Path) -> list[Path]:
+    """The data files of a local folder entry: `data_files`, else every data file under it (of `ds_type`)."""
+    files = _data_files(entry, path)
+    if files:
+        return files
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSION_TYPES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if entry.get("ds_type"):
+        wanted = _ds_type(entry, [])
+        files = [f for f in files if EXTENSION_TYPES[f.suffix.lower()] == wanted] or files
+    if not files:
+        raise DataError(f"dataset folder {path} holds no .json/.jsonl/.csv/.parquet/.arrow files "
+                        "and is not a save_to_disk folder")
+    if not entry.get("ds_type"):
+        kinds = {EXTENSION_TYPES[f.suffix.lower()] for f in files}
+        if len(kinds) > 1:
+            raise DataError(f"dataset folder {path} mixes formats ({', '.join(sorted(kinds))}); "
+                            "set ds_type or data_files")
+    return files
+
+
 def _load_local(entry: Mapping, path: Path):
     import datasets
 
@@ -196,21 +217,7 @@ def _load_local(entry: Mapping, path: Path):
             return datasets.load_from_disk(str(path))
         except Exception as err:
             raise DataError(f"could not load the saved dataset folder {path}: {err}") from None
-    files = _data_files(entry, path)
-    if not files:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSION_TYPES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if entry.get("ds_type"):
-            wanted = _ds_type(entry, [])
-            files = [f for f in files if EXTENSION_TYPES[f.suffix.lower()] == wanted] or files
-        if not files:
-            raise DataError(f"dataset folder {path} holds no .json/.jsonl/.csv/.parquet/.arrow files "
-                            "and is not a save_to_disk folder")
-        if not entry.get("ds_type"):
-            kinds = {EXTENSION_TYPES[f.suffix.lower()] for f in files}
-            if len(kinds) > 1:
-                raise DataError(f"dataset folder {path} mixes formats ({', '.join(sorted(kinds))}); "
-                                "set ds_type or data_files")
+    files = local_data_files(entry, path)
     return _load_files(_ds_type(entry, files), files, entry)
 
 
@@ -447,24 +454,44 @@ def _length_policy(examples: list[Example], settings: DataSettings, label: str) 
     return kept, info
 
 
+def _read_lazily(entry: dict, row_fn, shuffle: bool, seed: int) -> tuple[list[Example], int]:
+    """`--iterable`: rows read as a stream (no Arrow copy of the raw data), strategy applied row by row;
+    `shuffle` reorders the rows with the permutation `Dataset.shuffle(seed=seed)` would use, so the
+    examples equal the non-iterable path's."""
+    import numpy as np
+
+    from backends.streaming import _load_streaming_entry, iter_rows
+
+    stream, files = _load_streaming_entry(entry)
+    per_row = [row_fn(row, index) for index, row in enumerate(iter_rows(stream, entry, files))]
+    if not per_row:
+        raise DataError(f"dataset {entry.get('path')!r} (split {entry.get('split') or 'train'!r}) has no rows")
+    if shuffle:
+        per_row = [per_row[i] for i in np.random.default_rng(seed).permutation(len(per_row)).tolist()]
+    return [example for part in per_row for example in part], len(per_row)
+
+
 def _prepare_entries(entries: list[dict], kind: str, tokenizer, settings: DataSettings, *,
                      config_dict: dict, num_proc: int, shuffle_each: bool, seed: int,
-                     what: str) -> tuple[list[list[Example]], list[dict]]:
+                     what: str, iterable: bool = False) -> tuple[list[list[Example]], list[dict]]:
     from pure.data.registry import resolve_strategy
 
     per_dataset, stats = [], []
     for i, entry in enumerate(entries):
         label = _dataset_label(entry)
-        raw = load_dataset_entry(entry)
-        if shuffle_each:
-            raw = raw.shuffle(seed=seed)
         row_fn = resolve_strategy(kind, entry, tokenizer, settings, config=config_dict, dataset_index=i)
-        examples = _run_strategy(raw, row_fn, num_proc)
+        if iterable:
+            examples, n_rows = _read_lazily(entry, row_fn, shuffle_each, seed)
+        else:
+            raw = load_dataset_entry(entry)
+            if shuffle_each:
+                raw = raw.shuffle(seed=seed)
+            examples, n_rows = _run_strategy(raw, row_fn, num_proc), len(raw)
         kept, length_info = _length_policy(examples, settings, label)
-        info = {"split": what, "dataset": label, "rows": len(raw), "examples": len(examples),
+        info = {"split": what, "dataset": label, "rows": n_rows, "examples": len(examples),
                 "kept": len(kept), **{k: v for k, v in length_info.items() if k not in ("kept", "dataset")}}
         summary = length_info.get("summary") or f"{label}: kept {len(kept)} of {len(examples)} examples"
-        info["summary"] = f"{what}: {len(raw)} rows -> {summary}"
+        info["summary"] = f"{what}: {n_rows} rows -> {summary}"
         log.info(info["summary"])
         if not kept:
             log.warning("%s: every example of %s was removed (%s)", what, label, summary)
@@ -530,7 +557,8 @@ def _build(config, tokenizer, settings: DataSettings) -> tuple[list[Example], li
     if not train_entries:
         raise DataError("the config has no `datasets:` to prepare")
     common = dict(config_dict=config_dict, num_proc=num_proc, seed=seed,
-                  shuffle_each=bool(config.shuffle_before_merging_datasets))
+                  shuffle_each=bool(config.shuffle_before_merging_datasets),
+                  iterable=bool(getattr(config, "preprocess_iterable", False)))
     per_train, stats = _prepare_entries(train_entries, kind, tokenizer, settings, what="train", **common)
     train = [ex for part in per_train for ex in part]
     evals: list[Example] | None = None
@@ -574,10 +602,23 @@ def prepare_datasets(config, tokenizer, *, settings: DataSettings | None = None)
     `config` is a `programs.config.Config` (anything with its attributes, `data_settings()` and
     `training_kind()`). With `dataset_prepared_path` set, a complete cache folder for the same
     hash is reused; without it, `./last_run_prepared/<hash>` is rewritten. `skip_prepare_dataset`
-    prepares in memory and neither reads nor writes the cache.
+    prepares in memory and neither reads nor writes the cache. `preprocess_iterable` (`preprocess
+    --iterable`) reads the raw rows as a stream instead of loading each dataset whole; the examples,
+    and so the cache key, are the same. A streamed config (`streaming: true`, `pretraining_dataset`)
+    is refused: see `backends.streaming`.
     """
     import datasets
 
+    from backends.streaming import check_streaming_config, is_streaming
+
+    if is_streaming(config):
+        check_streaming_config(config)  # a streamed DPO/KTO/... config: say that streams are SFT-only
+        raise DataError(
+            "this config streams its train set (streaming: true or pretraining_dataset), which is tokenised "
+            "on the fly during training and never prepared: iterate backends.streaming.stream_train_steps "
+            "(or stream_micro_batches) for training and use backends.streaming.prepare_eval_datasets for "
+            "test_datasets"
+        )
     settings = settings or config.data_settings()
     fingerprint = prepared_fingerprint(config, tokenizer, settings)
     if config.skip_prepare_dataset:
@@ -635,12 +676,17 @@ def _get(config, key: str):
 
 
 def prepare_tokenizer(tokenizer, config) -> int:
-    """Apply `special_tokens`, `tokens` and `added_tokens_overrides`; make sure a pad token exists.
+    """Apply `special_tokens`, `tokens` and `added_tokens_overrides`; make sure a pad token exists;
+    write the global `chat_template` / `chat_template_jinja` into `tokenizer.chat_template`.
 
     Returns how many tokens were added to the vocabulary (the model side resizes its embeddings
-    when this is > 0). A missing pad token becomes the EOS token, which adds nothing.
+    when this is > 0). A missing pad token becomes the EOS token, which adds nothing. The template
+    goes into the tokenizer so that everything downstream (inference, the exported tokenizer's
+    `chat_template.jinja`) formats chats exactly as training did; as in axolotl, a dataset's own
+    `chat_template` still wins for that dataset's rows.
     """
     before = len(tokenizer)
+    apply_chat_template_choice(tokenizer, config)
     overrides = _get(config, "added_tokens_overrides")
     if overrides:
         _override_added_tokens(tokenizer, {int(k): str(v) for k, v in dict(overrides).items()})
@@ -666,6 +712,22 @@ def prepare_tokenizer(tokenizer, config) -> int:
             raise DataError("the tokenizer has neither a pad nor an EOS token; set special_tokens.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     return len(tokenizer) - before
+
+
+def apply_chat_template_choice(tokenizer, config) -> str | None:
+    """Set `tokenizer.chat_template` from the config's global `chat_template` (+ `chat_template_jinja`).
+
+    Nothing changes when neither is set; `tokenizer_default` keeps the tokenizer's own template (and
+    fails when it has none). Returns the template now in the tokenizer, or None when untouched.
+    """
+    from pure.data.templates import resolve_chat_template
+
+    name, jinja = _get(config, "chat_template"), _get(config, "chat_template_jinja")
+    if not name and not jinja:
+        return None
+    template = resolve_chat_template(name, tokenizer, jinja)
+    tokenizer.chat_template = template
+    return template
 
 
 def _accepts_kw(fn: Callable, name: str) -> bool:

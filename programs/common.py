@@ -202,3 +202,18 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
 
     save_pretrained({**frozen, **state.trainable["params"]}, model_config, tokenizer, out / "model")
     return out / "model"
+
+
+def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
+    """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
+    device and dtype (chunked linear + cross-entropy head, attention)."""
+    from kernels.attention import select_attention
+    from kernels.linear_ce import select_token_logprob_fn
+    from pure.train import make_apply
+
+    some = next(iter(frozen.values())) if frozen else torch.zeros(())
+    kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
+    return make_apply(model_config, frozen, lora_config=lora_config,
+                      checkpoint_layers=bool(config.gradient_checkpointing),
+                      attention_fn=select_attention(some.device, some.dtype, model_config.sliding_window),
+                      token_logprob_fn=select_token_logprob_fn(some.device, some.dtype), **kwargs)

@@ -115,7 +115,9 @@ class TRLConfig(_Strict):
     epsilon: NonNegFloat | None = None
     epsilon_high: NonNegFloat | None = None
     use_liger_loss: bool | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = None
+    # GRPO: grpo | bnpo | dr_grpo | dapo; DPO (rl: dpo): one pair loss type or a list, weighted by loss_weights
+    loss_type: str | list[str] | None = None
+    loss_weights: list[float] | None = None
     mask_truncated_completions: bool = False
     vllm_enable_sleep_mode: bool | None = None
     rollout_func: str | None = None
@@ -811,9 +813,8 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "auto_find_batch_size": (_truthy, ""),
     "optimizer": (_not_in(SUPPORTED_OPTIMIZERS), f"supported: {', '.join(SUPPORTED_OPTIMIZERS)}"),
     "fp8": (_truthy, ""),
-    "torch_compile": (_one_of(True), "compiling the train step is not built yet; use torch_compile: auto or false"),
-    "bf16": (_one_of(True, "full"), "mixed precision is not built yet; bf16: auto trains in fp32 on CPU"),
-    "fp16": (_truthy, "mixed precision is not built yet; leave fp16 unset"),
+    "fp16": (_truthy, "fp16 mixed precision needs dynamic loss scaling in the train step, which is not built; "
+                      "use bf16: true (bf16 autocast over fp32 master weights) or float32"),
     "fp8_enable_fsdp_float8_all_gather": (_truthy, ""),
     "xformers_attention": (_truthy, "use sdp_attention or flash_attention"),
     "sage_attention": (_truthy, "use sdp_attention or flash_attention"),
@@ -847,14 +848,10 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "activation_offloading": (_truthy, ""),
     "layer_offloading": (_truthy, ""),
     "use_pose": (_truthy, ""),
-    "streaming": (_truthy, "preprocess the dataset instead"),
-    "pretraining_dataset": (_truthy, "streaming pretraining; use datasets: with type: completion"),
     "push_dataset_to_hub": (_truthy, ""),
     "hub_model_id": (_truthy, "pushing to the Hub"),
-    "preprocess_iterable": (_truthy, ""),
     "do_causal_lm_eval": (_truthy, ""),
     "do_bench_eval": (_truthy, ""),
-    "use_mlflow": (_truthy, ""),
     "use_comet": (_truthy, ""),
     "use_trackio": (_truthy, ""),
     "use_otel_metrics": (_truthy, ""),
@@ -1029,6 +1026,32 @@ def _check_not_supported(raw: dict) -> None:
                 raise ConfigError(f"{list_key}[{i}].type: synthetic datasets are not supported yet by puretune")
 
 
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _check_loss_type(c: "Config") -> None:
+    """`trl.loss_type`: a GRPO loss for rl: grpo/gdpo, DPO pair losses (name or list) for rl: dpo."""
+    trl = c.trl
+    if trl is None or (trl.loss_type is None and trl.loss_weights is None):
+        return
+    names = [trl.loss_type] if isinstance(trl.loss_type, str) else list(trl.loss_type or [])
+    if c.rl in ("dpo", "ipo"):
+        from pure.losses.dpo import LOSS_TYPES
+
+        known, what = LOSS_TYPES, "DPO loss types"
+    elif c.rl in ("grpo", "gdpo"):
+        known, what = GRPO_LOSS_TYPES, "GRPO loss types"
+        if len(names) > 1 or trl.loss_weights:
+            raise ConfigError(f"trl.loss_type: rl: {c.rl} takes one loss type, got {trl.loss_type!r}")
+    else:
+        raise ConfigError(f"trl.loss_type / trl.loss_weights apply to rl: dpo, ipo, grpo or gdpo, not rl: {c.rl}")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"trl.loss_type: {name!r} is not one of the {what}: {', '.join(known)}")
+    if trl.loss_weights is not None and len(trl.loss_weights) != len(names):
+        raise ConfigError(f"trl.loss_weights has {len(trl.loss_weights)} weights for {len(names)} loss types")
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """Check a raw mapping against the schema and the cross-key rules; fill derived values."""
     if not isinstance(raw, dict):
@@ -1074,8 +1097,13 @@ def _check_rules(c: Config) -> None:
         )
     if isinstance(c.val_set_size, float) and c.val_set_size >= 1 and not c.val_set_size.is_integer():
         raise ConfigError(f"val_set_size: expected a fraction < 1 or a whole number of rows, got {c.val_set_size}")
-    if c.fp16 and c.bf16 is True:
-        raise ConfigError("bf16 and fp16 cannot both be true")
+    if c.fp16 and c.bf16 in (True, "full"):
+        raise ConfigError(f"bf16 ({c.bf16!r}) and fp16 cannot both be set; choose one")
+    if c.bfloat16 and c.float16:
+        raise ConfigError("bfloat16 and float16 cannot both be true; choose one")
+    if c.float32 and (c.bf16 in (True, "full") or c.fp16 or c.bfloat16 or c.float16):
+        raise ConfigError("float32: true cannot be combined with bf16: true/full, fp16, bfloat16 or float16")
+    _check_loss_type(c)
     if c.rl in PREFERENCE_RL and c.sample_packing:
         raise ConfigError(f"rl: {c.rl} needs sample_packing: false (preference pairs are not packed)")
     if c.rl and (c.reward_model or c.process_reward_model):

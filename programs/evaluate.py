@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     from programs.config import ConfigError, parse_cli
     from pure.data.settings import DataError
     from pure.losses import sft
-    from pure.train import make_apply, make_eval_step
+    from pure.train import make_eval_step
 
     try:
         config, _ = parse_cli(argv, __doc__.splitlines()[0])
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         data = prepare_datasets(config, tokenizer)
     except (ConfigError, ModelLoadError, AdapterError, DataError, ValueError) as e:
         common.fail(str(e))
-    eval_step = make_eval_step(sft, make_apply(model_config, params, lora_config=lora_config))
+    eval_step = make_eval_step(sft, common.make_bind(config, model_config, params, lora_config, neftune_alpha=None))
     trainable = {"lora": delta} if delta is not None else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = {}

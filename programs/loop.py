@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -43,13 +43,15 @@ class Run:
 
     epoch_batches(epoch) -> that epoch's micro-batches, a pure function of the epoch (so resume
     rebuilds the same ones); each micro-batch is a dict of tensors plus `num_tokens` (real tokens).
+    stream(data_cursor) -> an endless iterator of (cursor after the step, micro-batches), instead
+    of `epoch_batches`, for streamed datasets whose epoch length is unknown (needs `max_steps`).
     eval_step(trainable, micro_batches) -> metrics named `eval/...`. export(state) -> the folder.
     summary(before, after) -> a line comparing the first and last eval records (or None).
     """
 
     state: TrainState
     train_step: Callable
-    epoch_batches: Callable[[int], list[dict]]
+    epoch_batches: Callable[[int], list[dict]] | None
     schedule: Callable[[int], float]
     export: Callable[[TrainState], Path]
     eval_step: Callable | None = None
@@ -57,6 +59,7 @@ class Run:
     num_examples: tuple[int, int] = (0, 0)
     summary: Callable[[dict, dict], str] | None = None
     quiet_metrics: tuple[str, ...] = ()
+    stream: Callable[[dict], Iterator[tuple[dict, list[dict]]]] | None = None
 
 
 def start(config, overwrite: bool) -> tuple[Path, Path | None]:
@@ -109,6 +112,31 @@ def every(value, per_epoch: int) -> int | None:
     return max(1, round(value * per_epoch)) if isinstance(value, float) and value < 1 else int(value)
 
 
+def per_epoch_interval(steps, per_epoch_count, per_epoch: int | None, key: str) -> int | None:
+    """Steps between evals / saves from `*_steps` (a count or a fraction of an epoch) or `*s_per_epoch`."""
+    if per_epoch is None and (per_epoch_count or (isinstance(steps, float) and steps < 1)):
+        from programs.config import ConfigError
+
+        raise ConfigError(f"{key}: a streamed dataset has no known epoch length; give {key} intervals in steps")
+    if steps is not None:
+        return every(steps, per_epoch)
+    return max(1, per_epoch // per_epoch_count) if per_epoch_count else None
+
+
+def epoch_steps(epoch_batches: Callable[[int], list[dict]], cursor: dict, accumulation: int,
+                first_epoch: list[dict] | None = None) -> Iterator[tuple[dict, list[dict], float]]:
+    """(cursor after the step, its micro-batches, fraction of the epoch done) from `cursor` on; an
+    epoch's tail shorter than one accumulated batch is skipped, then the next epoch is built."""
+    epoch, index = cursor["epoch"], cursor["batch"]
+    batches = first_epoch if epoch == 0 and first_epoch is not None else epoch_batches(epoch)
+    while True:
+        if index + accumulation > len(batches):
+            epoch, index = epoch + 1, 0
+            batches = epoch_batches(epoch)
+        index += accumulation
+        yield {"epoch": epoch, "batch": index}, batches[index - accumulation:index], index / len(batches)
+
+
 def check_enough_batches(num_micro_batches: int, config) -> None:
     accumulation = config.gradient_accumulation_steps or 1
     if num_micro_batches < accumulation:
@@ -126,33 +154,40 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     the resume tests use it."""
     out = Path(config.output_dir)
     accumulation = config.gradient_accumulation_steps or 1
-    first_epoch = run.epoch_batches(0)
-    check_enough_batches(len(first_epoch), config)
-    per_epoch = common.steps_per_epoch(len(first_epoch), accumulation)
-    total = common.total_steps(config, per_epoch)
     state = run.state
     if resume_from is not None:
         state, _ = ckpt.load_checkpoint(resume_from, state)
         print(f"resumed from {resume_from} at step {state.step}", flush=True)
+    if run.stream is not None:
+        if not config.max_steps:
+            from programs.config import ConfigError
+
+            raise ConfigError("streamed datasets have no known epoch length: set max_steps")
+        per_epoch, total = None, config.max_steps
+        steps = ((cursor, micro, 0.0) for cursor, micro in run.stream(state.data_cursor))
+    else:
+        first_epoch = run.epoch_batches(0)
+        check_enough_batches(len(first_epoch), config)
+        per_epoch = common.steps_per_epoch(len(first_epoch), accumulation)
+        total = common.total_steps(config, per_epoch)
+        steps = epoch_steps(run.epoch_batches, state.data_cursor, accumulation, first_epoch)
 
     logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard), wandb_project=config.wandb_project,
                            wandb_name=config.wandb_name, wandb_mode=config.wandb_mode,
                            config_dict=config.to_dict(), resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(state.step)
-    eval_every = every(config.eval_steps, per_epoch) or (
-        max(1, per_epoch // config.evals_per_epoch) if config.evals_per_epoch else None)
-    save_every = every(config.save_steps, per_epoch) or (
-        max(1, per_epoch // config.saves_per_epoch) if config.saves_per_epoch else None)
+    eval_every, save_every = per_epoch_interval(config.eval_steps, config.evals_per_epoch, per_epoch, "eval"), \
+        per_epoch_interval(config.save_steps, config.saves_per_epoch, per_epoch, "save")
     if config.save_strategy == "no":
         save_every = None
     elif config.save_strategy == "epoch":
-        save_every = per_epoch
+        save_every = per_epoch_interval(None, 1, per_epoch, "save_strategy: epoch")
     log_every = config.logging_steps or 1
     stop = StopRequested()
     n_params = sum(t.numel() for t in torch.utils._pytree.tree_leaves(state.trainable))
-    print(f"training {n_params:,} params for {total} steps ({per_epoch} per epoch, {run.num_examples[0]} examples, "
-          f"{run.num_examples[1]} eval)", flush=True)
+    print(f"training {n_params:,} params for {total} steps ({per_epoch or 'streamed, unknown'} per epoch, "
+          f"{run.num_examples[0] or 'streamed'} examples, {run.num_examples[1]} eval)", flush=True)
     has_eval = bool(run.eval_batches) and run.eval_step is not None
 
     def evaluate() -> dict:
@@ -163,29 +198,23 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         print(f"saved {path}", flush=True)
         return path
 
-    epoch_batches, epoch_of_batches = first_epoch, 0
     last_saved = resume_from
     window_tokens, window_start = 0, time.perf_counter()
     if has_eval and state.step == 0:
         logger.log(0, evaluate())
     while state.step < total:
-        epoch, index = state.data_cursor["epoch"], state.data_cursor["batch"]
-        if index + accumulation > len(epoch_batches) or epoch != epoch_of_batches:
-            if index + accumulation > len(epoch_batches) and epoch == epoch_of_batches:
-                epoch, index = epoch + 1, 0
-            epoch_batches, epoch_of_batches = run.epoch_batches(epoch), epoch
-        micro = epoch_batches[index:index + accumulation]
+        cursor, micro, epoch_progress = next(steps)
         new_state, metrics = run.train_step(state, [common.tensors_only(b) for b in micro])
         if not math.isfinite(metrics["train/loss"].item()):
             where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
             raise FloatingPointError(f"train/loss is {metrics['train/loss'].item()} at step {state.step + 1}; {where}")
-        state = new_state.replace(data_cursor={"epoch": epoch, "batch": index + accumulation})
+        state = new_state.replace(data_cursor=cursor)
         window_tokens += sum(b["num_tokens"] for b in micro)
         if state.step % log_every == 0 or state.step == total:
             elapsed = time.perf_counter() - window_start
             metrics["train/learning_rate"] = run.schedule(state.step - 1)
             metrics["train/tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
-            metrics["train/epoch"] = epoch + (index + accumulation) / len(epoch_batches)
+            metrics["train/epoch"] = cursor["epoch"] + epoch_progress
             metrics["memory/max_rss_mb"] = max_rss_mb()
             logger.log(state.step, {k: v for k, v in metrics.items() if k not in run.quiet_metrics})
             window_tokens, window_start = 0, time.perf_counter()

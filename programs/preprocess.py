@@ -1,23 +1,33 @@
 """Prepare (tokenise, mask, filter, split) the datasets of a config and cache them, without training.
 
     python -m programs.preprocess --config x.yaml [--debug] [--debug-text-only] [--debug-num-examples N]
+                                  [--iterable]
 
 Prints the example counts per dataset and where the cache was written; `--debug` prints the first
 N prepared rows as `token(label, id)`, `--debug-text-only` their text (preference rows: prompt,
 chosen, rejected). Any config key is an option too (`--sequence-len 1024`).
+
+`--iterable` (axolotl's `preprocess --iterable`, config key `preprocess_iterable`) reads the raw
+datasets as streams (`datasets` IterableDataset) instead of loading each one whole first; the
+prepared examples and the cache are the same. A streamed config (`streaming: true` or
+`pretraining_dataset`) has no train cache (its rows are tokenised during training): preprocess
+prepares and caches its `test_datasets` only, and `--debug` shows the stream's first examples
+(in file order).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from backends.datasets import prepare_datasets, prepare_tokenizer
 from backends.hf import ModelLoadError, load_tokenizer
+from backends.streaming import check_streaming_config, is_streaming, prepare_eval_datasets, stream_examples
 from programs.config import ConfigError, parse_cli
 from pure.data.settings import DataError
 
 DESCRIPTION = "Tokenise, mask and cache the datasets of a config (axolotl's `preprocess`)."
-PROGRAM_FLAGS = {"--debug": False, "--debug-text-only": False, "--debug-num-examples": True}
+PROGRAM_FLAGS = {"--debug": False, "--debug-text-only": False, "--debug-num-examples": True, "--iterable": False}
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
 
 
@@ -26,6 +36,7 @@ def _program_args(extra: list[str]) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--debug-text-only", action="store_true")
     parser.add_argument("--debug-num-examples", type=int, default=1)
+    parser.add_argument("--iterable", action="store_true")
     args = parser.parse_args(extra)
     if args.debug_num_examples < 0:
         raise ConfigError(f"--debug-num-examples: expected a count >= 0, got {args.debug_num_examples}")
@@ -71,10 +82,14 @@ def run(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
     except Exception:  # progress bars are cosmetic
         pass
+    if args.iterable:
+        config = config.model_copy(update={"preprocess_iterable": True})
     tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
     added = prepare_tokenizer(tokenizer, config)
     if added:
         print(f"tokenizer: added {added} tokens (the model's embeddings grow to {len(tokenizer)})")
+    if is_streaming(config):
+        return _preview_stream(config, tokenizer, args)
     data = prepare_datasets(config, tokenizer)
     if data.from_cache:
         print(f"reused the prepared data in {data.path}")
@@ -88,6 +103,24 @@ def run(argv: list[str] | None = None) -> int:
         for i in range(count):
             print(f"--- example {i} ---")
             print(format_example(tokenizer, data.train[i], text_only=args.debug_text_only))
+    return 0
+
+
+def _preview_stream(config, tokenizer, args: argparse.Namespace) -> int:
+    """A streamed config: cache the eval set, and show the first streamed examples with --debug."""
+    check_streaming_config(config)
+    evals = prepare_eval_datasets(config, tokenizer)
+    n_eval = len(evals) if evals is not None else 0
+    print("streaming: the train set is tokenised on the fly during training and not cached "
+          f"(micro-batches from streaming_multipack_buffer_size={config.streaming_multipack_buffer_size} "
+          f"examples at a time); prepared {n_eval} eval examples")
+    if args.debug or args.debug_text_only:
+        in_file_order = config.model_copy(update={"shuffle_merged_datasets": False,
+                                                  "shuffle_before_merging_datasets": False})
+        stream = stream_examples(in_file_order, tokenizer, 0)  # unshuffled: no buffer to fill first
+        for i, example in enumerate(itertools.islice(stream, args.debug_num_examples)):
+            print(f"--- example {i} ---")
+            print(format_example(tokenizer, example, text_only=args.debug_text_only))
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 from programs import common, loop
 from pure import rng
 from pure.losses import sft
-from pure.train import init_train_state, make_apply, make_eval_step, make_train_step
+from pure.train import init_train_state, make_eval_step, make_train_step
 
 DESCRIPTION = "Supervised fine-tuning (full or LoRA) of a causal LM with axolotl's config keys."
 
@@ -22,25 +22,35 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
     from backends.datasets import prepare_datasets
+    from backends.streaming import is_streaming, prepare_eval_datasets, stream_train_steps
 
-    data = prepare_datasets(config, tokenizer)
-    train_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.train]
-    eval_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.eval] if data.eval else []
     pad_id = common.pad_id(tokenizer)
+    accumulation = config.gradient_accumulation_steps or 1
+    streamed = is_streaming(config)
+    if streamed:  # rows are read, tokenised and packed as training consumes them
+        if not config.max_steps:
+            from programs.config import ConfigError
+
+            raise ConfigError("streaming: a streamed dataset has no known length; set max_steps")
+        train_examples, evals = [], prepare_eval_datasets(config, tokenizer)
+        total = config.max_steps
+    else:
+        data = prepare_datasets(config, tokenizer)
+        train_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.train]
+        evals = data.eval
+    eval_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in evals] if evals else []
 
     def epoch_batches(epoch: int) -> list[dict]:
         return common.epoch_micro_batches(train_examples, config, pad_id, epoch)
 
-    total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
-                                                              config.gradient_accumulation_steps or 1))
+    if not streamed:
+        total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)), accumulation))
 
     # ---- trainable params, optimizer, step
     init_key, lora_key = rng.split(rng.key(common.seed_of(config)), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     optimizer, schedule = common.build_optimizer_from_config(config, total)
-    bind = make_apply(model_config, frozen, lora_config=lora_config,
-                      checkpoint_layers=bool(config.gradient_checkpointing),
-                      neftune_alpha=config.neftune_noise_alpha)
+    bind = common.make_bind(config, model_config, frozen, lora_config)
 
     def summary(before: dict, after: dict) -> str:
         return (f"held-out ({len(eval_examples)} rows): eval/loss {before['eval/loss']:.4f} -> "
@@ -50,7 +60,8 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
         train_step=make_train_step(sft, optimizer, bind),
-        epoch_batches=epoch_batches,
+        epoch_batches=None if streamed else epoch_batches,
+        stream=(lambda cursor: stream_train_steps(config, tokenizer, cursor, accumulation)) if streamed else None,
         schedule=schedule,
         export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
         eval_step=make_eval_step(sft, bind),

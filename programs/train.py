@@ -18,9 +18,16 @@ def main(argv=None) -> int:
         from programs import sft
 
         return sft.main(argv)
-    common.fail(f"training method {kind!r} (from rl: / reward_model:) is not supported yet by puretune; "
-                "supported: sft")
+    if kind in ("dpo", "ipo", "simpo", "orpo", "kto"):
+        from programs import preference
 
+        return preference.main(argv)
+    if kind in ("rm", "prm"):
+        from programs import rm
+
+        return rm.main(argv)
+    common.fail(f"training method rl: {kind} is not supported yet by puretune; "
+                "supported: sft, dpo, ipo, simpo, orpo, kto, reward_model, process_reward_model")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,10 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pure import rng
+from pure.linear_ce import TokenLogprobFn, TokenLogprobs, reference_token_logprobs
 from pure.losses.common import IGNORE_INDEX, next_token_targets
 from pure.lora import LoraConfig
 from pure.models.config import ModelConfig
-from pure.models.llama import ModelOutput, forward, sdpa_attention
+from pure.models.llama import ModelOutput, forward, lm_head_weight, sdpa_attention
 from pure.tree import global_norm, tree_map
 
 
@@ -60,12 +61,18 @@ def make_apply(
     attention_fn=sdpa_attention,
     neftune_alpha: float | None = None,
     reference_params: dict[str, torch.Tensor] | None = None,
+    token_logprob_fn: TokenLogprobFn = reference_token_logprobs,
 ) -> Callable[[dict], Callable[..., ModelOutput]]:
     """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
     `apply.reference` is the reference policy: `reference_params` (the initial weights: with
     LoRA the same tensors as the frozen ones, so no copy) with no adapter; by default the bound
-    params with the adapter disabled."""
+    params with the adapter disabled.
+
+    `apply.token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs` (and the same on
+    `apply.reference`, without gradient) runs the lm_head and log-softmax on final hidden states
+    (`forward(..., compute_logits=False).hidden[mask]`) through `token_logprob_fn`, e.g.
+    `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never materialises the logits."""
 
     def bind(trainable: dict):
         params = {**frozen, **trainable.get("params", {})}
@@ -86,6 +93,16 @@ def make_apply(
                 return forward(params if reference_params is None else reference_params, tokens, config,
                                attention_fn=attention_fn, **kwargs)
 
+        def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
+            return token_logprob_fn(hidden, lm_head_weight(params, config), targets)
+
+        def reference_policy_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
+            with torch.no_grad():
+                head = lm_head_weight(params if reference_params is None else reference_params, config)
+                return token_logprob_fn(hidden, head, targets)
+
+        apply.token_logprobs = token_logprobs
+        reference.token_logprobs = reference_policy_token_logprobs
         apply.reference = reference
         apply.params = params  # heads outside the forward (reward models' `score.weight`) read it
         return apply

@@ -1,7 +1,9 @@
 """Built-in chat templates (jinja strings) and the `chat_template:` name -> template resolution.
 
 Each built-in renders like the official template of its model family, so a model fine-tuned with one
-chats correctly with its stock tokenizer. Two deliberate differences, both for determinism:
+chats correctly with its stock tokenizer. The core formats live here; the other families (Mistral
+v1..v7, Gemma 3/3n, Phi 3.5/4, Cohere, DeepSeek, Jamba, EXAONE, Metharme, Falcon-H1, the vision
+models, Llama 4) in `pure.data.template_families`. Deliberate differences, for determinism:
 `llama3_2` uses a fixed "Today Date" (override with `chat_template_kwargs: {date_string: ...}`) instead
 of the clock, and `gemma` folds a system message into the first user turn (as Gemma 3 does) instead
 of raising.
@@ -11,6 +13,14 @@ from __future__ import annotations
 import os
 
 from pure.data.settings import DataError
+from pure.data.template_families import (
+    FAMILY_ALIASES,
+    FAMILY_TEMPLATES,
+    content_text,
+    gemma_template,
+    inst_template,
+    phi_template,
+)
 
 CHATML = (
     "{% for message in messages %}"
@@ -100,53 +110,13 @@ LLAMA3_2 = """{{- bos_token }}
 
 # Mistral-7B-Instruct v0.2 ("[INST]" format); a leading system message is prepended to the first
 # user message, as the v0.3 template does.
-MISTRAL = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{{ bos_token }}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{% if loop.first and system_message %}{{ '[INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}"
-    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-    "{% endfor %}"
-)
+MISTRAL = inst_template("[INST] ", " [/INST]", "")
 
 # Gemma instruction-tuned ("model" is the assistant role).
-GEMMA = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}"
-    "{% else %}{% for item in message['content'] %}{% if 'text' in item %}{{ item['text'] | trim }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+GEMMA = gemma_template({})
 
 # Phi-3-mini-instruct.
-PHI_3 = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
+PHI_3 = phi_template(end_with_eos=True, skip_empty_system=False)
 
 _QWEN_TOOLS_HEADER = (
     '{{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
@@ -200,29 +170,55 @@ QWEN2_5 = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
 )
 
-# Qwen3: reasoning in <think> blocks, kept only for assistant turns after the last user query.
-QWEN3 = (
-    "{%- if tools %}\n"
-    "{{- '<|im_start|>system\\n' }}\n"
-    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}\n"
-    + _QWEN_TOOLS_HEADER
-    + "{%- else %}\n"
-    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}\n"
-    "{%- endif %}\n"
-    """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set reasoning_content = '' %}
+_QWEN_VISION = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+
+
+def qwen3_template(*, multimodal: bool, think_on_generation: bool) -> str:
+    """Qwen3 (text; the generation prompt opens no <think> block) and Qwen3.5 (content-part lists with
+    vision placeholders; the generation prompt opens "<think>\\n\\n" unless enable_thinking is false).
+    Reasoning is kept only for assistant turns after the last user query."""
+    system_text = ("(messages[0].content if messages[0].content is string else messages[0].content"
+                   " | selectattr('text', 'defined') | map(attribute='text') | join(''))") if multimodal else "messages[0].content"
+    if multimodal:
+        user_body = content_text("message", _QWEN_VISION)
+        assistant_text = ("{%- set content = message.content if message.content is string else message.content"
+                          " | selectattr('text', 'defined') | map(attribute='text') | join('') %}")
+        is_query = "message.role == \"user\" and (message.content is not string or not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')))"
+    else:
+        user_body = "{{- content }}"
+        assistant_text = ""
+        is_query = "message.role == \"user\" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>'))"
+    if think_on_generation:
+        open_think = ("    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+                      "{%- else %}{{- '<think>\\n\\n' }}{%- endif %}\n")
+    else:
+        open_think = "    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}\n"
+    return (
+        "{%- if tools %}\n"
+        "{{- '<|im_start|>system\\n' }}\n"
+        f"{{%- if messages[0].role == 'system' %}}{{{{- {system_text} + '\\n\\n' }}}}{{%- endif %}}\n"
+        + _QWEN_TOOLS_HEADER
+        + "{%- else %}\n"
+        f"{{%- if messages[0].role == 'system' %}}{{{{- '<|im_start|>system\\n' + {system_text} + '<|im_end|>\\n' }}}}{{%- endif %}}\n"
+        "{%- endif %}\n"
+        "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
+        "{%- for message in messages[::-1] %}\n"
+        "    {%- set index = (messages|length - 1) - loop.index0 %}\n"
+        f"    {{%- if ns.multi_step_tool and {is_query} %}}\n"
+        "        {%- set ns.multi_step_tool = false %}\n"
+        "        {%- set ns.last_query_index = index %}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+        "{%- set last_index = real_last_index if real_last_index is defined and real_last_index is not none "
+        "else messages|length - 1 %}\n"
+        "{%- for message in messages %}\n"
+        "    {%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}\n"
+        "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+        "        {{- '<|im_start|>' + message.role + '\\n' }}" + user_body + "{{- '<|im_end|>' + '\\n' }}\n"
+        "    {%- elif message.role == \"assistant\" %}\n"
+        + ("        " + assistant_text + "\n" if assistant_text else "")
+        + """        {%- set reasoning_content = '' %}
         {%- if message.reasoning_content is string %}
             {%- set reasoning_content = message.reasoning_content %}
         {%- else %}
@@ -232,7 +228,7 @@ QWEN3 = (
             {%- endif %}
         {%- endif %}
         {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
+            {%- if loop.index0 == last_index or reasoning_content %}
                 {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
             {%- else %}
                 {{- '<|im_start|>' + message.role + '\\n' + content }}
@@ -253,14 +249,18 @@ QWEN3 = (
         {%- endif %}
         {{- '<|im_end|>\\n' }}
 """
-    + _QWEN_TOOL_RESPONSE
-    + """{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
-{%- endif %}
-"""
-)
+        + _QWEN_TOOL_RESPONSE
+        + "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n"
+        "    {{- '<|im_start|>assistant\\n' }}\n"
+        + open_think
+        + "{%- endif %}\n"
+    )
+
+
+# Qwen3: reasoning in <think> blocks, kept only for assistant turns after the last user query.
+QWEN3 = qwen3_template(multimodal=False, think_on_generation=False)
+QWEN3_5 = qwen3_template(multimodal=True, think_on_generation=True)
 
 # Alpaca: a leading system message verbatim, then "### Instruction:" / "### Response:" blocks.
 ALPACA = (
@@ -284,9 +284,11 @@ CHAT_TEMPLATES: dict[str, str] = {
     "phi_3": PHI_3,
     "qwen2_5": QWEN2_5,
     "qwen3": QWEN3,
+    "qwen3_5": QWEN3_5,
     "alpaca": ALPACA,
+    **FAMILY_TEMPLATES,
 }
-TEMPLATE_ALIASES: dict[str, str] = {"inst": "mistral", "qwen_25": "qwen2_5", "mistral_v2v3": "mistral"}
+TEMPLATE_ALIASES: dict[str, str] = {"inst": "mistral", "qwen_25": "qwen2_5", **FAMILY_ALIASES}
 
 TOKENIZER_DEFAULT = "tokenizer_default"
 FALLBACK_PREFIX = "tokenizer_default_fallback_"

@@ -1,6 +1,29 @@
-"""One function per objective (see the modules) and the shared token log-prob helpers."""
-from pure.losses.common import next_token_targets, sequence_logprobs, token_logprobs
-from pure.losses.core import Loss
-from pure.losses.sft import nll, sft, sft_loss
+"""One module per objective and the shared helpers; every objective is a composable `Loss`.
 
-__all__ = ["Loss", "next_token_targets", "nll", "sequence_logprobs", "sft", "sft_loss", "token_logprobs"]
+    sft, nll                 next-token cross-entropy (pure.losses.sft)
+    dpo family               make_dpo / build_dpo_loss (sigmoid, ipo, hinge, ...), pair_nll (RPO)
+    kto                      make_kto, with the KL baseline kto_kl_baseline
+    orpo, simpo, cpo         reference-free pair objectives
+    bradley_terry, prm       reward models (scalar head, token head)
+"""
+from pure.losses.common import completion_logps, next_token_targets, sequence_logprobs, token_logprobs
+from pure.losses.core import Loss
+from pure.losses.dpo import build_dpo_loss, dpo_losses, make_dpo, pair_nll
+from pure.losses.kto import count_kto, kto, kto_kl_baseline, make_kto
+from pure.losses.orpo import make_orpo, orpo
+from pure.losses.pairs import count_pairs, pair_logps
+from pure.losses.reward import (bradley_terry, center_rewards, count_reward_pairs, count_token_labels,
+                                make_bradley_terry, make_prm, prm)
+from pure.losses.sft import nll, sft, sft_loss
+from pure.losses.simpo import cpo, make_cpo, make_simpo, simpo
+
+dpo = make_dpo()
+ipo = build_dpo_loss(rl="ipo")
+
+__all__ = [
+    "Loss", "bradley_terry", "build_dpo_loss", "center_rewards", "completion_logps", "count_kto", "count_pairs",
+    "count_reward_pairs", "count_token_labels", "cpo", "dpo", "dpo_losses", "ipo", "kto", "kto_kl_baseline",
+    "make_bradley_terry", "make_cpo", "make_dpo", "make_kto", "make_orpo", "make_prm", "make_simpo",
+    "next_token_targets", "nll", "orpo", "pair_logps", "pair_nll", "prm", "sequence_logprobs", "sft", "sft_loss",
+    "simpo", "token_logprobs",
+]

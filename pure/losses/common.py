@@ -42,17 +42,20 @@ def completion_logps(apply, batch: dict, key=None, reference: bool = False) -> d
 
     Returns `logps` [R] (sum over the row's completion tokens), `tokens` [R] (how many), and
     `logits_mean` [R] (mean logit over the vocabulary and the completion positions, detached: TRL's
-    `logits/chosen`). Only completion positions go through lm_head.
+    `logits/chosen`). Only completion positions go through lm_head, by `apply.token_logprobs` (the
+    fused kernel when one was injected into `make_apply`: no [tokens, vocab] logits).
     """
     targets = next_token_targets(batch["labels"], batch.get("segment_ids"))
     mask = targets != IGNORE_INDEX
-    kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), logits_at=mask)
-    out = apply.reference(batch["input_ids"], **kwargs) if reference else apply(batch["input_ids"], key=key, **kwargs)
-    lp = token_logprobs(out.logits, targets[mask])
+    policy = apply.reference if reference else apply
+    kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), compute_logits=False)
+    out = policy(batch["input_ids"], **kwargs) if reference else policy(batch["input_ids"], key=key, **kwargs)
+    head = policy.token_logprobs(out.hidden[mask], targets[mask])
+    lp = head.logprobs
     rows = mask.nonzero()[:, 0]
     zeros = torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device)
     tokens = mask.sum(-1)
-    logit_sums = zeros.index_add(0, rows, out.logits.detach().float().mean(-1))
+    logit_sums = zeros.index_add(0, rows, head.logit_mean)
     return {
         "logps": zeros.index_add(0, rows, lp),
         "tokens": tokens,

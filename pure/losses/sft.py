@@ -1,9 +1,7 @@
 """Supervised fine-tuning: next-token cross-entropy over the trained (label != -100) tokens."""
 from __future__ import annotations
 
-import torch
-
-from pure.losses.common import IGNORE_INDEX, next_token_targets, token_logprobs
+from pure.losses.common import IGNORE_INDEX, next_token_targets
 from pure.losses.core import Loss
 
 
@@ -12,17 +10,18 @@ def sft_loss(apply, batch, key=None):
 
     `batch["total_target_tokens"]` is N for the full (accumulated) batch, set by the train step, so the
     sum of micro-batch losses is the mean over all trained tokens whatever the micro-batching.
-    lm_head logits are computed only where there is a target.
+    lm_head runs only where there is a target, through `apply.token_logprobs` (the fused kernel when
+    one was injected into `make_apply`: no [tokens, vocab] logits).
     """
     targets = next_token_targets(batch["labels"], batch.get("segment_ids"))
     mask = targets != IGNORE_INDEX
     out = apply(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                logits_at=mask, key=key)
-    wanted = targets[mask]
-    nll = -token_logprobs(out.logits, wanted).sum()
+                compute_logits=False, key=key)
+    head = apply.token_logprobs(out.hidden[mask], targets[mask])
+    nll = -head.logprobs.sum()
     normalizer = batch.get("total_target_tokens", mask.sum().clamp(min=1))
     # Summed over micro-batches, both metrics are those of the whole accumulated batch.
-    correct = (out.logits.detach().argmax(-1) == wanted).sum()
+    correct = head.target_is_argmax.sum()
     return nll / normalizer, {"num_trained_tokens": mask.sum(), "token_accuracy": correct / normalizer}
 
 

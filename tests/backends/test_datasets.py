@@ -330,3 +330,71 @@ def test_preference_and_chat_template_datasets_prepare_end_to_end(tmp_path, toke
     chat = prepare_datasets(config_for(tmp_path, datasets=[{"path": str(tmp_path / "chat.jsonl"),
                                                             "type": "chat_template"}]), tokenizer)
     assert len(chat.train) == 3 and any(label != -100 for label in chat.train[0]["labels"])
+
+
+# --- the global chat_template goes into the tokenizer --------------------------------------------
+
+
+def test_global_chat_template_is_written_into_the_tokenizer():
+    from pure.data.templates import CHAT_TEMPLATES
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    own = tok.chat_template
+    prepare_tokenizer(tok, {})
+    assert tok.chat_template == own  # no chat_template key: the tokenizer's own stays
+    prepare_tokenizer(tok, validate({"base_model": "m", "learning_rate": 1, "chat_template": "llama3"}))
+    assert tok.chat_template == CHAT_TEMPLATES["llama3"]
+    prepare_tokenizer(tok, validate({"base_model": "m", "learning_rate": 1, "chat_template_jinja": "{{ messages[0]['content'] }}"}))
+    assert tok.chat_template == "{{ messages[0]['content'] }}"  # chat_template: jinja is implied
+    prepare_tokenizer(tok, {"chat_template": "tokenizer_default_fallback_chatml"})
+    assert tok.chat_template == "{{ messages[0]['content'] }}"  # the tokenizer has one: it is kept
+    with pytest.raises(DataError, match="unknown chat_template 'chatmlx'"):
+        prepare_tokenizer(tok, {"chat_template": "chatmlx"})
+
+
+def test_exported_tokenizer_carries_the_training_template(tmp_path):
+    from backends.hf import save_pretrained
+    from pure import rng
+    from pure.data.templates import CHAT_TEMPLATES
+    from pure.models import llama
+    from pure.models.config import ModelConfig
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    prepare_tokenizer(tok, validate({"base_model": "m", "learning_rate": 1, "chat_template": "gemma3"}))
+    config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    folder = save_pretrained(llama.init(config, rng.key(0)), config, tok, tmp_path / "export")
+    reloaded = load_tokenizer(folder)
+    assert reloaded.chat_template == CHAT_TEMPLATES["gemma3"]
+    chat = [{"role": "user", "content": "Hi"}]
+    assert reloaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_prepared_chats_use_the_template_now_in_the_tokenizer(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello!"}]}
+            for i in range(3)]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = config_for(tmp_path, chat_template="phi_3",
+                        datasets=[{"path": str(tmp_path / "chat.jsonl"), "type": "chat_template"}])
+    tok = load_tokenizer("smollm2-135m-instruct")
+    prepare_tokenizer(tok, config)
+    data = prepare_datasets(config, tok)
+    assert all(tok.decode(ids).startswith("<|user|>\nHi ") for ids in data.train["input_ids"])
+
+
+# --- preprocess --iterable: rows read as a stream, same examples ---------------------------------
+
+
+def test_iterable_preparation_gives_the_same_examples_and_cache_key(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "data.jsonl", ROWS)
+    write_jsonl(tmp_path / "more.jsonl", ROWS[:7])
+    keys = dict(shuffle_before_merging_datasets=True, val_set_size=3, skip_prepare_dataset=True,
+                datasets=[{"path": str(tmp_path / "data.jsonl"), "type": "alpaca", "split": "train[2:18]"},
+                          {"path": str(tmp_path / "more.jsonl"), "type": "alpaca"}])
+    plain = prepare_datasets(config_for(tmp_path, **keys), tokenizer)
+    iterable = prepare_datasets(config_for(tmp_path, preprocess_iterable=True, **keys), tokenizer)
+    assert iterable.train["input_ids"] == plain.train["input_ids"] and len(plain.train) == 20
+    assert iterable.eval["input_ids"] == plain.eval["input_ids"]
+    assert iterable.fingerprint == plain.fingerprint
+    assert [s["summary"] for s in iterable.stats] == [s["summary"] for s in plain.stats]

@@ -107,3 +107,25 @@ def test_preference_rows_print_field_by_field():
     assert text == "prompt: Q?\nchosen: yes\nrejected: no"
     tokenised = format_example(Tok(), {"chosen_input_ids": [5, 6], "chosen_labels": [-100, 6]}, text_only=False)
     assert tokenised == "chosen: 5(-100, 5) 6(6, 6)"
+
+
+def test_iterable_reads_rows_as_a_stream_into_the_same_cache(config_path, capsys):
+    assert main(["--config", str(config_path), "--iterable"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 rows -> alpaca.jsonl: kept 3 of 3 examples" in out
+    (written,) = list((config_path.parent / "prepared").glob("*/meta.json"))
+    assert main(["--config", str(config_path)]) == 0  # the same cache key: reused
+    assert "reused the prepared data" in capsys.readouterr().out
+    assert list((config_path.parent / "prepared").glob("*/meta.json")) == [written]
+
+
+def test_a_streamed_config_caches_its_eval_set_and_previews_the_stream(config_path, capsys):
+    raw = yaml.safe_load(config_path.read_text())
+    raw.update({"streaming": True, "test_datasets": [{"path": "alpaca.jsonl", "type": "alpaca"}]})
+    config_path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(config_path), "--debug-text-only", "--debug-num-examples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "streaming: the train set is tokenised on the fly during training and not cached" in out
+    assert "prepared 3 eval examples" in out
+    blocks = out.split("--- example ")[1:]
+    assert len(blocks) == 2 and "### Instruction:\nSay hi" in blocks[0]  # file order

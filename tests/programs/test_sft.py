@@ -12,25 +12,12 @@ import pytest
 import torch
 import yaml
 
-from backends.hf import load_tokenizer, save_pretrained
 from programs.config import ConfigError, load_config
 from programs.sft import run
 from pure import rng
-from pure.models import ModelConfig, init
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(init(config, rng.key(0)), config, tokenizer, path)
-    return path
 
 
 def write_config(tmp_path, tiny_model, name="run", **overrides):
@@ -146,4 +133,24 @@ def test_dataset_smaller_than_one_batch_is_a_clear_error(tmp_path, tiny_model):
     config = load_config(write_config(tmp_path, tiny_model, "small", micro_batch_size=64,
                                       gradient_accumulation_steps=4))
     with pytest.raises(ValueError, match="fewer than one batch"):
+        run(config)
+
+
+def test_streamed_run_resumes_bitwise(tmp_path, tiny_model):
+    streamed = dict(streaming=True, val_set_size=0, max_steps=6, save_steps=3,
+                    streaming_multipack_buffer_size=16)
+    straight = run(load_config(write_config(tmp_path, tiny_model, "stream_straight", **streamed)))
+    assert straight["step"] == 6
+    first = run(load_config(write_config(tmp_path, tiny_model, "stream_split", **streamed)), stop_after_step=3)
+    assert first["stopped"] and first["step"] == 3
+    resumed = run(load_config(write_config(tmp_path, tiny_model, "stream_split", auto_resume_from_checkpoints=True,
+                                           **streamed)))
+    assert trained_losses(resumed) == trained_losses(straight)
+    assert_bitwise_equal(final_state(tmp_path / "stream_split"), final_state(tmp_path / "stream_straight"))
+
+
+def test_streaming_without_max_steps_is_a_clear_error(tmp_path, tiny_model):
+    config = load_config(write_config(tmp_path, tiny_model, "stream_nosteps", streaming=True, val_set_size=0,
+                                      max_steps=None))
+    with pytest.raises(ConfigError, match="max_steps"):
         run(config)

@@ -1,0 +1,15 @@
+"""ORPO: rl: orpo. `python -m programs.orpo --config x.yaml [--key value ...] [--overwrite]`
+
+The recipe is `programs/preference.py`; this entry point checks the config's `rl:`.
+"""
+import sys
+
+from programs.preference import main as _main
+
+
+def main(argv=None) -> int:
+    return _main(argv, kinds=("orpo",), program="programs.orpo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
