@@ -46,10 +46,24 @@ def _commit_folder(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
 
 
+def _move_files_into(tmp: Path, path: Path) -> None:
+    """Move every file of `tmp` into `path`, each by an atomic rename after fsync; other files of
+    `path` (a run's checkpoints, metrics) stay."""
+    path.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == ADAPTER_CONFIG):  # the config last
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, path / f.name)
+
+
 def save_peft_adapter(path, lora: dict, lora_config: LoraConfig, *, modules_to_save: dict | None = None,
-                      base_model_name_or_path: str | None = None, tokenizer=None) -> Path:
-    """Write a PEFT LoRA adapter folder. `modules_to_save` are fully trained base params
-    (e.g. `lm_head.weight`), saved under their PEFT names."""
+                      base_model_name_or_path: str | None = None, tokenizer=None,
+                      task_type: str = "CAUSAL_LM") -> Path:
+    """Write a PEFT LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`, and the
+    tokenizer's files) into the folder `path`, which may hold other files (a run's output_dir).
+    `modules_to_save` are fully trained base params (e.g. `lm_head.weight`), saved under their PEFT
+    names. Each file is replaced atomically, the config last."""
     path = Path(path)
     tensors = {}
     for module, entry in lora.items():
@@ -62,7 +76,7 @@ def save_peft_adapter(path, lora: dict, lora_config: LoraConfig, *, modules_to_s
         tensors[PEFT_PREFIX + name] = tensor.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": lora_config.r,
         "lora_alpha": lora_config.alpha,
@@ -82,7 +96,7 @@ def save_peft_adapter(path, lora: dict, lora_config: LoraConfig, *, modules_to_s
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_folder(tmp, path)
+        _move_files_into(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -269,16 +283,7 @@ def save_peft_reward_adapter(path, lora: dict, lora_config: LoraConfig, score, n
     TOKEN_CLS (`kind="token"`), so `peft.PeftModel.from_pretrained(AutoModelFor...Classification...)`
     rebuilds the trained reward model. `score` is the head dict (or its weight tensor).
     """
-    path = Path(path)
     head = _reward_head(None, score, num_labels, kind, None)
-    tmp = _atomic_folder(path)
-    try:
-        folder = save_peft_adapter(tmp / "adapter", lora, lora_config, modules_to_save=head,
-                                   base_model_name_or_path=base_model_name_or_path, tokenizer=tokenizer)
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        config["task_type"] = REWARD_KINDS[kind][1]
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        _commit_folder(folder, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return save_peft_adapter(path, lora, lora_config, modules_to_save=head,
+                             base_model_name_or_path=base_model_name_or_path, tokenizer=tokenizer,
+                             task_type=REWARD_KINDS[kind][1])

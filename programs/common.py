@@ -191,13 +191,9 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
     if lora_config is not None:
         from backends.export import save_peft_adapter
 
-        save_peft_adapter(out / "adapter", state.trainable["lora"], lora_config,
-                          modules_to_save=state.trainable.get("params") or None,
-                          base_model_name_or_path=str(config.base_model), tokenizer=tokenizer)
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            (out / name).write_bytes((out / "adapter" / name).read_bytes())
-        tokenizer.save_pretrained(out)
-        return out
+        return save_peft_adapter(out, state.trainable["lora"], lora_config,
+                                 modules_to_save=state.trainable.get("params") or None,
+                                 base_model_name_or_path=str(config.base_model), tokenizer=tokenizer)
     from backends.hf import save_pretrained
 
     save_pretrained({**frozen, **state.trainable["params"]}, model_config, tokenizer, out / "model")
@@ -207,13 +203,11 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
 def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
     device and dtype (chunked linear + cross-entropy head, attention)."""
-    from kernels.attention import select_attention
-    from kernels.linear_ce import select_token_logprob_fn
+    from kernels import select_model_ops
     from pure.train import make_apply
 
     some = next(iter(frozen.values())) if frozen else torch.zeros(())
     kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
     return make_apply(model_config, frozen, lora_config=lora_config,
                       checkpoint_layers=bool(config.gradient_checkpointing),
-                      attention_fn=select_attention(some.device, some.dtype, model_config.sliding_window),
-                      token_logprob_fn=select_token_logprob_fn(some.device, some.dtype), **kwargs)
+                      **select_model_ops(some.device, some.dtype, model_config.sliding_window), **kwargs)

@@ -62,6 +62,9 @@ def make_apply(
     neftune_alpha: float | None = None,
     reference_params: dict[str, torch.Tensor] | None = None,
     token_logprob_fn: TokenLogprobFn = reference_token_logprobs,
+    rms_norm_fn: Callable | None = None,
+    swiglu_fn: Callable | None = None,
+    lora_linear_fn: Callable | None = None,
 ) -> Callable[[dict], Callable[..., ModelOutput]]:
     """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
@@ -72,7 +75,12 @@ def make_apply(
     `apply.token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs` (and the same on
     `apply.reference`, without gradient) runs the lm_head and log-softmax on final hidden states
     (`forward(..., compute_logits=False).hidden[mask]`) through `token_logprob_fn`, e.g.
-    `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never materialises the logits."""
+    `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never materialises the logits.
+    attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot ops (`kernels/` dispatchers);
+    None keeps the reference of `pure.models.llama`."""
+    ops = {"attention_fn": attention_fn}
+    ops.update({name: fn for name, fn in (("rms_norm_fn", rms_norm_fn), ("swiglu_fn", swiglu_fn),
+                                          ("lora_linear_fn", lora_linear_fn)) if fn is not None})
 
     def bind(trainable: dict):
         params = {**frozen, **trainable.get("params", {})}
@@ -85,13 +93,12 @@ def make_apply(
                 if neftune_alpha:
                     embed_fn = neftune_embed(neftune_alpha, noise_key)
             return forward(params, tokens, config, lora=lora, lora_config=lora_config, dropout_key=dropout_key,
-                           embed_fn=embed_fn, checkpoint_layers=checkpoint_layers, attention_fn=attention_fn,
-                           **kwargs)
+                           embed_fn=embed_fn, checkpoint_layers=checkpoint_layers, **ops, **kwargs)
 
         def reference(tokens, **kwargs) -> ModelOutput:
             with torch.no_grad():
                 return forward(params if reference_params is None else reference_params, tokens, config,
-                               attention_fn=attention_fn, **kwargs)
+                               **ops, **kwargs)
 
         def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
             return token_logprob_fn(hidden, lm_head_weight(params, config), targets)

@@ -118,23 +118,38 @@ def rms_norm(x, weight, eps):
     return weight * x.to(dtype)
 
 
-def _linear(params, name, x, lora, lora_config, key):
+def swiglu(gate, up):
+    """The gated MLP activation silu(gate) * up (SwiGLU, Shazeer 2020)."""
+    return F.silu(gate) * up
+
+
+class Ops(NamedTuple):
+    """The hot ops of a layer; `kernels/` dispatchers swap in fused versions with these signatures."""
+
+    attention: AttentionFn = None
+    rms_norm: Callable = rms_norm
+    swiglu: Callable = swiglu
+    lora_linear: Callable = lora_linear
+
+
+def _linear(params, name, x, lora, lora_config, key, ops: Ops):
     weight, bias = params[name + ".weight"], params.get(name + ".bias")
     if lora is not None and name in lora:
-        return lora_linear(x, weight, bias, lora[name], lora_config, key)
+        return ops.lora_linear(x, weight, bias, lora[name], lora_config, key)
     return F.linear(x, weight, bias)
 
 
-def _layer(params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lora, lora_config, key, attention_fn):
+def _layer(params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lora, lora_config, key, ops: Ops):
     p = f"model.layers.{i}."
+    rms_norm = ops.rms_norm
     B, T, _ = x.shape
     H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_size
     keys = rng.split(key, 7) if key is not None else [None] * 7
 
     h = rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps)
-    q = _linear(params, p + "self_attn.q_proj", h, lora, lora_config, keys[0]).view(B, T, H, D)
-    k = _linear(params, p + "self_attn.k_proj", h, lora, lora_config, keys[1]).view(B, T, K, D)
-    v = _linear(params, p + "self_attn.v_proj", h, lora, lora_config, keys[2]).view(B, T, K, D)
+    q = _linear(params, p + "self_attn.q_proj", h, lora, lora_config, keys[0], ops).view(B, T, H, D)
+    k = _linear(params, p + "self_attn.k_proj", h, lora, lora_config, keys[1], ops).view(B, T, K, D)
+    v = _linear(params, p + "self_attn.v_proj", h, lora, lora_config, keys[2], ops).view(B, T, K, D)
     if config.qk_norm:
         q = rms_norm(q, params[p + "self_attn.q_norm.weight"], config.rms_norm_eps)
         k = rms_norm(k, params[p + "self_attn.k_norm.weight"], config.rms_norm_eps)
@@ -143,14 +158,14 @@ def _layer(params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lo
     if cache_kv is not None:
         k = torch.cat((cache_kv[0], k), dim=2)
         v = torch.cat((cache_kv[1], v), dim=2)
-    attn = attention_fn(q, k, v, mask, causal, seg)  # [B, H, T, D]
+    attn = ops.attention(q, k, v, mask, causal, seg)  # [B, H, T, D]
     attn = attn.transpose(1, 2).reshape(B, T, H * D)
-    x = x + _linear(params, p + "self_attn.o_proj", attn, lora, lora_config, keys[3])
+    x = x + _linear(params, p + "self_attn.o_proj", attn, lora, lora_config, keys[3], ops)
 
     h = rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-    gate = _linear(params, p + "mlp.gate_proj", h, lora, lora_config, keys[4])
-    up = _linear(params, p + "mlp.up_proj", h, lora, lora_config, keys[5])
-    x = x + _linear(params, p + "mlp.down_proj", F.silu(gate) * up, lora, lora_config, keys[6])
+    gate = _linear(params, p + "mlp.gate_proj", h, lora, lora_config, keys[4], ops)
+    up = _linear(params, p + "mlp.up_proj", h, lora, lora_config, keys[5], ops)
+    x = x + _linear(params, p + "mlp.down_proj", ops.swiglu(gate, up), lora, lora_config, keys[6], ops)
     return x, k, v
 
 
@@ -171,6 +186,9 @@ def forward(
     checkpoint_layers: bool = False,
     attention_fn: AttentionFn = sdpa_attention,
     embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rms_norm_fn: Callable = rms_norm,
+    swiglu_fn: Callable = swiglu,
+    lora_linear_fn: Callable = lora_linear,
 ) -> ModelOutput:
     """Run the model on `tokens` [B, T].
 
@@ -181,7 +199,9 @@ def forward(
     hidden_layers: HF-numbered hidden states to return. logits_at: None for every position,
     "last" for the last one, or a bool mask [B, T] selecting positions (logits [N, V]), so training
     never computes lm_head for masked tokens. embed_fn: transforms the input embeddings (NEFTune).
-    """
+    attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the hot ops (fused kernels from
+    `kernels/` dispatchers; the references here by default)."""
+    ops = Ops(attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn)
     B, T = tokens.shape
     past = cache.length if cache is not None else 0
     if positions is None:
@@ -215,17 +235,16 @@ def forward(
             layer_params = {k: v for k, v in params.items() if k.startswith(prefix)}
             layer_lora = {k: v for k, v in lora.items() if k.startswith(prefix)} if lora is not None else None
             x, k, v = remat(_layer)(
-                layer_params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, layer_lora, lora_config, key,
-                attention_fn,
+                layer_params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, layer_lora, lora_config, key, ops,
             )
         else:
             x, k, v = _layer(
-                params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lora, lora_config, key, attention_fn
+                params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lora, lora_config, key, ops
             )
         new_keys.append(k)
         new_values.append(v)
 
-    hidden = rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
+    hidden = rms_norm_fn(x, params["model.norm.weight"], config.rms_norm_eps)
     if config.num_hidden_layers in hidden_layers:
         hidden_states[config.num_hidden_layers] = hidden
     new_cache = KVCache(tuple(new_keys), tuple(new_values), k_seg) if cache is not None else None

@@ -118,6 +118,7 @@ def test_reward_model_trains_and_loads_as_sequence_classification(tmp_path, tiny
     assert result["step"] == 4 and "eval/accuracy" in result["eval"]
     out = tmp_path / "rm"
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert (out / "checkpoint-4").is_dir() and (out / "metrics.jsonl").is_file()  # export keeps the run's files
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     base.config.pad_token_id = load_tokenizer(tiny_model).pad_token_id
     model = peft.PeftModel.from_pretrained(base, out).eval()

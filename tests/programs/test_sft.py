@@ -108,6 +108,7 @@ def test_run_exports_an_adapter_that_merges_to_the_same_logits(tmp_path, tiny_mo
     out = tmp_path / "export"
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert (out / "loss.png").is_file() and (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+    assert (out / "checkpoint-4").is_dir() and (out / "tokenizer.json").is_file()
     assert "eval/loss" in result["eval"]
 
     assert merge_lora.main(["--config", str(path)]) == 0

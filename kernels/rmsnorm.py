@@ -1,0 +1,252 @@
+"""RMSNorm (Zhang & Sennrich 2019): a Triton kernel for CUDA, torch formulations for CPU, a dispatcher.
+
+    y = w * n,   n = x * r,   r = 1 / sqrt(mean(x^2) + eps)        (statistics in float32)
+
+Reference: `pure.models.llama.rms_norm(x, weight, eps)`, which rounds n to x's dtype before the
+multiplication by w, as transformers does; every version here keeps that rounding.
+
+Backward (g = dL/dy, D the row width):
+
+    dL/dw = sum_rows g * n
+    dL/dx = r * (g w - n * mean(g w * n))
+
+Triton: one program per row forward (saving r, one float per row); the backward runs a fixed
+number of programs, each over a contiguous block of rows, writing dx per row and accumulating its
+partial dL/dw in float32 registers; torch sums the [programs, D] partials (a tiny reduction).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.triton_jit import kernel_for, next_power_of_2, triton_usable
+from pure.models.llama import rms_norm
+
+try:  # the kernel bodies below resolve `tl` only when they are compiled
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    tl = None
+
+RMSNormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- torch formulations
+
+
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`torch.nn.functional.rms_norm` on x, then the reference's rounding and weight product."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with the backward written out: saves x and r (one float per row) instead of the
+    float32 copies autograd keeps for the reference's chain of ops."""
+
+    @staticmethod
+    def forward(x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (x32 * rstd).to(x.dtype), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad32 = grad.float()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gw = grad32 * weight.float()
+            dx = (rstd * (gw - normed * (gw * normed).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (grad32 * normed.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm_function(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm through a torch `autograd.Function` with the closed-form backward."""
+    return _RMSNormFunction.apply(x, weight, eps)[0]
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps,
+                             BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 0, tl.standard._sum_combine) / n_cols + eps)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference's rounding
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+                              stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+                              BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.full((BLOCK,), 0.0, tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # Row pointers advance by their strides, in 64 bits, so no row * stride product overflows.
+    x_row, dy_row, dx_row = x_ptr + row_start * stride_x, dy_ptr + row_start * stride_dy, dx_ptr + row_start * stride_dx
+    for row in range(row_start, row_end):
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        normed = x * rstd
+        dw += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+        gw = dy * w
+        dx = rstd * (gw - normed * (tl.reduce(gw * normed, 0, tl.standard._sum_combine) / n_cols))
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        x_row += stride_x
+        dy_row += stride_dy
+        dx_row += stride_dx
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
+
+
+def _backward_programs(device: torch.device, n_rows: int) -> int:
+    if device.type == "cuda":
+        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))  # the interpreter runs programs one by one: few, for tests
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+# The launches are torch custom ops: under `torch.func.grad` an autograd.Function's backward sees
+# functorch-wrapped tensors, which have no storage for Triton to read; an op call unwraps them.
+
+
+@torch.library.custom_op("puretune::rms_norm_forward", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
+def _rms_norm_forward_op(x, weight, eps):
+    """(y [..., D] in promote(x, w) dtype, r [rows] float32) by the Triton forward kernel."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width).contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    if rows.shape[0]:
+        block = next_power_of_2(width)
+        kernel_for(_rms_norm_forward_kernel, x.device)[(rows.shape[0],)](
+            rows, weight.contiguous(), out, rstd, rows.stride(0), out.stride(0), width, eps,
+            BLOCK=block, num_warps=_num_warps(block))
+    return out.view(*x.shape[:-1], width), rstd
+
+
+@_rms_norm_forward_op.register_fake
+def _(x, weight, eps):
+    rows = x.numel() // x.shape[-1]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("puretune::rms_norm_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)")
+def _rms_norm_backward_op(grad, x, weight, rstd):
+    """(dL/dx in x's dtype, dL/dw in float32) by the Triton backward kernel."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width).contiguous()
+    dy = grad.reshape(-1, width).contiguous()
+    n_rows = rows.shape[0]
+    dx = torch.empty_like(rows)
+    programs = _backward_programs(x.device, n_rows)
+    partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
+    if n_rows:
+        block = next_power_of_2(width)
+        kernel_for(_rms_norm_backward_kernel, x.device)[(programs,)](
+            dy, rows, weight.contiguous(), rstd, dx, partial, dy.stride(0), rows.stride(0), dx.stride(0),
+            n_rows, width, -(-n_rows // programs), BLOCK=block, num_warps=_num_warps(block))
+    return dx.view(x.shape), partial.sum(0)
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad, x, weight, rstd):
+    return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
+
+
+class _TritonRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, eps):
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(
+                f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) for x {tuple(x.shape)}")
+        return _rms_norm_forward_op(x, weight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        with torch.no_grad():  # first-order only: the backward itself is not differentiated
+            dx, dw = _rms_norm_backward_op(grad, x, weight, rstd)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm by the Triton kernels (compiled on CUDA, interpreted on CPU), differentiable
+    under `torch.autograd` and `torch.func.grad`."""
+    return _TritonRMSNorm.apply(x, weight, eps)[0]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+CPU_FORMULATIONS: dict[str, RMSNormFn] = {
+    "reference": rms_norm,
+    "native": rms_norm_native,
+    "function": rms_norm_function,
+}
+
+# Chosen by `measure_cpu_formulations` at SmolLM2-135M shape (x [2048, 576]), forward + backward;
+# see CPU_MEASUREMENT for the numbers.
+CPU_CHOICE = {torch.float32: "native", torch.bfloat16: "native"}
+CPU_MEASUREMENT = """
+Median ms of forward + backward, 3 trials, 1 torch thread, on a 2-core CPU shared by ~8 jobs (noisy):
+float32:  reference 37.2 / 27.0 / 28.8   native 28.4 / 23.9 / 28.2   function 29.8 / 23.4 / 28.5
+bfloat16: reference 32.1 / 34.5 / 37.6   native 27.8 / 38.3 / 27.5   function 32.4 / 54.3 / 29.0
+"""
+
+
+def select_rms_norm(device: torch.device | str, dtype: torch.dtype) -> RMSNormFn:
+    """The fastest RMSNorm for `device` and `dtype`, with the reference's signature `(x, weight, eps)`.
+
+    CUDA with triton installed: the Triton kernels. Otherwise the torch formulation measured fastest
+    on CPU for that dtype (`CPU_CHOICE`), the reference where nothing was measured.
+    """
+    if triton_usable(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return rms_norm_triton
+    if torch.device(device).type == "cpu":
+        return CPU_FORMULATIONS[CPU_CHOICE.get(dtype, "reference")]
+    return rms_norm
+
+
+def measure_cpu_formulations(dtype=torch.float32, rows: int = 2048, width: int = 576,
+                             repeats: int = 10) -> dict[str, float]:
+    """Median seconds of forward + backward (w.r.t. x and weight) of each CPU formulation."""
+    from kernels.measure import compare_formulations
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=generator).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(width, generator=generator)).to(dtype).requires_grad_()
+    candidates = {name: (lambda fn: lambda x, w: fn(x, w, 1e-5))(fn) for name, fn in CPU_FORMULATIONS.items()}
+    return compare_formulations(candidates, (x, weight), grad_of=(0, 1), repeats=repeats)

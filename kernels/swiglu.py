@@ -1,0 +1,204 @@
+"""SwiGLU activation (Shazeer 2020, "GLU Variants Improve Transformer"): Triton for CUDA, torch for CPU.
+
+    h = silu(g) * u,   silu(g) = g * sigmoid(g)
+
+Reference: `swiglu_reference(gate, up) = F.silu(gate) * up`, what `pure.models.llama` computes
+between gate_proj/up_proj and down_proj. Backward with s = sigmoid(g) and upstream d = dL/dh:
+
+    dL/du = d * g * s
+    dL/dg = d * u * s * (1 + g * (1 - s))
+
+The Triton kernels are elementwise over the flattened tensors, one block per program: the forward
+reads g and u once and writes h; the backward reads d, g, u once and writes both gradients
+(autograd of the reference runs two elementwise kernels forward and three back). Arithmetic in
+float32, each result rounded once to the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.triton_jit import kernel_for, triton_usable
+
+try:  # the kernel bodies below resolve `tl` only when they are compiled
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    tl = None
+
+from pure.models.llama import swiglu  # noqa: E402
+
+SwiGLUFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+swiglu_reference = swiglu  # pure.models.llama's: the reference every SwiGLU here is tested against
+
+
+# --------------------------------------------------------------------------- torch formulations
+
+
+def swiglu_sigmoid(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = gate * sigmoid(gate) * up, written out (autograd through three ops)."""
+    return gate * torch.sigmoid(gate) * up
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """SwiGLU with the closed-form backward: saves g and u only (autograd of the reference also
+    keeps silu(g))."""
+
+    @staticmethod
+    def forward(gate, up):
+        return F.silu(gate) * up
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate.float())
+        silu = gate.float() * sig
+        grad32 = grad.float()
+        d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            d_gate = (grad32 * up.float() * sig * (1 + gate.float() * (1 - sig))).to(gate.dtype)
+        if ctx.needs_input_grad[1]:
+            d_up = (grad32 * silu).to(up.dtype)
+        return d_gate, d_up
+
+
+def swiglu_function(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU through a torch `autograd.Function` with the closed-form backward."""
+    return _SwiGLUFunction.apply(gate, up)
+
+
+# --------------------------------------------------------------------------- Triton
+
+_BLOCK = 1024
+
+
+def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # One rounding, of the product (the reference also rounds silu(g) to the input dtype first).
+    tl.store(h_ptr + offsets, (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def _swiglu_backward_kernel(d_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    d = tl.load(d_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(du_ptr + offsets, (d * g * s).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offsets, (d * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, -(-n // _BLOCK)),)
+
+
+# The launches are torch custom ops: under `torch.func.grad` an autograd.Function's backward sees
+# functorch-wrapped tensors, which have no storage for Triton to read; an op call unwraps them.
+
+
+@torch.library.custom_op("puretune::swiglu_forward", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
+def _swiglu_forward_op(gate, up):
+    g, u = gate.contiguous(), up.contiguous()
+    h = torch.empty_like(g)
+    if g.numel():
+        kernel_for(_swiglu_forward_kernel, g.device)[_grid(g.numel())](g, u, h, g.numel(), BLOCK=_BLOCK)
+    return h
+
+
+@_swiglu_forward_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("puretune::swiglu_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)")
+def _swiglu_backward_op(grad, gate, up):
+    g, u, d = gate.contiguous(), up.contiguous(), grad.contiguous()
+    d_gate, d_up = torch.empty_like(g), torch.empty_like(u)
+    if g.numel():
+        kernel_for(_swiglu_backward_kernel, g.device)[_grid(g.numel())](d, g, u, d_gate, d_up, g.numel(), BLOCK=_BLOCK)
+    return d_gate, d_up
+
+
+@_swiglu_backward_op.register_fake
+def _(grad, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+class _TritonSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(gate, up):
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+                             "must have the same shape and dtype")
+        return _swiglu_forward_op(gate, up)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.no_grad():  # first-order: the backward itself is not differentiated
+            d_gate, d_up = _swiglu_backward_op(grad, gate, up)
+        return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None)
+
+
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU by the Triton kernels (compiled on CUDA, interpreted on CPU), differentiable under
+    `torch.autograd` and `torch.func.grad`."""
+    return _TritonSwiGLU.apply(gate, up)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+CPU_FORMULATIONS: dict[str, SwiGLUFn] = {
+    "reference": swiglu_reference,
+    "sigmoid": swiglu_sigmoid,
+    "function": swiglu_function,
+}
+
+# Chosen by `measure_cpu_formulations` at SmolLM2-135M shape (gate, up [2048, 1536]), forward +
+# backward; see CPU_MEASUREMENT for the numbers.
+CPU_CHOICE = {torch.float32: "reference", torch.bfloat16: "reference"}
+CPU_MEASUREMENT = """
+Median ms of forward + backward, 3 trials, 1 torch thread, on a 2-core CPU shared by ~8 jobs (noisy):
+float32:  reference 28.4 / 33.6 / 32.7   sigmoid 46.1 / 70.8 / 69.4   function 60.9 / 108.0 / 115.6
+bfloat16: reference 22.6 / 14.9 / 18.9   sigmoid 24.0 / 16.4 / 30.9   function 60.7 / 172.1 / 189.8
+"""
+
+
+def select_swiglu(device: torch.device | str, dtype: torch.dtype) -> SwiGLUFn:
+    """The fastest SwiGLU for `device` and `dtype`, with the reference's signature `(gate, up)`.
+
+    CUDA with triton installed: the Triton kernels. Otherwise the torch formulation measured fastest
+    on CPU for that dtype (`CPU_CHOICE`), the reference where nothing was measured.
+    """
+    if triton_usable(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return swiglu_triton
+    if torch.device(device).type == "cpu":
+        return CPU_FORMULATIONS[CPU_CHOICE.get(dtype, "reference")]
+    return swiglu_reference
+
+
+def measure_cpu_formulations(dtype=torch.float32, tokens: int = 2048, width: int = 1536,
+                             repeats: int = 10) -> dict[str, float]:
+    """Median seconds of forward + backward (w.r.t. gate and up) of each CPU formulation."""
+    from kernels.measure import compare_formulations
+
+    generator = torch.Generator().manual_seed(0)
+    gate = torch.randn(tokens, width, generator=generator).to(dtype).requires_grad_()
+    up = torch.randn(tokens, width, generator=generator).to(dtype).requires_grad_()
+    return compare_formulations(CPU_FORMULATIONS, (gate, up), grad_of=(0, 1), repeats=repeats)

@@ -1,0 +1,104 @@
+"""The GPU suite's device-independent pieces, and the whole suite run on CPU with a tiny model.
+
+On CPU the dispatchers pick torch formulations, attention is SDPA and timing is wall clock, so this
+checks the suite's wiring and bookkeeping (sections, budget, FLOPs, HF baseline on the same weights
+and packed row); the CUDA kernels themselves are checked when a GPU session runs it.
+"""
+import json
+
+import pytest
+import torch
+
+from programs import gpu_suite
+from programs.gpu_suite import (Budget, _section, datasheet_peak, hf_labels, kernel_cases, model_kernels,
+                               packed_batch, relative_error, run_gpu_suite, supervised_tokens)
+from kernels.triton_jit import triton_installed
+from pure import rng
+from pure.models.config import ModelConfig
+
+TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_cases(device, dtype):
+    return [case for case in kernel_cases(device, dtype) if "[3, 5, 40]" in case[0] or "37x40" in case[0]]
+
+
+def test_packed_batch_restarts_positions_per_document():
+    batch = packed_batch(TINY, (3, 2, 4), rng.key(0), "cpu")
+    assert batch["input_ids"].shape == (1, 9) and torch.equal(batch["labels"], batch["input_ids"])
+    assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3]]
+
+
+def test_hf_labels_drop_each_document_start():
+    batch = packed_batch(TINY, (3, 2, 4), rng.key(0), "cpu")
+    labels = hf_labels(batch)
+    assert (labels[0, [0, 3, 5]] == -100).all() and (labels[0, [1, 2, 4, 6, 7, 8]] != -100).all()
+    assert supervised_tokens(batch) == 9 - 3  # every token but each document's last predicts one
+
+
+def test_datasheet_peak_tells_h100_variants_apart():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert datasheet_peak("NVIDIA H100 PCIe") == 756.0e12
+    assert datasheet_peak("NVIDIA H200") == 989.4e12
+    assert datasheet_peak("Some Future GPU") is None
+
+
+def test_relative_error_is_a_norm_ratio():
+    assert relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert relative_error(torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])) == pytest.approx(0.1)
+
+
+def test_sections_are_skipped_on_budget_and_failures_recorded():
+    results, lines = {}, []
+    _section(results, "slow", Budget(0.0), needed=5, log=lines.append, fn=lambda: {"ran": True})
+    _section(results, "broken", Budget(60.0), needed=0, log=lines.append, fn=lambda: 1 / 0)
+    _section(results, "fine", Budget(60.0), needed=0, log=lines.append, fn=lambda: {"ran": True})
+    assert "skipped" in results["slow"] and "ran" not in results["slow"]
+    assert results["broken"]["error"].startswith("ZeroDivisionError")
+    assert results["fine"]["ran"] and "seconds" in results["fine"]
+
+
+def test_kernel_cases_cover_every_kernel_and_variant():
+    names = [case[0] for case in kernel_cases("cpu", torch.float32)]
+    assert any(n.startswith("rms_norm") for n in names) and any(n.startswith("swiglu") for n in names)
+    assert any("bias" in n for n in names) and any("dropout" in n for n in names)
+    assert set(model_kernels("cpu", torch.bfloat16)) == {"rms_norm_fn", "swiglu_fn", "lora_linear_fn"}
+
+
+@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
+def test_kernel_checks_include_the_triton_kernels_where_triton_runs(monkeypatch):
+    # pretend Triton runs compiled here: the interpreter stands in for CUDA on these tiny cases
+    monkeypatch.setattr(gpu_suite, "triton_usable", lambda device: True)
+    report = gpu_suite.check_kernels("cpu", cases_fn=tiny_cases)
+    implementations = {case["implementation"] for case in report["cases"]}
+    assert {"rms_norm_triton", "swiglu_triton", "lora_linear_triton"} <= implementations
+    assert report["all_passed"], report["failed"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_suite_on_cuda_without_a_gpu_says_so():
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        run_gpu_suite(device="cuda")
+
+
+def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
+    out, lines = tmp_path / "gpu.json", []
+    report = run_gpu_suite(out, device="cpu", config=TINY, document_lengths=(5, 7, 4), lora_rank=2, steps=1, warmup=1,
+                           peak_size=64, kernel_cases_fn=tiny_cases, time_kernels_at=8,
+                           timing_repeats=2, log=lines.append)
+    assert json.loads(out.read_text())["suite"] == "gpu"
+    assert report["kernels"]["all_passed"] and len(report["kernels"]["cases"]) == 6
+    assert report["attention"]["passed"] and report["attention"]["implementation"] == "sdpa_attention"
+    timings = report["kernel_timings"]["timings"]
+    assert set(timings["rms_norm[8x32]"]) == {"reference", "native", "function"} and "swiglu[8x48]" in timings
+    bench = report["benchmark"]
+    for mode in ("lora", "full"):
+        assert 0 < bench[mode]["ours"]["mfu"] and bench[mode]["ours"]["model_flops_per_step"] > 0
+        # same weights, same packed row, B = 0: transformers' first loss is ours (bf16 rounding apart)
+        assert bench[mode]["first_loss_agrees"], bench[mode]["first_loss_ours_vs_hf"]
+    lora, full = bench["lora"]["ours"], bench["full"]["ours"]
+    # a LoRA step computes no weight gradient for the frozen base: fewer model FLOPs than full
+    # fine-tuning, and fewer than the 6N convention credits it with
+    assert lora["model_flops_per_step"] < full["model_flops_per_step"] and lora["mfu"] < lora["mfu_6n"]
