@@ -1,11 +1,12 @@
-"""Metric sinks: console, a JSONL file in output_dir, TensorBoard and W&B when asked for, and a
-loss-curve PNG at the end. Metrics are flat dicts of scalars with stable names (`train/loss`)."""
+"""Metric sinks: console, a JSONL file in output_dir, TensorBoard, W&B and MLflow when asked for,
+and a loss-curve PNG at the end. Metrics are flat dicts of scalars with stable names (`train/loss`)."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -17,7 +18,8 @@ def _scalar(value):
 
 class MetricsLogger:
     def __init__(self, output_dir, *, use_tensorboard=False, wandb_project=None, wandb_name=None,
-                 wandb_mode=None, config_dict=None, resume=False):
+                 wandb_mode=None, config_dict=None, resume=False, use_mlflow=None, mlflow_tracking_uri=None,
+                 mlflow_experiment_name=None, mlflow_run_name=None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
@@ -44,6 +46,15 @@ class MetricsLogger:
                                         dir=str(self.output_dir))
             except ImportError:
                 print("warning: wandb_project is set but wandb is not installed; pip install wandb", file=sys.stderr)
+        self.mlflow = None
+        if use_mlflow or mlflow_tracking_uri or mlflow_experiment_name:
+            try:
+                self.mlflow = MlflowSink(self.output_dir, tracking_uri=mlflow_tracking_uri,
+                                         experiment_name=mlflow_experiment_name, run_name=mlflow_run_name,
+                                         config_dict=config_dict, resume=resume)
+            except ImportError:
+                print("warning: MLflow keys are set but mlflow is not installed; pip install mlflow-skinny",
+                      file=sys.stderr)
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget records past the checkpoint's step (they will be logged again)."""
@@ -65,6 +76,8 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log(step, record)
         if echo:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                              if k != "step")
@@ -101,3 +114,66 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.close()
+
+
+class MlflowSink:
+    """One MLflow run per output_dir, through `MlflowClient` (no global active run).
+
+    tracking_uri: the `mlflow_tracking_uri` key; unset, a file store in `output_dir/mlruns`, so
+    nothing leaves the machine unless a server URI is given. MLflow >= 3 refuses file stores
+    unless `MLFLOW_ALLOW_FILE_STORE` is set; a `file:` URI here is the user's (or this default's)
+    explicit choice, so it is set for this process. The run id is kept in `output_dir/mlflow_run.json`
+    and a resumed run logs into the same MLflow run (steps after the checkpoint that were logged before
+the stop get a second value at the same step: MLflow keeps every value). The config goes in as params (non-empty keys,
+    values as text, MLflow's 6000-character limit), metrics at their step.
+    """
+
+    PARAM_LIMIT = 6000
+    BATCH = 100  # MLflow's log_batch accepts at most 100 params per call
+
+    def __init__(self, output_dir, *, tracking_uri=None, experiment_name=None, run_name=None, config_dict=None,
+                 resume=False):
+        from mlflow.tracking import MlflowClient
+
+        output_dir = Path(output_dir)
+        uri = tracking_uri or (output_dir / "mlruns").resolve().as_uri()
+        if "://" not in uri and not uri.startswith("file:"):
+            uri = Path(uri).resolve().as_uri()  # a bare folder path
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.id_file = output_dir / "mlflow_run.json"
+        saved = json.loads(self.id_file.read_text()) if resume and self.id_file.is_file() else None
+        if saved and saved.get("tracking_uri") == uri:
+            self.run_id = saved["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        name = experiment_name or "puretune"
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        self.id_file.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id, "experiment": name}))
+        self._log_params(config_dict or {})
+
+    def _log_params(self, config_dict: dict) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(str(k), (v if isinstance(v, str) else json.dumps(v, default=str))[: self.PARAM_LIMIT])
+                  for k, v in sorted(config_dict.items()) if v is not None and v != [] and v != {}]
+        for i in range(0, len(params), self.BATCH):
+            self.client.log_batch(self.run_id, params=params[i:i + self.BATCH])
+
+    def log(self, step: int, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, int(step)) for k, v in record.items()
+                   if k != "step" and isinstance(v, float) and math.isfinite(v)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)

@@ -138,9 +138,12 @@ def chunked_token_logprobs(
         raise ValueError(f"token log-probs: targets must be in [0, {vocab}) or {IGNORE_INDEX}, got values in "
                          f"[{int(selected_targets.min())}, {int(selected_targets.max())}]")
     grad_hidden_in_forward = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-    logprobs, _, is_argmax = _ChunkedTokenLogprobs.apply(
-        selected_hidden, weight, selected_targets, chunk_size, grad_hidden_in_forward
-    )
+    # Under autocast the head still runs in the inputs' dtype (the kernel keeps softmax in fp32 anyway):
+    # autocast would otherwise recast inside the Function's forward and not in its backward.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logprobs, _, is_argmax = _ChunkedTokenLogprobs.apply(
+            selected_hidden, weight, selected_targets, chunk_size, grad_hidden_in_forward
+        )
     if not all_valid:
         zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         logprobs = zeros.index_put((valid,), logprobs)

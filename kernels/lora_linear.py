@@ -275,7 +275,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 
 def _apply(x, weight, bias, entry, config: LoraConfig, key, use_triton: bool):
-    if config.use_dora or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if (config.use_dora or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+            or torch.is_autocast_enabled(x.device.type)):  # autocast picks the dtypes: the reference lets it
         return lora_linear(x, weight, bias, entry, config, key)
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
     return _LoraLinearFunction.apply(x, weight, bias, a, b, config.scale, lora_dropout(x, config, key), use_triton)[0]

@@ -30,7 +30,10 @@ def load_model(config):
     """(params, model config, tokenizer) with the tokenizer's added tokens reflected in the embeddings."""
     from backends.datasets import prepare_tokenizer
 
+    from backends.precision import cast_params, resolve_from_config
+
     params, model_config, tokenizer = load_pretrained(config.base_model)
+    params = cast_params(params, resolve_from_config(config))  # bfloat16: true stores params in bf16
     if tokenizer is None:
         from backends.hf import load_tokenizer
 

@@ -30,11 +30,15 @@ class StopRequested:
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def close(self) -> None:
+        """Give the signals back to the handlers that were there before."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -155,6 +159,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     out = Path(config.output_dir)
     accumulation = config.gradient_accumulation_steps or 1
     state = run.state
+    train_step, eval_step = wrap_steps(config, run.train_step, run.eval_step, state)
     if resume_from is not None:
         state, _ = ckpt.load_checkpoint(resume_from, state)
         print(f"resumed from {resume_from} at step {state.step}", flush=True)
@@ -174,7 +179,10 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
 
     logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard), wandb_project=config.wandb_project,
                            wandb_name=config.wandb_name, wandb_mode=config.wandb_mode,
-                           config_dict=config.to_dict(), resume=resume_from is not None)
+                           config_dict=config.to_dict(), resume=resume_from is not None,
+                           use_mlflow=config.use_mlflow, mlflow_tracking_uri=config.mlflow_tracking_uri,
+                           mlflow_experiment_name=config.mlflow_experiment_name,
+                           mlflow_run_name=config.mlflow_run_name)
     if resume_from is not None:
         logger.truncate_after(state.step)
     eval_every, save_every = per_epoch_interval(config.eval_steps, config.evals_per_epoch, per_epoch, "eval"), \
@@ -191,7 +199,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     has_eval = bool(run.eval_batches) and run.eval_step is not None
 
     def evaluate() -> dict:
-        return run.eval_step(state.trainable, [common.tensors_only(b) for b in run.eval_batches])
+        return eval_step(state.trainable, [common.tensors_only(b) for b in run.eval_batches])
 
     def save(reason: str) -> Path:
         path = ckpt.save_checkpoint(state, out, extra={"reason": reason}, total_limit=config.save_total_limit)
@@ -204,9 +212,10 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         logger.log(0, evaluate())
     while state.step < total:
         cursor, micro, epoch_progress = next(steps)
-        new_state, metrics = run.train_step(state, [common.tensors_only(b) for b in micro])
+        new_state, metrics = train_step(state, [common.tensors_only(b) for b in micro])
         if not math.isfinite(metrics["train/loss"].item()):
             where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+            stop.close()
             raise FloatingPointError(f"train/loss is {metrics['train/loss'].item()} at step {state.step + 1}; {where}")
         state = new_state.replace(data_cursor=cursor)
         window_tokens += sum(b["num_tokens"] for b in micro)
@@ -229,6 +238,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             print(f"stopped by {stop.signal} at step {state.step}; resume with "
                   f"--resume_from_checkpoint {last_saved}", flush=True)
             logger.close()
+            stop.close()
             return {"stopped": True, "step": state.step, "checkpoint": str(last_saved)}
 
     final = {}
@@ -239,11 +249,48 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             print(run.summary(before, final), flush=True)
     if config.save_strategy != "no" and (last_saved is None or last_saved.name != f"checkpoint-{state.step}"):
         save("final")
+    if getattr(train_step, "compile_seconds", None):
+        print(f"torch_compile: compiled {len(train_step.compile_seconds)} graph(s) in "
+              f"{sum(train_step.compile_seconds):.1f} s (cache {train_step.cache_dir})", flush=True)
     exported = run.export(state)
     print(f"exported to {exported}", flush=True)
     logger.plot_losses()
     logger.close()
+    stop.close()
     return {"stopped": False, "step": state.step, "eval": final, "records": logger.records, "state": state}
+
+
+def wrap_steps(config, train_step, eval_step, state):
+    """The steps as the config runs them: under the precision plan's autocast, and the train step
+    compiled with a persistent cache when `torch_compile: true` (`auto` leaves it eager: on CPU a
+    cold compile costs minutes, more than the short runs it would speed up)."""
+    from backends.precision import autocast_context, resolve_from_config
+
+    device = next(iter(torch.utils._pytree.tree_leaves(state.trainable))).device
+    plan = resolve_from_config(config, device)
+    if config.torch_compile is True:
+        from backends.compile import cache_dir_for, compile_step
+
+        ignored = {"output_dir", "resume_from_checkpoint", "auto_resume_from_checkpoints", "logging_steps",
+                   "eval_steps", "save_steps", "save_total_limit", "num_epochs", "max_steps", "use_tensorboard"}
+        keys = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        train_step = compile_step(train_step, cache_dir_for(keys, device), backend=config.torch_compile_backend
+                                  or "inductor", mode=config.torch_compile_mode)
+    if plan.autocast_dtype is None and not plan.tf32:
+        return train_step, eval_step
+    print(f"precision: {plan.reason}", flush=True)
+
+    def autocast_train_step(state, micro_batches):
+        with autocast_context(plan, device):
+            return train_step(state, micro_batches)
+
+    def autocast_eval_step(trainable, micro_batches):
+        with autocast_context(plan, device):
+            return eval_step(trainable, micro_batches)
+
+    autocast_train_step.compile_seconds = getattr(train_step, "compile_seconds", None)
+    autocast_train_step.cache_dir = getattr(train_step, "cache_dir", None)
+    return autocast_train_step, (autocast_eval_step if eval_step is not None else None)
 
 
 def max_rss_mb() -> float:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from pure.schedules import Schedule
+from pure.tree import global_norm, leaves_with_paths, tree_leaves
 
 __all__ = [
     "GradientTransformation",
@@ -90,29 +91,29 @@ class GradientTransformation(NamedTuple):
 
 
 def _flatten(tree: PyTree, prefix: str = "") -> list[tuple[str, Tensor]]:
-    """Leaves of a (nested) dict with their dot-joined paths, in insertion order."""
-    if isinstance(tree, Mapping):
-        out: list[tuple[str, Tensor]] = []
-        for key, value in tree.items():
-            out.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return [(prefix, tree)]
+    """``pure.tree.leaves_with_paths`` with every path under ``prefix``."""
+    items = leaves_with_paths(tree)
+    if not prefix:
+        return items
+    return [(f"{prefix}.{path}" if path else prefix, leaf) for path, leaf in items]
 
 
 def _rebuild(like: PyTree, leaves: Iterable[Tensor]) -> PyTree:
-    """``like``'s structure with its leaves replaced, in ``_flatten`` order."""
+    """``like``'s structure with its leaves replaced, in ``leaves_with_paths`` order (dicts in
+    insertion order, lists and tuples by index, ``None`` an empty subtree), the inverse of
+    ``_flatten``. optree's own unflatten can't serve: it orders dict leaves by sorted key."""
     it = iter(leaves)
 
     def go(node):
+        if node is None:
+            return None
         if isinstance(node, Mapping):
             return {key: go(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(go(value) for value in node)
         return next(it)
 
     return go(like)
-
-
-def _leaves(tree: PyTree) -> list[Tensor]:
-    return [leaf for _, leaf in _flatten(tree)]
 
 
 def _as_schedule(value) -> Schedule:
@@ -217,7 +218,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """p' = p + u, cast back to each parameter's dtype. Returns new tensors."""
     p_items = _flatten(params)
-    u_leaves = _leaves(updates)
+    u_leaves = tree_leaves(updates)
     if len(p_items) != len(u_leaves):
         raise ValueError(f"params have {len(p_items)} leaves but updates have {len(u_leaves)}")
     p_leaves = [p for _, p in p_items]
@@ -226,17 +227,6 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     else:
         new = [(p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
     return _rebuild(params, new)
-
-
-def global_norm(tree: PyTree) -> Tensor:
-    """sqrt(sum_i ||x_i||^2), in float32 (or float64 if any leaf is), as ``torch.nn.utils.clip_grad_norm_``."""
-    leaves = _leaves(tree)
-    if not leaves:
-        return torch.zeros(())
-    norms = torch._foreach_norm(leaves, 2.0)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
-    device = leaves[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]), 2.0)
 
 
 def clip_by_global_norm(max_norm: float | None) -> GradientTransformation:
@@ -250,7 +240,7 @@ def clip_by_global_norm(max_norm: float | None) -> GradientTransformation:
         return {"grad_norm": torch.zeros((), dtype=torch.float32, device=_device_of(_flatten(params)))}
 
     def update(grads, state, params=None, step=0):
-        leaves = _leaves(grads)
+        leaves = tree_leaves(grads)
         norm = global_norm(grads)
         if max_norm is None or max_norm <= 0 or not leaves:
             return grads, {"grad_norm": norm}

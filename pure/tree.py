@@ -139,13 +139,15 @@ def cast(tree: Tree, dtype: torch.dtype) -> Tree:
 
 
 def global_norm(tree: Tree) -> torch.Tensor:
-    """`sqrt(sum_i ||x_i||^2)` over all tensor leaves, accumulated in fp32 (a 0-dim fp32 tensor)."""
+    """`sqrt(sum_i ||x_i||^2)` over all tensor leaves, as a 0-dim tensor accumulated in fp32, or in
+    fp64 when any leaf is fp64 (so float64 gradient clipping matches a float64 reference exactly)."""
     tensors = [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
     device = tensors[0].device
-    norms = [torch.linalg.vector_norm(x, dtype=torch.float32).to(device) for x in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch._foreach_norm(tensors, 2.0, dtype=dtype)  # one fused pass over all leaves
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 def zeros_like(tree: Tree) -> Tree:

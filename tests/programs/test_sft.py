@@ -1,6 +1,7 @@
 """The SFT program end to end on a tiny random model with the real SmolLM2 tokenizer:
 bitwise resume (also after SIGKILL), determinism, export, merge, guards."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -155,3 +156,13 @@ def test_streaming_without_max_steps_is_a_clear_error(tmp_path, tiny_model):
                                       max_steps=None))
     with pytest.raises(ConfigError, match="max_steps"):
         run(config)
+
+
+def test_bf16_autocast_run_trains_with_fp32_master_weights(tmp_path, tiny_model):
+    result = run(load_config(write_config(tmp_path, tiny_model, "bf16", bf16=True, max_steps=2)))
+    assert result["step"] == 2 and all(math.isfinite(r["train/loss"]) for r in trained_losses_records(result))
+    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(result["state"].trainable))
+
+
+def trained_losses_records(result):
+    return [r for r in result["records"] if "train/loss" in r]
