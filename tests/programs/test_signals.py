@@ -12,25 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from backends.hf import load_tokenizer, save_pretrained
 from programs.config import load_config
 from programs.sft import run
-from pure import rng
-from pure.models import ModelConfig, init
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(init(config, rng.key(0)), config, tokenizer, path)
-    return path
 
 
 @pytest.fixture(scope="module")
