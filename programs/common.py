@@ -211,6 +211,8 @@ def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
 
     some = next(iter(frozen.values())) if frozen else torch.zeros(())
     kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
+    # Under torch_compile the plain-torch references are traced and fused by Inductor; the eager
+    # kernels' host-side checks (data-dependent sizes) stall the compiler instead.
+    ops = {} if config.torch_compile is True else select_model_ops(some.device, some.dtype, model_config.sliding_window)
     return make_apply(model_config, frozen, lora_config=lora_config,
-                      checkpoint_layers=bool(config.gradient_checkpointing),
-                      **select_model_ops(some.device, some.dtype, model_config.sliding_window), **kwargs)
+                      checkpoint_layers=bool(config.gradient_checkpointing), **ops, **kwargs)
