@@ -1,7 +1,7 @@
 """Checkpoints of the whole `TrainState`: tensors as safetensors, the rest as JSON, written atomically.
 
 A checkpoint is `output_dir/checkpoint-<step>/` with `state.safetensors` (trainable params,
-optimizer state, RNG key, keyed by their pytree paths) and `state.json` (step, data cursor, the
+optimizer state, RNG key, fp16 loss scaler, keyed by their pytree paths) and `state.json` (step, data cursor, the
 tensor paths, anything extra). It is written into a temporary folder, fsynced, then renamed into
 place: a kill during a save leaves the previous checkpoint as the latest one, never a broken one.
 """
@@ -43,7 +43,8 @@ def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def _state_tree(state: TrainState) -> dict:
-    return {"trainable": state.trainable, "opt_state": state.opt_state, "rng_key": state.rng_key}
+    return {"trainable": state.trainable, "opt_state": state.opt_state, "rng_key": state.rng_key,
+            "loss_scale": state.loss_scale}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -128,5 +129,5 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
         raise CheckpointError(f"{path}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a different run setup")
     tree = optree.tree_unflatten(treedef, restored)
     state = like.replace(step=meta["step"], trainable=tree["trainable"], opt_state=tree["opt_state"],
-                         rng_key=tree["rng_key"], data_cursor=meta["data_cursor"])
+                         rng_key=tree["rng_key"], loss_scale=tree["loss_scale"], data_cursor=meta["data_cursor"])
     return state, meta.get("extra", {})

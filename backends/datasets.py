@@ -68,6 +68,20 @@ class PreparedData:
 _SPLIT_RE = re.compile(r"^\s*([\w.\-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
 
 
+def pick_split(loaded, entry: dict, split_name: str):
+    """The split `split_name` of a loaded dataset dict (map-style or streamed), or the dataset itself
+    when it is not a dict; a dict with one split serves any split name the entry did not set."""
+    import datasets
+
+    if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict, dict)):
+        return loaded
+    if split_name in loaded:
+        return loaded[split_name]
+    if len(loaded) == 1 and not entry.get("split"):
+        return next(iter(loaded.values()))
+    raise DataError(f"dataset {str(entry.get('path'))!r} has no split {split_name!r}; it has {', '.join(loaded)}")
+
+
 def parse_split(spec: str) -> tuple[str, str | None, str | None]:
     """`train[10%:50%]` -> ("train", "10%", "50%"); `test` -> ("test", None, None)."""
     match = _SPLIT_RE.match(spec or "train")
@@ -278,8 +292,6 @@ def _load_hub(entry: Mapping):
 
 def load_dataset_entry(entry: Mapping[str, Any], *, default_split: str = "train"):
     """One `datasets:` entry as a `datasets.Dataset`: loaded, split picked and sliced, sharded."""
-    import datasets
-
     path = entry.get("path")
     if not path:
         raise DataError("a dataset entry needs `path:` (a local file or folder, or a Hub dataset id)")
@@ -297,15 +309,7 @@ def load_dataset_entry(entry: Mapping[str, Any], *, default_split: str = "train"
 
     split_spec = entry.get("split") or default_split
     split_name, start, stop = parse_split(split_spec)
-    if isinstance(loaded, (datasets.DatasetDict, dict)):
-        if split_name in loaded:
-            dataset = loaded[split_name]
-        elif len(loaded) == 1 and not entry.get("split"):
-            dataset = next(iter(loaded.values()))
-        else:
-            raise DataError(f"dataset {path!r} has no split {split_name!r}; it has {', '.join(loaded)}")
-    else:
-        dataset = loaded
+    dataset = pick_split(loaded, entry, split_name)
     dataset = slice_split(dataset, start, stop)
     shards = entry.get("shards")
     if shards:

@@ -17,7 +17,7 @@ Semantics (axolotl's config reference and mixed-precision page):
 | `bf16: full` (HF `bf16_full_eval`) | fp32 | bf16 | bf16 |
 | `bfloat16: true` (no AMP) | bf16 | bf16 | bf16 |
 | `float16: true` (no AMP) | fp16 | fp16 | fp16 |
-| `fp16: true` (AMP) | refused: see below | | |
+| `fp16: true` (AMP) | fp32 (master weights) | fp16 (autocast), dynamic loss scaling | fp32 |
 
 `bf16: auto` picks bf16 AMP only on CUDA devices with bf16 support (axolotl's
 `is_torch_bf16_gpu_available`), fp32 everywhere else: the choice depends on the device, never on
@@ -26,10 +26,12 @@ project's CPU (Xeon with avx512_bf16, no AMX; 1 thread, 512x576 @ 576x1536): F.l
 17.5 GFLOP/s, bf16 45.9, bf16 autocast from fp32 inputs 42.3, fp16 0.4. So `bf16: true` is
 worth trying on such CPUs (see `cpu_supports_fast_bf16`), while fp16 on CPU is not.
 
-`fp16: true` (fp16 autocast) needs dynamic loss scaling inside the train step (scale the loss
-before `grad_and_value`, unscale and skip non-finite updates after), which `pure.train` does not
-carry yet; it is refused with that reason rather than run without scaling. `float16: true` is
-refused on CPU (no fast fp16 kernels: 0.4 GFLOP/s above). `tf32` only matters on CUDA (Ampere
+`fp16: true` (fp16 autocast) trains with dynamic loss scaling (`pure.train.LossScaling`: the
+loss is scaled before `grad_and_value`, the gradient unscaled after, and a step whose gradient is
+not finite is skipped while the scale backs off); the plan says so with `loss_scaling`, and the
+loop puts the scaler's state into `TrainState`. It runs on CPU too (the tests use it there) but
+slowly: CPU fp16 matmuls are emulated (0.4 GFLOP/s above). `float16: true` is refused on CPU
+(the same slowness, and no fp32 master copy to fall back on). `tf32` only matters on CUDA (Ampere
 or newer): `auto` turns it on there, and `autocast_context` sets it for the duration of the block.
 """
 from __future__ import annotations
@@ -52,13 +54,15 @@ class PrecisionPlan:
     """param_dtype: the dtype params (and the optimizer's master copy) are stored in.
     autocast_dtype: the dtype autocast runs matmuls in, or None for no autocast.
     eval_param_dtype: params are cast to this for evaluation (`bf16: full`).
-    tf32: allow TF32 matmuls on CUDA. reason: one line saying how the keys resolved."""
+    tf32: allow TF32 matmuls on CUDA. reason: one line saying how the keys resolved.
+    loss_scaling: the train step needs dynamic loss scaling (fp16 autocast)."""
 
     param_dtype: torch.dtype = torch.float32
     autocast_dtype: torch.dtype | None = None
     eval_param_dtype: torch.dtype = torch.float32
     tf32: bool = False
     reason: str = "fp32"
+    loss_scaling: bool = False
 
     @property
     def is_fp32(self) -> bool:
@@ -102,11 +106,6 @@ def resolve_precision(*, bf16: Any = "auto", fp16: Any = None, tf32: Any = "auto
         raise PrecisionError("bfloat16 and float16 cannot both be true; choose one")
     if float32 and (explicit_bf16 or fp16 or bfloat16 or float16):
         raise PrecisionError("float32: true cannot be combined with bf16/fp16/bfloat16/float16")
-    if fp16:
-        raise PrecisionError(
-            "fp16: true (fp16 mixed precision) is not supported yet by puretune: it needs dynamic loss "
-            "scaling inside the train step, which is not built; use bf16: true where the device has bf16, "
-            "or float32")
     if float16 and dev.type == "cpu":
         raise PrecisionError("float16: true is refused on CPU: torch has no fast fp16 matmul there "
                              "(measured 0.4 GFLOP/s against 17.5 in fp32); use bf16: true or float32")
@@ -120,6 +119,10 @@ def resolve_precision(*, bf16: Any = "auto", fp16: Any = None, tf32: Any = "auto
         autocast = low if explicit_bf16 and low == torch.bfloat16 else None
         return PrecisionPlan(param_dtype=low, autocast_dtype=autocast, eval_param_dtype=low, tf32=use_tf32,
                              reason=f"{name}: true: params in {name}, no fp32 master copy")
+    if fp16:
+        slow = " (slow on CPU: fp16 matmuls are emulated there)" if dev.type == "cpu" else ""
+        return PrecisionPlan(autocast_dtype=torch.float16, tf32=use_tf32, loss_scaling=True,
+                             reason=f"fp16: true: fp32 master weights, fp16 autocast, dynamic loss scaling{slow}")
     if explicit_bf16:
         full = bf16 == "full"
         return PrecisionPlan(autocast_dtype=torch.bfloat16, tf32=use_tf32,

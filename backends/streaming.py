@@ -47,6 +47,7 @@ from backends.datasets import (
     hub_snapshot,
     local_data_files,
     parse_split,
+    pick_split,
 )
 from pure.data.settings import DataError, DataSettings, Example
 from pure.data.stream import StreamBatching, buffered_shuffle, stream_micro_batches as _micro_batches
@@ -179,17 +180,7 @@ def _load_streaming_entry(entry: Mapping[str, Any], default_split: str = "train"
 
     split_spec = entry.get("split") or default_split
     split_name, start, stop = parse_split(split_spec)
-    if isinstance(loaded, (datasets.IterableDatasetDict, dict)):
-        if split_name in loaded:
-            stream = loaded[split_name]
-        elif len(loaded) == 1 and not entry.get("split"):
-            stream = next(iter(loaded.values()))
-        elif len(loaded) == 1 and split_name == "train":
-            stream = next(iter(loaded.values()))
-        else:
-            raise DataError(f"dataset {path!r} has no split {split_name!r}; it has {', '.join(loaded)}")
-    else:
-        stream = loaded
+    stream = pick_split(loaded, entry, split_name)
     for bound in (start, stop):
         if bound is not None and (bound.endswith("%") or int(bound) < 0):
             raise DataError(f"dataset {path!r}: split {split_spec!r}: a streamed dataset is sliced by row counts "

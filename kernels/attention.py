@@ -1,16 +1,21 @@
-"""Attention dispatch: flash-attn varlen for packed rows on CUDA when installed, else SDPA.
+"""Attention dispatch: flash-attn varlen for packed rows on CUDA when installed; on CPU SDPA per
+document; else SDPA with the mask.
 
-The reference is `pure.models.llama.sdpa_attention` (SDPA with the boolean segment mask). The
-varlen kernel reads document boundaries from the segment ids instead of a [T, S] mask, so packed
-rows cost what their documents cost, not what the whole row would.
+The reference is `pure.models.llama.sdpa_attention` (SDPA with the boolean segment mask, which
+costs T x T per row whatever the documents, and cannot skip the causal upper triangle). The
+varlen kernel (CUDA) and `document_attention` (CPU: one causal SDPA call per document) read the
+document boundaries from the segment ids instead, so packed rows cost what their documents cost,
+sum(L_i^2) / 2, not T^2. Measured on this project's CPU (SmolLM2-135M, 4 rows of 512 packed
+with 120-480-token documents): attention forward+backward 2.05 s -> see programs.bench notes.
 """
 from __future__ import annotations
 
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
-from pure.models.llama import sdpa_attention
+from pure.models.llama import attention_mask, sdpa_attention
 
 
 def flash_attn_available(device: torch.device | str) -> bool:
@@ -42,8 +47,56 @@ def flash_varlen_attention(q, k, v, mask, causal, segment_ids=None):
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
+def document_runs(segment_ids: torch.Tensor) -> list[list[int]] | None:
+    """Per row, the lengths of its runs of equal segment ids (documents, then the padding), or
+    None when an id comes back after another one (the runs would then not be the attention's
+    blocks, and the mask has to decide)."""
+    seg = segment_ids.detach().cpu()
+    B, T = seg.shape
+    starts = torch.ones(B, T, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    rows = []
+    for b in range(B):
+        first = torch.nonzero(starts[b]).flatten()
+        if torch.unique(seg[b, first]).numel() != first.numel():
+            return None
+        edges = first.tolist() + [T]
+        rows.append([end - begin for begin, end in zip(edges, edges[1:])])
+    return rows
+
+
+def document_attention(q, k, v, mask, causal, segment_ids=None):
+    """Causal SDPA over each document of each packed row separately (same result as the segment
+    mask: a token sees the earlier tokens of its own document; the padding run attends to itself).
+    Rows and documents are cut with `unbind` / `split`, whose backwards are one stack / cat, not a
+    zero-filled full-size gradient per piece. Without segment ids, with a KV cache (keys longer
+    than the queries) or when a row's ids are not contiguous runs, this is the masked reference."""
+    T = q.shape[2]
+    runs = document_runs(segment_ids) if segment_ids is not None and k.shape[2] == T else None
+    if runs is None:
+        if mask is None and segment_ids is not None and k.shape[2] == T:  # the model builds none for varlen
+            mask = attention_mask(segment_ids, segment_ids, 0, None)
+        return sdpa_attention(q, k, v, mask, causal, segment_ids)
+    rows = []
+    for lengths, qr, kr, vr in zip(runs, q.unbind(0), k.unbind(0), v.unbind(0)):
+        pieces = zip(qr.split(lengths, dim=1), kr.split(lengths, dim=1), vr.split(lengths, dim=1))
+        rows.append(torch.cat([F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True,
+                                                              enable_gqa=True)[0] for qd, kd, vd in pieces], dim=1))
+    return torch.stack(rows)
+
+
+# Both read the documents from the segment ids: the model drops the padding and builds no mask for them.
+document_attention.varlen = True
+flash_varlen_attention.varlen = True
+
+
 def select_attention(device, dtype, sliding_window: int | None = None):
-    """The fastest attention function available for this device, dtype and model."""
-    if flash_attn_available(device) and dtype in (torch.float16, torch.bfloat16) and sliding_window is None:
+    """The fastest attention function available for this device, dtype and model. A sliding
+    window keeps the masked reference (the per-document paths do not apply a window)."""
+    if sliding_window is not None:
+        return sdpa_attention
+    if flash_attn_available(device) and dtype in (torch.float16, torch.bfloat16):
         return flash_varlen_attention
+    if torch.device(device).type == "cpu":
+        return document_attention
     return sdpa_attention

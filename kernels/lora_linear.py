@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.triton_jit import kernel_for, next_power_of_2, triton_usable
-from pure import rng
-from pure.lora import LoraConfig, lora_linear
+from pure.lora import LoraConfig, lora_dropout, lora_keep_mask, lora_linear
 
 try:  # the kernel bodies below resolve `tl` only when they are compiled
     import triton
@@ -41,14 +40,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
 LoraLinearFn = Callable[..., torch.Tensor]
-
-
-def lora_dropout(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
-    """drop(x) exactly as `pure.lora.lora_linear` draws it (same key, same mask), or None without dropout."""
-    if config.dropout > 0.0 and key is not None:
-        keep = rng.bernoulli(key, 1.0 - config.dropout, x.shape, device=x.device).to(x.dtype)
-        return x * keep / (1.0 - config.dropout)
-    return None
 
 
 # --------------------------------------------------------------------------- the fused matmul
@@ -223,55 +214,67 @@ def _matmul_lowrank_triton(x, w, scale, c=None, p=None, z=None, bias=None):
 
 class _LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (drop(x) A^T) B^T with the closed-form backward; `use_triton` picks the
-    fused Triton matmul or the BLAS one (`addmm` with the low-rank term folded in)."""
+    fused Triton matmul or the BLAS one (`addmm` with the low-rank term folded in).
+
+    Dropout comes in as the bool keep mask and the keep probability q: drop(x) = (x * keep) / q, with
+    1/q folded into the [r, in]-sized A (and s/q into the [M, r]-sized dy B in the backward), so no
+    [M, in] pass scales anything. The backward adds s ((dy B) A) * keep into dx in one pass (addcmul)
+    and recomputes x * keep for dA instead of keeping drop(x): per dropout the saved activation is
+    the 1-byte mask, not the 4-byte dropped input plus a 4-byte multiplier as autograd over
+    `x * mask` would keep."""
 
     @staticmethod
-    def forward(x, weight, bias, a, b, scale, dropped, use_triton):
+    def forward(x, weight, bias, a, b, scale, keep, keep_prob, use_triton):
         matmul = _matmul_lowrank_triton if use_triton else _matmul_lowrank_torch
         rows = x.reshape(-1, x.shape[-1])
-        if dropped is None:
+        if keep is None:
             out, xa = matmul(rows, weight.t(), scale, c=b.t(), p=a.t(), bias=bias)
         else:
-            xa = dropped.reshape(rows.shape) @ a.t()
+            xa = (rows * _as_float(keep, rows)) @ (a.t() * (1.0 / keep_prob))
             out, _ = matmul(rows, weight.t(), scale, c=b.t(), z=xa, bias=bias)
         return out.view(*x.shape[:-1], weight.shape[0]), xa
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, a, b, scale, dropped, use_triton = inputs
+        x, weight, bias, a, b, scale, keep, keep_prob, use_triton = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, weight, a, b, output[1], dropped)
-        ctx.scale, ctx.use_triton = scale, use_triton
+        ctx.save_for_backward(x, weight, a, b, output[1], keep)
+        ctx.scale, ctx.keep_prob, ctx.use_triton = scale, keep_prob, use_triton
 
     @staticmethod
     @torch.no_grad()  # first-order only: the backward itself is not differentiated
     def backward(ctx, grad, _grad_xa):
-        x, weight, a, b, xa, dropped = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _, need_dropped, _ = ctx.needs_input_grad
+        x, weight, a, b, xa, keep = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         scale = ctx.scale
         matmul = _matmul_lowrank_triton if ctx.use_triton else _matmul_lowrank_torch
         rows = x.reshape(-1, x.shape[-1])
         dy = grad.reshape(-1, weight.shape[0])
-        dx = d_dropped = None
-        if dropped is None:
+        dx = None
+        if keep is None:
             if need_x:
                 dx, g = matmul(dy, weight, scale, c=a, p=b)  # dx = dy W + s (dy B) A, one pass over dy
             else:
                 g = dy @ b
-            source = rows
+            d_a = scale * (g.t() @ rows) if need_a else None
         else:
+            kept = _as_float(keep, rows)
+            g = (dy @ b) * (scale / ctx.keep_prob)  # [M, r]
             if need_x:
                 dx, _ = matmul(dy, weight, scale)
-            g = dy @ b
-            source = dropped.reshape(rows.shape)
-            if need_dropped:
-                d_dropped = (scale * (g @ a)).view(dropped.shape)
-        d_a = scale * (g.t() @ source) if need_a else None
+                dx.addcmul_(g @ a, kept)
+            d_a = g.t() @ (rows * kept) if need_a else None
         d_b = scale * (dy.t() @ xa) if need_b else None
         d_w = dy.t() @ rows if need_w else None
         d_bias = dy.sum(0) if need_bias else None
         dx = dx.view(x.shape) if dx is not None else None
-        return dx, d_w, d_bias, d_a, d_b, None, d_dropped, None
+        return dx, d_w, d_bias, d_a, d_b, None, None, None, None
+
+
+def _as_float(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The bool mask as 0/1 in `like`'s dtype and shape (through uint8: torch's bool->float cast is
+    several times slower than uint8->float on CPU)."""
+    return keep.view(torch.uint8).to(like.dtype).reshape(like.shape)
 
 
 def _apply(x, weight, bias, entry, config: LoraConfig, key, use_triton: bool):
@@ -279,7 +282,8 @@ def _apply(x, weight, bias, entry, config: LoraConfig, key, use_triton: bool):
             or torch.is_autocast_enabled(x.device.type)):  # autocast picks the dtypes: the reference lets it
         return lora_linear(x, weight, bias, entry, config, key)
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
-    return _LoraLinearFunction.apply(x, weight, bias, a, b, config.scale, lora_dropout(x, config, key), use_triton)[0]
+    keep = lora_keep_mask(x, config, key)
+    return _LoraLinearFunction.apply(x, weight, bias, a, b, config.scale, keep, 1.0 - config.dropout, use_triton)[0]
 
 
 def lora_linear_triton(x, weight, bias, entry, config: LoraConfig, key=None):

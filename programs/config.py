@@ -813,8 +813,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "auto_find_batch_size": (_truthy, ""),
     "optimizer": (_not_in(SUPPORTED_OPTIMIZERS), f"supported: {', '.join(SUPPORTED_OPTIMIZERS)}"),
     "fp8": (_truthy, ""),
-    "fp16": (_truthy, "fp16 mixed precision needs dynamic loss scaling in the train step, which is not built; "
-                      "use bf16: true (bf16 autocast over fp32 master weights) or float32"),
     "fp8_enable_fsdp_float8_all_gather": (_truthy, ""),
     "xformers_attention": (_truthy, "use sdp_attention or flash_attention"),
     "sage_attention": (_truthy, "use sdp_attention or flash_attention"),

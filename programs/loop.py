@@ -159,7 +159,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     out = Path(config.output_dir)
     accumulation = config.gradient_accumulation_steps or 1
     state = run.state
-    train_step, eval_step = wrap_steps(config, run.train_step, run.eval_step, state)
+    train_step, eval_step, state = wrap_steps(config, run.train_step, run.eval_step, state)
     if resume_from is not None:
         state, _ = ckpt.load_checkpoint(resume_from, state)
         print(f"resumed from {resume_from} at step {state.step}", flush=True)
@@ -261,13 +261,17 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
 
 
 def wrap_steps(config, train_step, eval_step, state):
-    """The steps as the config runs them: under the precision plan's autocast, and the train step
-    compiled with a persistent cache when `torch_compile: true` (`auto` leaves it eager: on CPU a
-    cold compile costs minutes, more than the short runs it would speed up)."""
+    """The steps as the config runs them, and the state they start from: under the precision
+    plan's autocast (fp16 adds the dynamic loss scaler to the state), and the train step compiled
+    with a persistent cache when `torch_compile: true` (`auto` leaves it eager: on CPU a cold
+    compile costs minutes, more than the short runs it would speed up)."""
     from backends.precision import autocast_context, resolve_from_config
+    from pure.train import LossScaling
 
     device = next(iter(torch.utils._pytree.tree_leaves(state.trainable))).device
     plan = resolve_from_config(config, device)
+    if plan.loss_scaling and state.loss_scale is None:
+        state = state.replace(loss_scale=LossScaling().init())
     if config.torch_compile is True:
         from backends.compile import cache_dir_for, compile_step
 
@@ -277,7 +281,7 @@ def wrap_steps(config, train_step, eval_step, state):
         train_step = compile_step(train_step, cache_dir_for(keys, device), backend=config.torch_compile_backend
                                   or "inductor", mode=config.torch_compile_mode)
     if plan.autocast_dtype is None and not plan.tf32:
-        return train_step, eval_step
+        return train_step, eval_step, state
     print(f"precision: {plan.reason}", flush=True)
 
     def autocast_train_step(state, micro_batches):
@@ -290,7 +294,7 @@ def wrap_steps(config, train_step, eval_step, state):
 
     autocast_train_step.compile_seconds = getattr(train_step, "compile_seconds", None)
     autocast_train_step.cache_dir = getattr(train_step, "cache_dir", None)
-    return autocast_train_step, (autocast_eval_step if eval_step is not None else None)
+    return autocast_train_step, (autocast_eval_step if eval_step is not None else None), state
 
 
 def max_rss_mb() -> float:

@@ -103,14 +103,30 @@ def init_lora(
     return delta
 
 
+def lora_keep_mask(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
+    """The bool mask of the entries of x that LoRA dropout keeps (probability 1 - dropout, one mask
+    per module from its `key`, as each PEFT module has its own `nn.Dropout`), or None when there
+    is no dropout (rate 0, or no key: evaluation)."""
+    if config.dropout > 0.0 and key is not None:
+        return rng.bernoulli(key, 1.0 - config.dropout, x.shape, device=x.device)
+    return None
+
+
+def lora_dropout(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
+    """drop(x) = x * keep / (1 - dropout) (inverted dropout, PEFT's `lora_dropout`), or None
+    without dropout."""
+    keep = lora_keep_mask(x, config, key)
+    if keep is None:
+        return None
+    return x * torch.where(keep, 1.0 / (1.0 - config.dropout), 0.0).to(x.dtype)
+
+
 def lora_linear(x, weight, bias, entry, config: LoraConfig, key=None):
     """y = x W^T + b + s (drop(x) A^T) B^T; with DoRA (Liu et al. 2024) the base part is rescaled
     row-wise by m / ||W + s B A|| (norm detached, as in the paper and PEFT)."""
     base = F.linear(x, weight, bias)
-    dropped = x
-    if config.dropout > 0.0 and key is not None:
-        keep = rng.bernoulli(key, 1.0 - config.dropout, x.shape, device=x.device).to(x.dtype)
-        dropped = x * keep / (1.0 - config.dropout)
+    dropped = lora_dropout(x, config, key)
+    dropped = x if dropped is None else dropped
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
     low_rank = F.linear(F.linear(dropped, a), b) * config.scale
     if not config.use_dora:

@@ -33,13 +33,69 @@ class TrainState:
     opt_state: Any
     rng_key: torch.Tensor
     data_cursor: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+    loss_scale: dict | None = None  # `LossScaling.init()` for fp16 mixed precision, else None
+
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
 
 
-def init_train_state(trainable: dict, optimizer, key: torch.Tensor) -> TrainState:
-    return TrainState(step=0, trainable=trainable, opt_state=optimizer.init(trainable), rng_key=key)
+def init_train_state(trainable: dict, optimizer, key: torch.Tensor,
+                     loss_scaling: "LossScaling | None" = None) -> TrainState:
+    return TrainState(step=0, trainable=trainable, opt_state=optimizer.init(trainable), rng_key=key,
+                      loss_scale=loss_scaling.init() if loss_scaling is not None else None)
+
+
+@dataclass(frozen=True)
+class LossScaling:
+    """Dynamic loss scaling for fp16 mixed precision, with `torch.amp.GradScaler`'s rule and defaults.
+
+    The step multiplies the loss by `scale` before differentiating (so small fp16 activation
+    gradients do not flush to zero), divides the accumulated gradient by it, and then:
+    - all gradients finite: the update is applied; after `growth_interval` such steps in a row
+      the scale is multiplied by `growth_factor`;
+    - any inf/NaN: the update is skipped (params and optimizer state, including its bias-correction
+      count, stay as they were) and the scale is multiplied by `backoff_factor`.
+    A skipped step still consumes its data and counts as a step for the loop and the LR schedule,
+    as in PyTorch's AMP recipe (`scaler.step(opt); scaler.update(); scheduler.step()`).
+    The decision is made with `torch.where`, not a Python branch, so the step stays one graph
+    under `torch.compile`. The scaler's state is part of `TrainState`, so resume is bitwise."""
+
+    init_scale: float = 2.0 ** 16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+
+    def __post_init__(self):
+        if not (self.init_scale > 0 and self.growth_factor > 1 and 0 < self.backoff_factor < 1
+                and self.growth_interval >= 1):
+            raise ValueError(f"invalid loss scaling {self}: need init_scale > 0, growth_factor > 1, "
+                             "0 < backoff_factor < 1, growth_interval >= 1")
+
+    def init(self) -> dict:
+        return {"scale": torch.tensor(float(self.init_scale)), "good_steps": torch.tensor(0),
+                "skipped_steps": torch.tensor(0), "growth_factor": float(self.growth_factor),
+                "backoff_factor": float(self.backoff_factor), "growth_interval": int(self.growth_interval)}
+
+
+def all_finite(tree) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor leaf is finite."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    if not leaves:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t).all().to(torch.device("cpu")) for t in leaves]).all()
+
+
+def next_loss_scale(loss_scale: dict, finite: torch.Tensor) -> dict:
+    """The scaler state after a step whose unscaled gradients were (not) all finite."""
+    good = loss_scale["good_steps"] + 1
+    grow = good >= loss_scale["growth_interval"]
+    scale = loss_scale["scale"]
+    return {**loss_scale,
+            "scale": torch.where(finite, torch.where(grow, scale * loss_scale["growth_factor"], scale),
+                                 scale * loss_scale["backoff_factor"]),
+            "good_steps": torch.where(finite & ~grow, good, torch.zeros_like(good)),
+            "skipped_steps": loss_scale["skipped_steps"] + (~finite).to(torch.int64)}
 
 
 def neftune_embed(alpha: float, key: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,8 +197,11 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
     """
     from pure.optim import apply_updates, grad_norm_from_state
 
-    def micro_loss(trainable, batch, key):
-        return loss(bind(trainable), batch, key)
+    def micro_loss(trainable, batch, key, scale):
+        value, metrics = loss(bind(trainable), batch, key)
+        if scale is None:
+            return value, (value, metrics)
+        return value * scale.to(value.device), (value, metrics)  # fp16: differentiate the scaled loss
 
     grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
 
@@ -152,13 +211,17 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
         if batch_stats_fn is not None:
             with torch.no_grad():
                 counts = {**counts, **batch_stats_fn(bind(state.trainable), micro_batches)}
+        scaler = state.loss_scale
+        scale = scaler["scale"] if scaler is not None else None
         grads, total, aux = None, torch.zeros(()), {}
         for i, mb in enumerate(micro_batches):
-            (g, (value, metrics)) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i))
+            (g, (_, (value, metrics))) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i), scale)
             grads = g if grads is None else tree_map(torch.add, grads, g)
             total = total + value.detach()
             for name, v in metrics.items():
                 aux[name] = aux.get(name, 0) + v.detach()
+        if scaler is not None:
+            grads = tree_map(lambda g: g / scale.to(g.device), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
         # The clipping transform already measured the pre-clip norm; measure only when none did.
         grad_norm = grad_norm_from_state(opt_state)
@@ -166,7 +229,16 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
             grad_norm = global_norm(grads)
         trainable = apply_updates(state.trainable, updates)
         metrics = {"train/loss": total, "train/grad_norm": grad_norm, **aux}
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
+        if scaler is not None:
+            finite = all_finite(grads)
+            keep = lambda new, old: torch.where(finite.to(new.device), new, old) if isinstance(new, torch.Tensor) else new
+            trainable = tree_map(keep, trainable, state.trainable)
+            opt_state = tree_map(keep, opt_state, state.opt_state)
+            scaler = next_loss_scale(scaler, finite)
+            metrics["train/loss_scale"] = scale
+            metrics["train/skipped_step"] = (~finite).to(torch.float32)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key,
+                             loss_scale=scaler), metrics
 
     return train_step
 

@@ -194,6 +194,9 @@ def forward(
 
     positions: [B, T] rotary positions (default 0..T-1 after the cache). segment_ids: [B, T]
     document ids of packed rows (attention never crosses a boundary; padding is its own segment).
+    With an `attention_fn` that reads documents from the segment ids (`attention_fn.varlen`), the
+    padding (segment 0) is dropped before the first layer and the real tokens of all rows run as
+    one row; `hidden` comes back as [B, T, E] with zeros at the padding.
     lora / lora_config: the LoRA delta pytree and its hyper-parameters; `dropout_key` drives
     LoRA dropout (no dropout without a key). cache: a `KVCache` to extend (decoding).
     hidden_layers: HF-numbered hidden states to return. logits_at: None for every position,
@@ -209,18 +212,28 @@ def forward(
     x = F.embedding(tokens, params["model.embed_tokens.weight"])
     if embed_fn is not None:
         x = embed_fn(x)
+    real = None
+    varlen = segment_ids is not None and cache is None and getattr(attention_fn, "varlen", False)
+    if varlen and not bool((keep := segment_ids > 0).all()):
+        # Document-aware attention: drop the padding (segment 0) and run the real tokens of all rows
+        # as one row of documents (ids made unique across rows); scattered back after the last norm.
+        real = keep
+        offsets = torch.arange(B, device=tokens.device)[:, None] * (int(segment_ids.max()) + 1)
+        x, positions, segment_ids = x[real][None], positions[real][None], (segment_ids + offsets)[real][None]
     cos, sin = rope_tables(config, positions, x.dtype)
 
     need_mask = segment_ids is not None or cache is not None
     if config.sliding_window is not None and past + T > config.sliding_window:
         need_mask = True
-    if need_mask:
+    if varlen:  # the attention reads the documents from the segment ids; no [T, T] mask is built
+        seg, k_seg, mask = segment_ids, segment_ids, None
+    elif need_mask:
         seg = segment_ids if segment_ids is not None else torch.ones(B, T, dtype=torch.long, device=tokens.device)
         k_seg = torch.cat((cache.segment_ids, seg), dim=1) if cache is not None else seg
         mask = attention_mask(seg, k_seg, past, config.sliding_window)
     else:
         seg, k_seg, mask = None, None, None
-    causal = mask is None
+    causal = mask is None and not varlen
 
     layer_keys = rng.split(dropout_key, config.num_hidden_layers) if dropout_key is not None else None
     hidden_states, new_keys, new_values = {}, [], []
@@ -247,6 +260,9 @@ def forward(
     hidden = rms_norm_fn(x, params["model.norm.weight"], config.rms_norm_eps)
     if config.num_hidden_layers in hidden_layers:
         hidden_states[config.num_hidden_layers] = hidden
+    if real is not None:  # back to [B, T, E], zeros at the padding
+        hidden = _unflatten(hidden, real)
+        hidden_states = {i: _unflatten(h, real) for i, h in hidden_states.items()}
     new_cache = KVCache(tuple(new_keys), tuple(new_values), k_seg) if cache is not None else None
 
     logits = None
@@ -260,6 +276,11 @@ def forward(
             selected = hidden[logits_at]
         logits = F.linear(selected, lm_head_weight(params, config))
     return ModelOutput(logits, hidden, hidden_states, new_cache)
+
+
+def _unflatten(h: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[1, N, E] states of the real tokens back into [B, T, E] rows (zeros where `real` is False)."""
+    return h.new_zeros(*real.shape, h.shape[-1]).index_put((real,), h[0])
 
 
 def lm_head_weight(params, config: ModelConfig) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Attention dispatch. The flash-attn path itself runs only on CUDA (checked by `programs.bench --suite gpu`)."""
+import pytest
 import torch
 
-from kernels.attention import cu_seqlens_from_segments, select_attention
-from pure.models.llama import sdpa_attention
+from kernels.attention import cu_seqlens_from_segments, document_attention, document_runs, select_attention
+from pure import rng
+from pure.models.llama import attention_mask, sdpa_attention
 
 
 def test_cu_seqlens_split_rows_and_documents():
@@ -12,6 +14,80 @@ def test_cu_seqlens_split_rows_and_documents():
     assert longest == 4
 
 
-def test_cpu_uses_sdpa():
-    assert select_attention("cpu", torch.float32) is sdpa_attention
-    assert select_attention("cpu", torch.bfloat16) is sdpa_attention
+def test_cpu_attends_per_document_and_a_sliding_window_keeps_the_mask():
+    assert select_attention("cpu", torch.float32) is document_attention
+    assert select_attention("cpu", torch.bfloat16) is document_attention
+    assert select_attention("cpu", torch.float32, sliding_window=64) is sdpa_attention
+
+
+def test_document_runs_are_the_contiguous_segments_of_each_row():
+    assert document_runs(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])) == [[2, 3, 1], [6]]
+    assert document_runs(torch.tensor([[1, 2, 1, 0]])) is None  # id 1 comes back: only the mask is right
+
+
+SEGMENTS = {
+    "packed with padding": [[1] * 5 + [2] * 9 + [3] * 3 + [0] * 3, [1] * 12 + [2] * 8],
+    "one document per row": [[1] * 20, [1] * 20],
+    "padded rows": [[1] * 14 + [0] * 6, [1] * 7 + [0] * 13],
+    "single-token documents": [[1, 2, 3, 4] + [5] * 16, [1] * 19 + [2]],
+    "non-contiguous ids": [[1] * 5 + [2] * 5 + [1] * 10, [1] * 20],
+}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("name", list(SEGMENTS))
+def test_document_attention_matches_the_masked_reference_forward_and_backward(name, dtype, tol):
+    # fp32: the same sums in a different blocking (1e-5 relative); bf16: 8 mantissa bits (1e-2).
+    seg = torch.tensor(SEGMENTS[name])
+    B, H, K, T, D = 2, 6, 2, seg.shape[1], 16
+    q, k, v = (rng.normal(rng.key(i), shape).to(dtype).requires_grad_()
+               for i, shape in enumerate([(B, H, T, D), (B, K, T, D), (B, K, T, D)]))
+    mask = attention_mask(seg, seg, 0, None)
+    grad = rng.normal(rng.key(9), (B, H, T, D)).to(dtype)
+    outs = []
+    for fn in (sdpa_attention, document_attention):
+        out = fn(q, k, v, mask, False, seg)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for ref, got in zip(*outs):
+        scale = ref.float().abs().max()
+        assert ((got.float() - ref.float()).abs().max() / scale).item() < tol
+
+
+def test_document_attention_with_padding_mask_none_falls_back_to_the_segment_mask():
+    seg = torch.tensor([[1] * 5 + [2] * 5 + [1] * 6])  # id 1 comes back: runs are not the blocks
+    q, k, v = (rng.normal(rng.key(i), (1, 2, 16, 8)) for i in range(3))
+    expected = sdpa_attention(q, k, v, attention_mask(seg, seg, 0, None), False, seg)
+    assert torch.allclose(document_attention(q, k, v, None, True, seg), expected, atol=1e-6)
+
+
+def test_the_model_drops_padding_for_varlen_attention_with_the_same_result():
+    # fp32: the same per-token math on a [1, N] row instead of [B, T] rows (1e-5 relative).
+    from pure.lora import LoraConfig, init_lora
+    from pure.models import ModelConfig, forward, init
+
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    params = init(config, rng.key(0))
+    lora_config = LoraConfig(r=4, alpha=8, dropout=0.0)
+    lora = init_lora(params, lora_config, rng.key(1), target_linear=True)
+    lora = {p: dict(e, B=rng.normal(rng.fold_in(rng.key(2), i), e["B"].shape, std=0.1)) for i, (p, e) in enumerate(lora.items())}
+    seg = torch.tensor([[1] * 6 + [2] * 7 + [0] * 3, [1] * 11 + [0] * 5, [1] * 16])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(r, return_counts=True)[1].tolist()])
+                             for r in seg])
+    tokens = rng.randint(rng.key(3), 0, config.vocab_size, seg.shape)
+    real = seg > 0
+    results = []
+    for fn in (sdpa_attention, document_attention):
+        trainable = {p: {k: t.clone().requires_grad_() for k, t in e.items()} for p, e in lora.items()}
+        out = forward(params, tokens, config, positions=positions, segment_ids=seg, lora=trainable,
+                      lora_config=lora_config, attention_fn=fn, hidden_layers=(1,), logits_at=real)
+        loss = out.logits.logsumexp(-1).sum()
+        grads = torch.autograd.grad(loss, [t for e in trainable.values() for t in e.values()])
+        results.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert got.hidden.shape == ref.hidden.shape and torch.all(got.hidden[~real] == 0)
+    assert torch.allclose(got.hidden[real], ref.hidden[real], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.hidden_states[1][real], ref.hidden_states[1][real], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -160,7 +160,7 @@ def test_required_keys():
     ({"eval_steps": 10, "evals_per_epoch": 2}, "eval_steps and evals_per_epoch"),
     ({"save_steps": 10, "saves_per_epoch": 2}, "save_steps and saves_per_epoch"),
     ({"rl": "dpo", "sample_packing": True}, "needs sample_packing: false"),
-    ({"bf16": True, "fp16": True}, "not supported yet"),  # mixed precision is not built; the conflict check follows it
+    ({"bf16": True, "fp16": True}, "bf16 .* and fp16 cannot both be set"),
     ({"micro_batch_size": 3, "batch_size": 16}, "batch_size: expected a multiple of micro_batch_size"),
 ])
 def test_conflicting_keys(raw, pattern):

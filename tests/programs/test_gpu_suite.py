@@ -90,7 +90,7 @@ def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
                            timing_repeats=2, log=lines.append)
     assert json.loads(out.read_text())["suite"] == "gpu"
     assert report["kernels"]["all_passed"] and len(report["kernels"]["cases"]) == 6
-    assert report["attention"]["passed"] and report["attention"]["implementation"] == "sdpa_attention"
+    assert report["attention"]["passed"] and report["attention"]["implementation"] == "document_attention"
     timings = report["kernel_timings"]["timings"]
     assert set(timings["rms_norm[8x32]"]) == {"reference", "native", "function"} and "swiglu[8x48]" in timings
     bench = report["benchmark"]

@@ -1,6 +1,5 @@
 """The SFT program end to end on a tiny random model with the real SmolLM2 tokenizer:
 bitwise resume (also after SIGKILL), determinism, export, merge, guards."""
-import json
 import math
 import os
 import signal
@@ -166,3 +165,20 @@ def test_bf16_autocast_run_trains_with_fp32_master_weights(tmp_path, tiny_model)
 
 def trained_losses_records(result):
     return [r for r in result["records"] if "train/loss" in r]
+
+
+def test_fp16_run_scales_the_loss_and_resumes_bitwise_with_the_scaler_state(tmp_path, tiny_model):
+    straight = run(load_config(write_config(tmp_path, tiny_model, "fp16", fp16=True, max_steps=4, save_steps=2)))
+    records = trained_losses_records(straight)
+    assert straight["step"] == 4 and all(math.isfinite(r["train/loss"]) for r in records)
+    assert records[0]["train/loss_scale"] == 2.0 ** 16  # torch.amp.GradScaler's initial scale
+    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(straight["state"].trainable))
+    assert "loss_scale.scale" in final_state(tmp_path / "fp16")  # the scaler is checkpointed
+
+    first = run(load_config(write_config(tmp_path, tiny_model, "fp16_split", fp16=True, max_steps=4, save_steps=2)),
+                stop_after_step=2)
+    assert first["stopped"]
+    resumed = run(load_config(write_config(tmp_path, tiny_model, "fp16_split", fp16=True, max_steps=4,
+                                           save_steps=2, auto_resume_from_checkpoints=True)))
+    assert trained_losses(resumed) == trained_losses(straight)
+    assert_bitwise_equal(final_state(tmp_path / "fp16_split"), final_state(tmp_path / "fp16"))
