@@ -230,7 +230,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         if keep is None:
             out, xa = matmul(rows, weight.t(), scale, c=b.t(), p=a.t(), bias=bias)
         else:
-            xa = (rows * _as_float(keep, rows)) @ (a.t() * (1.0 / keep_prob))
+            xa = _as_float(keep, rows).mul_(rows) @ (a.t() * (1.0 / keep_prob))
             out, _ = matmul(rows, weight.t(), scale, c=b.t(), z=xa, bias=bias)
         return out.view(*x.shape[:-1], weight.shape[0]), xa
 
@@ -263,7 +263,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             if need_x:
                 dx, _ = matmul(dy, weight, scale)
                 dx.addcmul_(g @ a, kept)
-            d_a = g.t() @ (rows * kept) if need_a else None
+            d_a = g.t() @ kept.mul_(rows) if need_a else None  # kept becomes x * keep in place
         d_b = scale * (dy.t() @ xa) if need_b else None
         d_w = dy.t() @ rows if need_w else None
         d_bias = dy.sum(0) if need_bias else None

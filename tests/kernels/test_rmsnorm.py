@@ -93,3 +93,22 @@ def test_cuda_request_without_a_gpu_falls_back_to_the_reference():
 def test_measurement_times_every_formulation():
     timings = measure_cpu_formulations(rows=8, width=16, repeats=1)
     assert set(timings) == set(CPU_FORMULATIONS) and all(t > 0 for t in timings.values())
+
+
+@pytest.mark.parametrize("zeros", [0, 3])
+def test_output_saving_norm_matches_the_reference_also_with_zero_weights(zeros):
+    # y / w recovers n only where w != 0: a weight with zeros takes the input-saving Function.
+    from kernels.rmsnorm import rms_norm_from_output
+
+    g = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(6, 40, generator=g)).requires_grad_()
+    w = 1 + 0.5 * torch.randn(40, generator=g)
+    w[:zeros] = 0.0
+    w.requires_grad_()
+    upstream = torch.randn(6, 40, generator=g)
+    results = []
+    for fn in (rms_norm, rms_norm_from_output):
+        out = fn(x, w, 1e-6)
+        results.append((out, *torch.autograd.grad(out, (x, w), upstream)))
+    for name, a, e in zip(("y", "dx", "dw"), results[1], results[0]):
+        assert relative_error(a, e) <= TOLERANCE[torch.float32], (name, relative_error(a, e))
