@@ -68,3 +68,17 @@ def compare_formulations(
             synchronize(device)
             samples[name].extend(elapsed_seconds(run, device) for _ in range(repeats))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def select_elementwise(device, dtype, triton_version: Callable, cpu_formulations: dict[str, Callable],
+                       cpu_choice: dict, reference: Callable) -> Callable:
+    """The dispatch rule of the elementwise kernels (RMSNorm, SwiGLU): the Triton version on CUDA
+    with triton installed, the formulation `cpu_choice` names for the dtype on CPU (the reference
+    where none was chosen), the reference elsewhere."""
+    from kernels.triton_jit import triton_usable
+
+    if triton_usable(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return triton_version
+    if torch.device(device).type == "cpu":
+        return cpu_formulations[cpu_choice.get(dtype, "reference")]
+    return reference

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_jit import kernel_for, next_power_of_2, triton_usable
+from kernels.triton_jit import kernel_for, next_power_of_2
 from pure.models.llama import rms_norm
 
 try:  # the kernel bodies below resolve `tl` only when they are compiled
@@ -76,19 +76,13 @@ def rms_norm_function(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return _RMSNormFunction.apply(x, weight, eps)[0]
 
 
-class _RMSNormFromOutput(torch.autograd.Function):
+class _RMSNormFromOutput(_RMSNormFunction):
     """RMSNorm whose backward reads its output y = w n instead of its input x: n = y / w. In a
     transformer y is the next linear layers' input, which they keep for their own backward, so
     nothing new is kept alive, while the input (the residual stream after each block) is freed:
     one [tokens, hidden] tensor per norm, two per layer (283 MB for SmolLM2 at 2048 tokens).
     Needs a weight without zeros (checked: otherwise the input-saving Function runs); n comes
-    back within one rounding of the forward's (fp32: 1e-7 relative)."""
-
-    @staticmethod
-    def forward(x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * (x32 * rstd).to(x.dtype), rstd
+    back within one rounding of the forward's (fp32: 1e-7 relative). The forward is inherited."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -276,14 +270,12 @@ bfloat16 (earlier, noisy): reference 9.0 / 9.0   native 5.1 / 5.6   function 11.
 def select_rms_norm(device: torch.device | str, dtype: torch.dtype) -> RMSNormFn:
     """The fastest RMSNorm for `device` and `dtype`, with the reference's signature `(x, weight, eps)`.
 
-    CUDA with triton installed: the Triton kernels. Otherwise the torch formulation measured fastest
-    on CPU for that dtype (`CPU_CHOICE`), the reference where nothing was measured.
+    CUDA with triton installed: the Triton kernels. Otherwise the torch formulation chosen on CPU
+    for that dtype (`CPU_CHOICE`), the reference where nothing was chosen.
     """
-    if triton_usable(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return rms_norm_triton
-    if torch.device(device).type == "cpu":
-        return CPU_FORMULATIONS[CPU_CHOICE.get(dtype, "reference")]
-    return rms_norm
+    from kernels.measure import select_elementwise
+
+    return select_elementwise(device, dtype, rms_norm_triton, CPU_FORMULATIONS, CPU_CHOICE, rms_norm)
 
 
 def measure_cpu_formulations(dtype=torch.float32, rows: int = 2048, width: int = 576,

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_jit import kernel_for, triton_usable
+from kernels.triton_jit import kernel_for
 
 try:  # the kernel bodies below resolve `tl` only when they are compiled
     import triton.language as tl
@@ -186,13 +186,11 @@ def select_swiglu(device: torch.device | str, dtype: torch.dtype) -> SwiGLUFn:
     """The fastest SwiGLU for `device` and `dtype`, with the reference's signature `(gate, up)`.
 
     CUDA with triton installed: the Triton kernels. Otherwise the torch formulation chosen on CPU
-    for that dtype (`CPU_CHOICE`), the reference where nothing was measured.
+    for that dtype (`CPU_CHOICE`), the reference where nothing was chosen.
     """
-    if triton_usable(device) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return swiglu_triton
-    if torch.device(device).type == "cpu":
-        return CPU_FORMULATIONS[CPU_CHOICE.get(dtype, "reference")]
-    return swiglu_reference
+    from kernels.measure import select_elementwise
+
+    return select_elementwise(device, dtype, swiglu_triton, CPU_FORMULATIONS, CPU_CHOICE, swiglu_reference)
 
 
 def measure_cpu_formulations(dtype=torch.float32, tokens: int = 2048, width: int = 1536,

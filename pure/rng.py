@@ -2,8 +2,8 @@
 
 A key is an int64 tensor of shape [2] holding two unsigned 32-bit words. New keys are derived
 with the Threefry-2x32 block cipher (Salmon et al. 2011, "Parallel random numbers: as easy as
-1, 2, 3"; 20 rounds, the variant JAX uses), computed with int64 tensor math masked to 32 bits,
-so the derivation is a pure integer function: one key gives the same children on any machine
+1, 2, 3"; 20 rounds, the variant JAX uses), computed on Python ints masked to 32 bits, so the
+derivation is a pure integer function: one key gives the same children on any machine
 and any device. `key`, `split` and `fold_in` follow the classic (non-partitionable) JAX
 derivation of `PRNGKey`, `random.split` and `random.fold_in` (for `fold_in`, data < 2**32);
 the tests pin the Random123 known answers and JAX's `split(PRNGKey(0))`.
@@ -28,23 +28,32 @@ _PARITY = 0x1BD11BDA
 _GENERATOR_TWEAK = 0x70757265  # "pure"
 
 
-def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
-    return ((x << r) | (x >> (32 - r))) & _MASK32
+def _threefry_words(k0: int, k1: int, x0: int, x1: int) -> tuple[int, int]:
+    """Threefry-2x32 (20 rounds) of one counter pair under one key, on Python ints: a key
+    derivation is a few hundred integer operations, far cheaper than as many tiny tensor ops."""
+    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0 = (x0 + k0) & _MASK32
+    x1 = (x1 + k1) & _MASK32
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = (x0 + x1) & _MASK32
+            x1 = (((x1 << r) | (x1 >> (32 - r))) & _MASK32) ^ x0
+        x0 = (x0 + ks[(i + 1) % 3]) & _MASK32
+        x1 = (x1 + ks[(i + 2) % 3] + i + 1) & _MASK32
+    return x0, x1
+
+
+def _key_words(key: torch.Tensor) -> tuple[int, int]:
+    k0, k1 = _check(key).tolist()
+    return k0 & _MASK32, k1 & _MASK32
 
 
 def threefry_2x32(key: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Threefry-2x32 of the counter words `(x0, x1)` (int64 tensors of values < 2**32) under `key`."""
     k0, k1 = (int(w) & _MASK32 for w in key.tolist())
-    ks = (k0, k1, k0 ^ k1 ^ _PARITY)
-    x0 = (x0 + ks[0]) & _MASK32
-    x1 = (x1 + ks[1]) & _MASK32
-    for i in range(5):
-        for r in _ROTATIONS[i % 2]:
-            x0 = (x0 + x1) & _MASK32
-            x1 = _rotl(x1, r) ^ x0
-        x0 = (x0 + ks[(i + 1) % 3]) & _MASK32
-        x1 = (x1 + ks[(i + 2) % 3] + i + 1) & _MASK32
-    return x0, x1
+    pairs = [_threefry_words(k0, k1, a, b) for a, b in zip(x0.tolist(), x1.tolist())]
+    return (torch.tensor([p[0] for p in pairs], dtype=torch.int64),
+            torch.tensor([p[1] for p in pairs], dtype=torch.int64))
 
 
 def _check(key: torch.Tensor) -> torch.Tensor:
@@ -67,27 +76,24 @@ def key(seed: int) -> torch.Tensor:
 
 def split(key: torch.Tensor, n: int = 2) -> torch.Tensor:
     """`n` new independent keys as an [n, 2] tensor (take rows: `a, b = split(k)`)."""
-    key = _check(key)
+    k0, k1 = _key_words(key)
     if n < 1:
         raise ValueError(f"split: n must be >= 1, got {n}")
-    counts = torch.arange(2 * n, dtype=torch.int64)
-    y0, y1 = threefry_2x32(key, counts[:n], counts[n:])
-    return torch.cat([y0, y1]).reshape(n, 2)
+    pairs = [_threefry_words(k0, k1, i, n + i) for i in range(n)]
+    # JAX's layout: the n first words, then the n second words, read as n rows of two.
+    return torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs], dtype=torch.int64).reshape(n, 2)
 
 
 def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
     """A new key that mixes the integer `data` (a step, a rank, a row index) into `key`."""
-    key = _check(key)
     data = int(data) & _MASK64
-    y0, y1 = threefry_2x32(key, torch.tensor([data >> 32]), torch.tensor([data & _MASK32]))
-    return torch.cat([y0, y1])
+    return torch.tensor(_threefry_words(*_key_words(key), data >> 32, data & _MASK32), dtype=torch.int64)
 
 
 def seed_of(key: torch.Tensor) -> int:
     """A 64-bit integer derived from `key`, used to seed a torch generator."""
-    key = _check(key)
-    y0, y1 = threefry_2x32(key, torch.tensor([_GENERATOR_TWEAK]), torch.tensor([0]))
-    return (int(y0) << 32) | int(y1)
+    y0, y1 = _threefry_words(*_key_words(key), _GENERATOR_TWEAK, 0)
+    return (y0 << 32) | y1
 
 
 def generator(key: torch.Tensor, device: str | torch.device = "cpu") -> torch.Generator:
