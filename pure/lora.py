@@ -115,10 +115,9 @@ def lora_keep_mask(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None
 def lora_dropout(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
     """drop(x) = x * keep / (1 - dropout) (inverted dropout, PEFT's `lora_dropout`), or None
     without dropout."""
-    keep = lora_keep_mask(x, config, key)
-    if keep is None:
-        return None
-    return x * torch.where(keep, 1.0 / (1.0 - config.dropout), 0.0).to(x.dtype)
+    if config.dropout > 0.0 and key is not None:
+        return rng.dropout(key, x, config.dropout)  # the mask of `lora_keep_mask`
+    return None
 
 
 def lora_linear(x, weight, bias, entry, config: LoraConfig, key=None):

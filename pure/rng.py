@@ -50,7 +50,7 @@ def _key_words(key: torch.Tensor) -> tuple[int, int]:
 
 def threefry_2x32(key: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Threefry-2x32 of the counter words `(x0, x1)` (int64 tensors of values < 2**32) under `key`."""
-    k0, k1 = (int(w) & _MASK32 for w in key.tolist())
+    k0, k1 = _key_words(key)
     pairs = [_threefry_words(k0, k1, a, b) for a, b in zip(x0.tolist(), x1.tolist())]
     return (torch.tensor([p[0] for p in pairs], dtype=torch.int64),
             torch.tensor([p[1] for p in pairs], dtype=torch.int64))
@@ -139,6 +139,12 @@ def bernoulli(key: torch.Tensor, p: float, shape: int | Sequence[int],
         raise ValueError(f"bernoulli: p must be in [0, 1], got {p}")
     mask = uniform(key, shape) < p if p < 1.0 else torch.ones(_shape(shape), dtype=torch.bool)
     return mask.to(device)
+
+
+def dropout(key: torch.Tensor, x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Inverted dropout of x: the entries `bernoulli(key, 1 - rate, x.shape)` keeps, times 1 / (1 - rate)."""
+    keep = bernoulli(key, 1.0 - rate, x.shape, device=x.device)
+    return x * torch.where(keep, 1.0 / (1.0 - rate), 0.0).to(x.dtype)
 
 
 def randint(key: torch.Tensor, low: int, high: int, shape: int | Sequence[int],

@@ -20,7 +20,7 @@ from pure.losses.common import IGNORE_INDEX, next_token_targets
 from pure.lora import LoraConfig
 from pure.models.config import ModelConfig
 from pure.models.llama import ModelOutput, forward, lm_head_weight, sdpa_attention
-from pure.tree import global_norm, tree_map
+from pure.tree import global_norm, tree_leaves, tree_map
 
 
 @dataclass
@@ -83,7 +83,9 @@ def all_finite(tree) -> torch.Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
     if not leaves:
         return torch.tensor(True)
-    return torch.stack([torch.isfinite(t).all().to(torch.device("cpu")) for t in leaves]).all()
+    # Reduced on the leaves' device, one transfer at the end (not one host sync per leaf).
+    device = leaves[0].device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in leaves]).all().cpu()
 
 
 def next_loss_scale(loss_scale: dict, finite: torch.Tensor) -> dict:
@@ -201,7 +203,7 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
         value, metrics = loss(bind(trainable), batch, key)
         if scale is None:
             return value, (value, metrics)
-        return value * scale.to(value.device), (value, metrics)  # fp16: differentiate the scaled loss
+        return value * scale, (value, metrics)  # fp16: differentiate the scaled loss
 
     grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
 
@@ -212,7 +214,8 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
             with torch.no_grad():
                 counts = {**counts, **batch_stats_fn(bind(state.trainable), micro_batches)}
         scaler = state.loss_scale
-        scale = scaler["scale"] if scaler is not None else None
+        # The scale on the trainable params' device, moved once per step.
+        scale = scaler["scale"].to(tree_leaves(state.trainable)[0].device) if scaler is not None else None
         grads, total, aux = None, torch.zeros(()), {}
         for i, mb in enumerate(micro_batches):
             (g, (_, (value, metrics))) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i), scale)
@@ -221,7 +224,7 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
             for name, v in metrics.items():
                 aux[name] = aux.get(name, 0) + v.detach()
         if scaler is not None:
-            grads = tree_map(lambda g: g / scale.to(g.device), grads)
+            grads = tree_map(lambda g: g / scale, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
         # The clipping transform already measured the pre-clip norm; measure only when none did.
         grad_norm = grad_norm_from_state(opt_state)

@@ -76,6 +76,5 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"token_scores: dropout must be in [0, 1), got {dropout}")
     if dropout > 0.0 and key is not None:
-        keep = rng.bernoulli(key, 1.0 - dropout, hidden.shape, device=hidden.device)
-        hidden = hidden * torch.where(keep, 1.0 / (1.0 - dropout), 0.0).to(hidden.dtype)
+        hidden = rng.dropout(key, hidden, dropout)
     return F.linear(hidden, weight, bias)
