@@ -110,8 +110,19 @@ def _(key, shape, dtype, device, std, mean):
     return torch.empty(list(shape), dtype=dtype, device=device)
 
 
+@torch.library.custom_op("puretune::rng_dropout_mask", mutates_args=())
+def _rng_dropout_mask(key: torch.Tensor, rate: float, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    return _EAGER["dropout_mask"](key, rate, list(shape), device=device)
+
+
+@_rng_dropout_mask.register_fake
+def _(key, rate, shape, device):
+    return torch.empty(list(shape), dtype=torch.bool, device=device)
+
+
 # The eager functions, held before any substitution so the ops never call a polyfill.
-_EAGER = {"split": rng.split, "fold_in": rng.fold_in, "uniform": rng.uniform, "normal": rng.normal}
+_EAGER = {"split": rng.split, "fold_in": rng.fold_in, "uniform": rng.uniform, "normal": rng.normal,
+          "dropout_mask": rng.dropout_mask}
 
 
 def _as_shape(shape) -> list[int]:
@@ -145,6 +156,10 @@ def _register_polyfills() -> None:
     def normal(key, shape, dtype=torch.float32, device="cpu", std=1.0, mean=0.0):
         return torch.ops.puretune.rng_normal(key, _as_shape(shape), dtype, torch.device(device),
                                              float(std), float(mean))
+
+    @substitute_in_graph(rng.dropout_mask)
+    def dropout_mask(key, rate, shape, device="cpu"):
+        return torch.ops.puretune.rng_dropout_mask(key, float(rate), _as_shape(shape), torch.device(device))
 
     @substitute_in_graph(train.count_targets)
     def count_targets(micro_batches):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.triton_jit import kernel_for, next_power_of_2, triton_usable
+from pure import rng
 from pure.lora import LoraConfig, lora_dropout, lora_keep_mask, lora_linear
 
 try:  # the kernel bodies below resolve `tl` only when they are compiled
@@ -283,7 +284,8 @@ def _apply(x, weight, bias, entry, config: LoraConfig, key, use_triton: bool):
         return lora_linear(x, weight, bias, entry, config, key)
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
     keep = lora_keep_mask(x, config, key)
-    return _LoraLinearFunction.apply(x, weight, bias, a, b, config.scale, keep, 1.0 - config.dropout, use_triton)[0]
+    keep_prob = rng.keep_probability(config.dropout) if keep is not None else 1.0
+    return _LoraLinearFunction.apply(x, weight, bias, a, b, config.scale, keep, keep_prob, use_triton)[0]
 
 
 def lora_linear_triton(x, weight, bias, entry, config: LoraConfig, key=None):

@@ -104,17 +104,18 @@ def init_lora(
 
 
 def lora_keep_mask(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
-    """The bool mask of the entries of x that LoRA dropout keeps (probability 1 - dropout, one mask
+    """The bool mask of the entries of x that LoRA dropout keeps (probability
+    `rng.keep_probability(dropout)`, about 1 - dropout; one mask
     per module from its `key`, as each PEFT module has its own `nn.Dropout`), or None when there
     is no dropout (rate 0, or no key: evaluation)."""
     if config.dropout > 0.0 and key is not None:
-        return rng.bernoulli(key, 1.0 - config.dropout, x.shape, device=x.device)
+        return rng.dropout_mask(key, config.dropout, x.shape, device=x.device)
     return None
 
 
 def lora_dropout(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
-    """drop(x) = x * keep / (1 - dropout) (inverted dropout, PEFT's `lora_dropout`), or None
-    without dropout."""
+    """drop(x) = x * keep / q (inverted dropout, PEFT's `lora_dropout`; q = `rng.keep_probability`),
+    or None without dropout."""
     if config.dropout > 0.0 and key is not None:
         return rng.dropout(key, x, config.dropout)  # the mask of `lora_keep_mask`
     return None

@@ -150,3 +150,32 @@ def test_keys_can_be_split_and_sampled_inside_torch_func_grad():
     grad = torch.func.grad(loss)(w, rng.key(0))
     k1, k2 = rng.split(rng.fold_in(rng.key(0), 3))
     assert torch.equal(grad, rng.bernoulli(k1, 0.5, (6,)) * rng.normal(k2, (6,)))
+
+
+def test_dropout_mask_rate_resolution_and_shape():
+    k = rng.key(13)
+    assert rng.keep_probability(0.05) == 62259 / 2**16  # 16 bits: within 0.1% of both 0.95 and 0.05
+    assert rng.keep_probability(0.5) == 0.5
+    q = rng.keep_probability(0.001)  # 65.536 / 2**16 is 0.8% off the rate: 32 bits instead
+    assert abs(q - 0.999) < 2**-32 and q != 1.0 - 65 / 2**16
+    for rate in (0.05, 0.3, 0.001):
+        mask = rng.dropout_mask(k, rate, (400, 501))  # 200400 entries: not a multiple of 4
+        assert mask.shape == (400, 501) and mask.dtype == torch.bool
+        sd = (rate * (1 - rate) / mask.numel()) ** 0.5
+        assert abs((1 - mask.float().mean().item()) - rate) < 5 * sd
+    assert torch.equal(rng.dropout_mask(k, 0.3, (7,)), rng.dropout_mask(k, 0.3, (7,)))
+    assert not torch.equal(rng.dropout_mask(k, 0.3, (64,)), rng.dropout_mask(rng.key(14), 0.3, (64,)))
+    for rate in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="dropout rate"):
+            rng.dropout_mask(k, rate, (3,))
+
+
+def test_dropout_scales_kept_entries_by_the_keep_probability_used():
+    x = torch.randn(300, 70, dtype=torch.float64)
+    y = rng.dropout(rng.key(2), x, 0.05)
+    keep = rng.dropout_mask(rng.key(2), 0.05, x.shape)
+    # float64: x * (1/q) and x / q differ by one rounding
+    torch.testing.assert_close(y, x * keep / rng.keep_probability(0.05), rtol=1e-14, atol=0)
+    # unbiased: E[y] = x, so the mean of y / x over many entries is 1 within sampling error
+    ratio = (y / x).mean().item()
+    assert abs(ratio - 1.0) < 5 * (0.05 / 0.95 / x.numel()) ** 0.5
