@@ -36,16 +36,18 @@ def values_and_grads(fn, hidden, weight, targets, upstream, train_head):
     return out, hidden.grad, weight.grad
 
 
-def chunked(chunk):
-    return lambda h, w, t: chunked_token_logprobs(h, w, t, chunk_size=chunk)
+def chunked(chunk, vocab_chunk=None):
+    return lambda h, w, t: chunked_token_logprobs(h, w, t, chunk_size=chunk, vocab_chunk=vocab_chunk)
 
 
 @pytest.mark.parametrize("train_head", [False, True])
 @pytest.mark.parametrize("n,d,v,chunk", SHAPES)
-def test_values_and_grads_equal_reference(n, d, v, chunk, train_head):
+# vocabulary tiles: the whole vocabulary, a tile not dividing it, one row of W per tile
+@pytest.mark.parametrize("vocab_chunk", [None, 7, 1])
+def test_values_and_grads_equal_reference(n, d, v, chunk, vocab_chunk, train_head):
     args = inputs(n, d, v, seed=n + v)
     want, want_dh, want_dw = values_and_grads(reference_token_logprobs, *args, train_head)
-    got, got_dh, got_dw = values_and_grads(chunked(chunk), *args, train_head)
+    got, got_dh, got_dw = values_and_grads(chunked(chunk, vocab_chunk), *args, train_head)
     # fp32, same math in another order (chunked log-sum-exp, J = W[y] - softmax W): 1e-5 relative.
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.logprobs, want.logprobs, **tol)
@@ -156,6 +158,21 @@ def test_forward_saves_no_token_by_vocab_tensor(train_head):
     assert saved and max(saved) <= max(n * d, v * d)
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 3])
+def test_tied_maximum_counts_only_its_first_index_as_argmax(vocab_chunk):
+    # rows 2 and 9 of W are equal, so every token's logits tie there; with a large enough component
+    # along them that tie is the maximum, and torch's argmax (the first index, 2) is the rule
+    weight = torch.randn(12, 4) * 0.1
+    weight[9] = weight[2] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    hidden = torch.tensor([[5.0, 0.0, 0.0, 0.0]] * 3)
+    targets = torch.tensor([2, 9, 4])
+    got = chunked_token_logprobs(hidden, weight, targets, chunk_size=2, vocab_chunk=vocab_chunk)
+    assert got.target_is_argmax.tolist() == [True, False, False]
+    want = reference_token_logprobs(hidden, weight, targets)
+    assert torch.equal(got.target_is_argmax, want.target_is_argmax)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)  # fp32 parity
+
+
 def test_out_of_range_targets_and_bad_shapes_are_refused():
     hidden, weight, targets, _ = inputs(4, 8, 23)
     with pytest.raises(ValueError, match=r"targets must be in \[0, 23\)"):
@@ -166,6 +183,8 @@ def test_out_of_range_targets_and_bad_shapes_are_refused():
         chunked_token_logprobs(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_logprobs(hidden, weight, targets, chunk_size=0)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        chunked_token_logprobs(hidden, weight, targets, vocab_chunk=0)
 
 
 def test_cpu_dispatcher_matches_reference():
