@@ -9,7 +9,9 @@ error) rather than ending the run:
 
   environment  versions, device name, triton / flash-attn / peft availability
   kernels      every dispatched kernel, and every Triton kernel (RMSNorm, SwiGLU, LoRA linear with
-               and without bias and dropout), forward and backward vs its plain-torch reference on
+               and without bias and dropout, the fused linear + cross-entropy head frozen and
+               trained, whole-vocabulary and vocabulary-tiled), forward and backward vs its
+               plain-torch reference on
                random inputs at several shapes, float32 (relative error <= 1e-5) and bfloat16
                (<= 1e-2)
   kernel_timings  forward+backward time of every formulation of each kernel (the torch ones and
@@ -53,12 +55,15 @@ from typing import Callable
 import torch
 
 from kernels.attention import flash_attn_available, select_attention
+from kernels.linear_ce import chunked_token_logprobs, select_token_logprob_fn
 from kernels.lora_linear import lora_linear_triton, select_lora_linear
 from kernels.measure import compare_formulations, elapsed_seconds, synchronize
 from kernels.rmsnorm import rms_norm_triton, select_rms_norm
 from kernels.swiglu import select_swiglu, swiglu_reference, swiglu_triton
 from kernels.triton_jit import triton_usable
 from pure import rng
+from pure.linear_ce import reference_token_logprobs
+from pure.losses.common import IGNORE_INDEX
 from pure.lora import LoraConfig, init_lora, lora_linear
 from pure.models.config import ModelConfig
 from pure.models.llama import attention_mask, init, rms_norm, sdpa_attention
@@ -235,6 +240,33 @@ def _lora_case(tokens, in_features, out_features, r, dtype, device, bias=False, 
     return make
 
 
+def _linear_ce_case(tokens, hidden_size, vocab, dtype, device, train_head):
+    def make():
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(tokens, hidden_size, generator=g).to(device, dtype).requires_grad_()
+        w = (hidden_size ** -0.5 * torch.randn(vocab, hidden_size, generator=g)).to(device, dtype)
+        w.requires_grad_(train_head)
+        t = torch.randint(0, vocab, (tokens,), generator=g)
+        t[::7] = IGNORE_INDEX  # masked prompt tokens
+        t = t.to(device)
+        return ((h, w) if train_head else (h,)), lambda fn: fn(h, w, t).logprobs
+    return make
+
+
+def _token_logprob_implementations(device, dtype) -> list[Callable]:
+    """The dispatched head, and the vocabulary-tiled form (at least three tiles of at most 4096 rows),
+    so the online log-sum-exp is checked on every device whatever the dispatcher picks."""
+    dispatched = select_token_logprob_fn(device, dtype)
+
+    def token_logprobs_dispatched(h, w, t):
+        return dispatched(h, w, t)
+
+    def token_logprobs_vocab_tiled(h, w, t):
+        return chunked_token_logprobs(h, w, t, chunk_size=1024, vocab_chunk=min(4096, -(-w.shape[0] // 3)))
+
+    return [token_logprobs_dispatched, token_logprobs_vocab_tiled]
+
+
 def _implementations(dispatched: Callable, triton_version: Callable, device) -> list[Callable]:
     """The dispatched kernel, and the Triton one too where it runs compiled (if not the same)."""
     return [dispatched] + ([triton_version] if triton_usable(device) and triton_version is not dispatched else [])
@@ -258,6 +290,13 @@ def kernel_cases(device, dtype) -> list[tuple[str, Callable, Callable, Callable]
         name = f"lora_linear[{tokens}x{fan_in}->{fan_out} r={r}{variant}]"
         for fn in _implementations(select_lora_linear(device, dtype), lora_linear_triton, device):
             cases.append((name, fn, lora_linear, _lora_case(tokens, fan_in, fan_out, r, dtype, device, bias, dropout)))
+    # the 1B model's head (frozen, as in LoRA), SmolLM2's head trained (full fine-tuning), a tiny one
+    for tokens, hidden_size, vocab, train_head in ((1000, 2048, 128256, False), (300, 576, 49152, True),
+                                                   (37, 40, 61, True)):
+        name = f"linear_ce[{tokens}x{hidden_size} V={vocab}{' head trained' if train_head else ''}]"
+        for fn in _token_logprob_implementations(device, dtype):
+            cases.append((name, fn, reference_token_logprobs,
+                          _linear_ce_case(tokens, hidden_size, vocab, dtype, device, train_head)))
     return cases
 
 

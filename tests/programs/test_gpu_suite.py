@@ -64,6 +64,8 @@ def test_kernel_cases_cover_every_kernel_and_variant():
     names = [case[0] for case in kernel_cases("cpu", torch.float32)]
     assert any(n.startswith("rms_norm") for n in names) and any(n.startswith("swiglu") for n in names)
     assert any("bias" in n for n in names) and any("dropout" in n for n in names)
+    assert any(n.startswith("linear_ce") and "trained" in n for n in names)
+    assert any(n.startswith("linear_ce") and "trained" not in n for n in names)
     assert set(model_kernels("cpu", torch.bfloat16)) == {"rms_norm_fn", "swiglu_fn", "lora_linear_fn"}
 
 
@@ -89,7 +91,10 @@ def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
                            peak_size=64, kernel_cases_fn=tiny_cases, time_kernels_at=8,
                            timing_repeats=2, log=lines.append)
     assert json.loads(out.read_text())["suite"] == "gpu"
-    assert report["kernels"]["all_passed"] and len(report["kernels"]["cases"]) == 6
+    # rms_norm, swiglu, lora_linear and the head's two forms, in float32 and bfloat16
+    assert report["kernels"]["all_passed"] and len(report["kernels"]["cases"]) == 10
+    assert {"token_logprobs_dispatched", "token_logprobs_vocab_tiled"} <= {
+        case["implementation"] for case in report["kernels"]["cases"]}
     assert report["attention"]["passed"] and report["attention"]["implementation"] == "document_attention"
     timings = report["kernel_timings"]["timings"]
     assert set(timings["rms_norm[8x32]"]) == {"reference", "native", "function", "from_output"} and "swiglu[8x48]" in timings
