@@ -68,8 +68,8 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  dropout: float = 0.0, key: torch.Tensor | None = None) -> torch.Tensor:
     """scores = W dropout(h) + b over the last dim: hidden [..., E] -> [..., L].
 
-    Dropout (keep with probability 1 - p, kept values scaled by 1/(1 - p)) applies only when `key` is
-    given, as transformers' `nn.Dropout` applies only in training mode. Pass `hidden[mask]` to score
+    Dropout (`rng.dropout`: keep with probability about 1 - p, kept values scaled by its inverse)
+    applies only when `key` is given, as transformers' `nn.Dropout` applies only in training mode. Pass `hidden[mask]` to score
     just the labelled positions: dropout is independent per element, so this has the same law as
     scoring every position and selecting afterwards.
     """
