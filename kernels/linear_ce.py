@@ -43,6 +43,14 @@ def _vocab_tiles(vocab: int, vocab_chunk: int | None):
     return [(v0, min(v0 + step, vocab)) for v0 in range(0, vocab, step)]
 
 
+def _targets_in_tile(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(here [C] bool: the target is one of rows v0..v1-1 of W, column [C, 1]: its index in the tile,
+    clamped into the tile where it is not, so a gather or scatter there stays in bounds)."""
+    local = targets - v0
+    here = (local >= 0) & (local < v1 - v0)
+    return here, local.clamp(0, v1 - v0 - 1)[:, None]
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """(hidden [N, D], weight [V, D], targets [N], all in [0, V)) -> (logprobs [N] float32,
     saved, target_is_argmax [N] bool). `saved` is J [N, D] float32 when `grad_hidden_in_forward`
@@ -78,10 +86,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 tile_top, tile_argmax = logits.max(-1)
                 # the first maximum wins, as torch's max over the whole row: later tiles need a strictly larger one
                 argmax = torch.where(tile_top > top, tile_argmax + v0, argmax)
-                local = t - v0
-                here = (local >= 0) & (local < v1 - v0)
-                picked = logits.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-                target_logit = torch.where(here, picked, target_logit)
+                here, column = _targets_in_tile(t, v0, v1)
+                target_logit = torch.where(here, logits.gather(1, column).squeeze(1), target_logit)
                 new_top = torch.maximum(top, tile_top)
                 rescale = (top - new_top).exp_()
                 exp = logits.sub_(new_top[:, None]).exp_()  # in place: the tile's only [C, tile] buffer
@@ -139,9 +145,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 logits = (h @ w.T).float()
                 # dL/dz = g (onehot(y) - softmax(z)), built in place in the logits buffer.
                 grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
-                local = t - v0
-                here = (local >= 0) & (local < v1 - v0)
-                grad_logits.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], torch.where(here, g, 0.0)[:, None])
+                here, column = _targets_in_tile(t, v0, v1)
+                grad_logits.scatter_add_(1, column, torch.where(here, g, 0.0)[:, None])
                 grad_logits = grad_logits.to(weight.dtype)
                 if needs_hidden:
                     grad_hidden[rows] += (grad_logits @ w).float()

@@ -16,6 +16,7 @@ global RNG.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -173,9 +174,7 @@ def dropout_mask(key: torch.Tensor, rate: float, shape: int | Sequence[int],
     """
     bits, t = _keep_threshold(rate)
     shape = _shape(shape)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.empty(-(-n * bits // 64), dtype=torch.int64).random_(-2**63, None, generator=generator(key))
     # The signed view is uniform over [-2**(bits-1), 2**(bits-1)): exactly t values lie below this.
     slices = words.view(torch.int16 if bits == 16 else torch.int32)[:n]

@@ -80,7 +80,7 @@ class LossScaling:
 
 def all_finite(tree) -> torch.Tensor:
     """A 0-dim bool tensor: every element of every tensor leaf is finite."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    leaves = [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
     if not leaves:
         return torch.tensor(True)
     # Reduced on the leaves' device, one transfer at the end (not one host sync per leaf).

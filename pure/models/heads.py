@@ -69,9 +69,9 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """scores = W dropout(h) + b over the last dim: hidden [..., E] -> [..., L].
 
     Dropout (`rng.dropout`: keep with probability about 1 - p, kept values scaled by its inverse)
-    applies only when `key` is given, as transformers' `nn.Dropout` applies only in training mode. Pass `hidden[mask]` to score
-    just the labelled positions: dropout is independent per element, so this has the same law as
-    scoring every position and selecting afterwards.
+    applies only when `key` is given, as transformers' `nn.Dropout` applies only in training mode.
+    Pass `hidden[mask]` to score just the labelled positions: dropout is independent per element,
+    so this has the same law as scoring every position and selecting afterwards.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"token_scores: dropout must be in [0, 1), got {dropout}")
