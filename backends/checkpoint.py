@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import optree
 import torch
 from safetensors.torch import load_file, save_file
 
 from pure.train import TrainState
+from pure.tree import leaves_with_paths, replace_leaves
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_TENSORS = "state.safetensors"
@@ -31,10 +31,8 @@ class CheckpointError(ValueError):
 
 
 def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
     tensors, values = {}, {}
-    for path, leaf in zip(paths, leaves):
-        name = ".".join(str(p) for p in path)
+    for name, leaf in leaves_with_paths(tree, none_is_leaf=True):
         if isinstance(leaf, torch.Tensor):
             tensors[name] = leaf.detach().contiguous().cpu()
         else:
@@ -111,10 +109,9 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{path / STATE_TENSORS} cannot be read ({e}); the file is damaged") from e
     template = _state_tree(like)
-    paths, leaves, treedef = optree.tree_flatten_with_path(template, none_is_leaf=True)
+    named = leaves_with_paths(template, none_is_leaf=True)
     restored = []
-    for p, leaf in zip(paths, leaves):
-        name = ".".join(str(x) for x in p)
+    for name, leaf in named:
         if isinstance(leaf, torch.Tensor):
             if name not in tensors:
                 raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint is from a different run setup")
@@ -124,10 +121,10 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
             restored.append(t.to(device=leaf.device, dtype=leaf.dtype))
         else:
             restored.append(meta["values"].get(name, leaf))
-    unexpected = set(tensors) - {".".join(str(x) for x in p) for p in paths}
+    unexpected = set(tensors) - {name for name, _ in named}
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a different run setup")
-    tree = optree.tree_unflatten(treedef, restored)
+    tree = replace_leaves(template, restored, none_is_leaf=True)
     state = like.replace(step=meta["step"], trainable=tree["trainable"], opt_state=tree["opt_state"],
                          rng_key=tree["rng_key"], loss_scale=tree["loss_scale"], data_cursor=meta["data_cursor"])
     return state, meta.get("extra", {})

@@ -23,6 +23,7 @@ from backends import checkpoint as ckpt
 from backends.metrics import MetricsLogger
 from programs import common
 from pure.train import TrainState
+from pure.tree import tree_leaves
 
 
 class StopRequested:
@@ -193,7 +194,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         save_every = per_epoch_interval(None, 1, per_epoch, "save_strategy: epoch")
     log_every = config.logging_steps or 1
     stop = StopRequested()
-    n_params = sum(t.numel() for t in torch.utils._pytree.tree_leaves(state.trainable))
+    n_params = sum(t.numel() for t in tree_leaves(state.trainable))
     print(f"training {n_params:,} params for {total} steps ({per_epoch or 'streamed, unknown'} per epoch, "
           f"{run.num_examples[0] or 'streamed'} examples, {run.num_examples[1]} eval)", flush=True)
     has_eval = bool(run.eval_batches) and run.eval_step is not None
@@ -268,7 +269,7 @@ def wrap_steps(config, train_step, eval_step, state):
     from backends.precision import autocast_context, resolve_from_config
     from pure.train import LossScaling
 
-    device = next(iter(torch.utils._pytree.tree_leaves(state.trainable))).device
+    device = next(iter(tree_leaves(state.trainable))).device
     plan = resolve_from_config(config, device)
     if plan.loss_scaling and state.loss_scale is None:
         state = state.replace(loss_scale=LossScaling().init())

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from pure.schedules import Schedule
-from pure.tree import global_norm, leaves_with_paths, tree_leaves
+from pure.tree import global_norm, leaves_with_paths, replace_leaves, tree_leaves
 
 __all__ = [
     "GradientTransformation",
@@ -96,24 +96,6 @@ def _flatten(tree: PyTree, prefix: str = "") -> list[tuple[str, Tensor]]:
     if not prefix:
         return items
     return [(f"{prefix}.{path}" if path else prefix, leaf) for path, leaf in items]
-
-
-def _rebuild(like: PyTree, leaves: Iterable[Tensor]) -> PyTree:
-    """``like``'s structure with its leaves replaced, in ``leaves_with_paths`` order (dicts in
-    insertion order, lists and tuples by index, ``None`` an empty subtree), the inverse of
-    ``_flatten``. optree's own unflatten can't serve: it orders dict leaves by sorted key."""
-    it = iter(leaves)
-
-    def go(node):
-        if node is None:
-            return None
-        if isinstance(node, Mapping):
-            return {key: go(value) for key, value in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(go(value) for value in node)
-        return next(it)
-
-    return go(like)
 
 
 def _as_schedule(value) -> Schedule:
@@ -181,7 +163,7 @@ def state_from_flat(flat: Mapping[str, Tensor], like: PyTree, prefix: str = "") 
         value = flat[path]
         device = ref.device if ref.ndim == 0 and ref.device.type == "cpu" else value.device
         leaves.append(value.to(dtype=ref.dtype, device=device))
-    return _rebuild(like, leaves)
+    return replace_leaves(like, leaves)
 
 
 def grad_norm_from_state(state: PyTree) -> Tensor | None:
@@ -226,7 +208,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
         new = torch._foreach_add(p_leaves, u_leaves) if p_leaves else []
     else:
         new = [(p + u).to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
-    return _rebuild(params, new)
+    return replace_leaves(params, new)
 
 
 def clip_by_global_norm(max_norm: float | None) -> GradientTransformation:
@@ -246,7 +228,7 @@ def clip_by_global_norm(max_norm: float | None) -> GradientTransformation:
             return grads, {"grad_norm": norm}
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         clipped = [g * coef.to(dtype=g.dtype) for g in leaves]
-        return _rebuild(grads, clipped), {"grad_norm": norm}
+        return replace_leaves(grads, clipped), {"grad_norm": norm}
 
     return GradientTransformation(init, update)
 
@@ -295,7 +277,7 @@ def add_decayed_weights(
             )
             for i, d in zip(idx, decayed):
                 new[i] = d
-        return _rebuild(grads, new), state
+        return replace_leaves(grads, new), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -327,7 +309,7 @@ def scale_by_learning_rate(
             ref = [(path, p_flat.get(path, g)) for path, g in items]
             scales = _path_values(lr_scales, ref, 1.0)
             new = torch._foreach_mul(leaves, [lr * float(s) for s in scales])
-        return _rebuild(grads, new), state
+        return replace_leaves(grads, new), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -349,7 +331,7 @@ def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
         new_buf = torch._foreach_mul(buf, momentum)
         torch._foreach_add_(new_buf, g)
         out = torch._foreach_add(g, new_buf, alpha=momentum) if nesterov else new_buf
-        return _rebuild(grads, out), {"momentum": dict(zip([p for p, _ in items], new_buf))}
+        return replace_leaves(grads, out), {"momentum": dict(zip([p for p, _ in items], new_buf))}
 
     return GradientTransformation(init, update)
 
@@ -366,7 +348,7 @@ def ema(decay: float) -> GradientTransformation:
         g = [t for _, t in items]
         m = torch._foreach_mul([state["ema"][p] for p, _ in items], decay)
         torch._foreach_add_(m, g, alpha=1.0 - decay)
-        return _rebuild(grads, m), {"ema": dict(zip([p for p, _ in items], m))}
+        return replace_leaves(grads, m), {"ema": dict(zip([p for p, _ in items], m))}
 
     return GradientTransformation(init, update)
 
@@ -409,7 +391,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         torch._foreach_add_(denom, eps)
         out = torch._foreach_div(mu, denom)
         torch._foreach_div_(out, bias_correction1)
-        return _rebuild(grads, out), {"count": count, "mu": dict(zip(paths, mu)), "nu": dict(zip(paths, nu))}
+        return replace_leaves(grads, out), {"count": count, "mu": dict(zip(paths, mu)), "nu": dict(zip(paths, nu))}
 
     return GradientTransformation(init, update)
 
@@ -431,7 +413,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         mu = [state["mu"][p] for p in paths]
         direction = torch._foreach_sign(torch._foreach_lerp(mu, g, 1.0 - b1)) if g else []
         new_mu = torch._foreach_lerp(mu, g, 1.0 - b2) if g else []
-        return _rebuild(grads, direction), {"mu": dict(zip(paths, new_mu))}
+        return replace_leaves(grads, direction), {"mu": dict(zip(paths, new_mu))}
 
     return GradientTransformation(init, update)
 
@@ -494,7 +476,7 @@ def scale_by_adafactor(
                 u = vv.rsqrt() * g
             u = u / (_rms(u) / clip_threshold).clamp(min=1.0)
             out.append(u)
-        return _rebuild(grads, out), {"count": count, "row": row, "col": col, "v": v}
+        return replace_leaves(grads, out), {"count": count, "row": row, "col": col, "v": v}
 
     return GradientTransformation(init, update)
 
@@ -533,7 +515,7 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels: Pa
         for lab, t in transforms.items():
             out_parts[lab], new_state[lab] = t.update(g_parts[lab], state[lab], p_parts[lab], step)
         new = [out_parts[lab][path] for (path, _), lab in zip(items, labs)]
-        return _rebuild(grads, new), new_state
+        return replace_leaves(grads, new), new_state
 
     return GradientTransformation(init, update)
 
@@ -839,7 +821,7 @@ def adamw_8bit(
             out[path] = new_p - p
             q8[path] = s
         new_state = {"count": count, "qmap1": state["qmap1"], "qmap2": state["qmap2"], "q8": q8, "small": small_state}
-        return _rebuild(grads, [out[path] for path, _ in g_items]), new_state
+        return replace_leaves(grads, [out[path] for path, _ in g_items]), new_state
 
     return GradientTransformation(init, update)
 

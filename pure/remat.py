@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import optree
 import torch
+
+from pure.tree import replace_leaves, tree_leaves
 
 
 def _is_differentiable(leaf) -> bool:
@@ -39,14 +40,14 @@ def remat(fn: Callable) -> Callable:
     """`fn` with its intermediate activations recomputed in the backward pass instead of stored."""
 
     def wrapped(*args):
-        leaves, treedef = optree.tree_flatten(args, none_is_leaf=True)
+        leaves = tree_leaves(args, none_is_leaf=True)
         where = [i for i, leaf in enumerate(leaves) if _is_differentiable(leaf)]
 
         def rebuild(tensors):
             full = list(leaves)
             for i, t in zip(where, tensors):
                 full[i] = t
-            return fn(*optree.tree_unflatten(treedef, full))
+            return fn(*replace_leaves(args, full, none_is_leaf=True))
 
         return _Remat.apply(rebuild, *[leaves[i] for i in where])
 

@@ -10,6 +10,7 @@ from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, init
 from pure.optim import adamw
 from pure.train import init_train_state
+from pure.tree import tree_leaves
 
 CONFIG = ModelConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=1)
@@ -22,10 +23,8 @@ def fresh_state(seed=0):
 
 
 def assert_states_equal(a, b):
-    import optree
-
     assert a.step == b.step and a.data_cursor == b.data_cursor
-    la, lb = optree.tree_leaves((a.trainable, a.opt_state, a.rng_key)), optree.tree_leaves((b.trainable, b.opt_state, b.rng_key))
+    la, lb = tree_leaves((a.trainable, a.opt_state, a.rng_key)), tree_leaves((b.trainable, b.opt_state, b.rng_key))
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         assert (torch.equal(x, y) and x.dtype == y.dtype) if isinstance(x, torch.Tensor) else x == y

@@ -20,6 +20,7 @@ from pure.models.llama import init
 from pure.optim import build_optimizer
 from pure.schedules import build_schedule
 from pure.train import init_train_state, make_apply, make_train_step
+from pure.tree import tree_leaves
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -46,7 +47,7 @@ def batch(i: int, micro: int = 2):
 
 
 def leaves(state):
-    return torch.utils._pytree.tree_leaves((state.trainable, state.opt_state))
+    return tree_leaves((state.trainable, state.opt_state))
 
 
 def test_whole_step_is_one_graph_with_dropout_and_neftune_and_matches_eager_bitwise():

@@ -10,6 +10,7 @@ from pure.losses.common import IGNORE_INDEX, completion_logps
 from pure.models.config import ModelConfig
 from pure.models.llama import init
 from pure.train import make_apply
+from pure.tree import tree_leaves
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -230,7 +231,7 @@ def test_sft_loss_and_grads_are_the_same_with_the_kernel_injected(use_lora):
     # fp32 parity of the whole model's loss and gradients: 1e-5.
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     assert got_metrics["token_accuracy"] == want_metrics["token_accuracy"]
-    flat_want, flat_got = torch.utils._pytree.tree_leaves(want_grads), torch.utils._pytree.tree_leaves(got_grads)
+    flat_want, flat_got = tree_leaves(want_grads), tree_leaves(got_grads)
     assert len(flat_want) == len(flat_got) > 0
     for w, g in zip(flat_want, flat_got):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

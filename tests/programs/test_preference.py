@@ -9,6 +9,7 @@ import yaml
 
 from programs import preference, rm
 from programs.config import ConfigError, load_config
+from pure.tree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"
@@ -72,8 +73,8 @@ def test_dpo_resume_is_bitwise_identical(tmp_path, tiny_model):
     resumed = preference.run(load_config(write_config(tmp_path, tiny_model, "split", rpo_alpha=0.5,
                                                       auto_resume_from_checkpoints=True)))
     assert train_records(resumed) == train_records(straight)
-    for a, b in zip(torch.utils._pytree.tree_leaves(resumed["state"].trainable),
-                    torch.utils._pytree.tree_leaves(straight["state"].trainable)):
+    for a, b in zip(tree_leaves(resumed["state"].trainable),
+                    tree_leaves(straight["state"].trainable)):
         assert torch.equal(a, b)
 
 

@@ -15,6 +15,7 @@ import yaml
 from programs.config import ConfigError, load_config
 from programs.sft import run
 from pure import rng
+from pure.tree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"
@@ -160,7 +161,7 @@ def test_streaming_without_max_steps_is_a_clear_error(tmp_path, tiny_model):
 def test_bf16_autocast_run_trains_with_fp32_master_weights(tmp_path, tiny_model):
     result = run(load_config(write_config(tmp_path, tiny_model, "bf16", bf16=True, max_steps=2)))
     assert result["step"] == 2 and all(math.isfinite(r["train/loss"]) for r in trained_losses_records(result))
-    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(result["state"].trainable))
+    assert all(t.dtype == torch.float32 for t in tree_leaves(result["state"].trainable))
 
 
 def trained_losses_records(result):
@@ -172,7 +173,7 @@ def test_fp16_run_scales_the_loss_and_resumes_bitwise_with_the_scaler_state(tmp_
     records = trained_losses_records(straight)
     assert straight["step"] == 4 and all(math.isfinite(r["train/loss"]) for r in records)
     assert records[0]["train/loss_scale"] == 2.0 ** 16  # torch.amp.GradScaler's initial scale
-    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(straight["state"].trainable))
+    assert all(t.dtype == torch.float32 for t in tree_leaves(straight["state"].trainable))
     assert "loss_scale.scale" in final_state(tmp_path / "fp16")  # the scaler is checkpointed
 
     first = run(load_config(write_config(tmp_path, tiny_model, "fp16_split", fp16=True, max_steps=4, save_steps=2)),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pure import optim
+from pure import optim, tree
 from pure.optim import (
     ParamGroup,
     apply_updates,
@@ -334,7 +334,7 @@ def test_update_does_not_mutate_inputs(name):
     state = opt.init(params)
     for step in range(2):  # second step sees non-zero state
         grads = make_grads(params, step)
-        snapshot = [{n: t.clone() for n, t in tree.items()} for tree in (params, grads, state_to_flat(state))]
+        snapshot = [{n: t.clone() for n, t in named.items()} for named in (params, grads, state_to_flat(state))]
         updates, new_state = opt.update(grads, state, params, step)
         new_params = apply_updates(params, updates)
         for before, after in zip(snapshot, (params, grads, state_to_flat(state))):
@@ -380,7 +380,7 @@ def test_nested_param_trees_match_flat_ones():
         node[leaf] = t
     opt = optim.adamw(1e-2, weight_decay=0.1, decay_mask=default_decay_mask)
     grads_flat = make_grads(flat, 0)
-    grads_nested = optim._rebuild(nested, [grads_flat[n] for n, _ in optim._flatten(nested)])
+    grads_nested = tree.replace_leaves(nested, [grads_flat[n] for n, _ in optim._flatten(nested)])
     u_nested, s_nested = opt.update(grads_nested, opt.init(nested), nested, 0)
     u_flat, s_flat = opt.update(grads_flat, opt.init(flat), flat, 0)
     new_nested = apply_updates(nested, u_nested)

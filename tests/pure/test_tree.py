@@ -1,3 +1,5 @@
+from collections import OrderedDict, defaultdict, namedtuple
+
 import pytest
 import torch
 
@@ -55,6 +57,48 @@ def test_tree_map_over_several_trees_keeps_structure():
     assert list(out) == list(a)
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"]["A"],
                        a["model.layers.0.self_attn.q_proj.weight"]["A"] + 2 * b["model.layers.0.self_attn.q_proj.weight"]["A"])
+
+
+def test_tree_map_keeps_container_types_and_dict_order():
+    Pair = namedtuple("Pair", "first second")
+    t = {"z": Pair(1, [2, (3,)]), "a": OrderedDict(b=4), "d": defaultdict(list, c=5), "n": None}
+    out = tree.tree_map(lambda x: x * 10, t)
+    assert list(out) == ["z", "a", "d", "n"]  # insertion order, not sorted
+    assert out["z"] == Pair(10, [20, (30,)]) and type(out["z"]) is Pair
+    assert type(out["a"]) is OrderedDict and out["a"] == {"b": 40}
+    assert type(out["d"]) is defaultdict and out["d"].default_factory is list and out["d"]["c"] == 50
+    assert out["n"] is None
+
+
+def test_tree_map_matches_dicts_by_key_and_passes_subtrees_under_a_prefix_leaf():
+    out = tree.tree_map(lambda x, y: (x, y), {"a": 1, "b": 2}, {"b": {"deep": 3}, "a": 4})
+    assert out == {"a": (1, 4), "b": (2, {"deep": 3})}
+
+
+@pytest.mark.parametrize("other, message", [
+    ({"a": 1, "c": 2}, "keys"),
+    ({"a": 1, "b": [1]}, "length 2 vs length 1"),
+    ({"a": 1, "b": 3}, "vs int"),
+])
+def test_tree_map_names_where_the_trees_differ(other, message):
+    with pytest.raises(ValueError, match=message) as err:
+        tree.tree_map(lambda x, y: x, {"a": 1, "b": [1, 2]}, other)
+    assert "'b'" in str(err.value) or "<root>" in str(err.value)
+
+
+def test_replace_leaves_inverts_tree_leaves_with_and_without_none_leaves():
+    Pair = namedtuple("Pair", "first second")
+    t = {"x": Pair(1, None), "y": [2, (3, None)], "z": None}
+    assert tree.tree_leaves(t) == [1, 2, 3]
+    assert tree.replace_leaves(t, [10, 20, 30]) == {"x": Pair(10, None), "y": [20, (30, None)], "z": None}
+    assert tree.tree_leaves(t, none_is_leaf=True) == [1, None, 2, 3, None, None]
+    assert [p for p, _ in tree.leaves_with_paths(t, none_is_leaf=True)] == ["x.0", "x.1", "y.0", "y.1.0", "y.1.1", "z"]
+    back = tree.replace_leaves(t, [1, "a", 2, 3, "b", "c"], none_is_leaf=True)
+    assert back == {"x": Pair(1, "a"), "y": [2, (3, "b")], "z": "c"}
+    with pytest.raises(ValueError, match="fewer leaves"):
+        tree.replace_leaves(t, [1, 2])
+    with pytest.raises(ValueError, match="more leaves"):
+        tree.replace_leaves(t, [1, 2, 3, 4])
 
 
 @pytest.mark.parametrize("select", [
