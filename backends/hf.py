@@ -70,7 +70,11 @@ def embedded_model_dir(short_name: str = "smollm2-135m-instruct") -> Path:
     """
     short_name = EMBEDDED_ALIASES.get(short_name, short_name)
     gguf = embedded_gguf_path(short_name)
-    target = cache_dir() / "models" / f"{short_name}-{gguf.stat().st_size}"
+    import transformers
+
+    # The folder depends on the file, on our converter and on transformers' GGUF reader.
+    target = (cache_dir() / "models" /
+              f"{short_name}-{gguf.stat().st_size}-c{_CONVERTER_VERSION}-transformers{transformers.__version__}")
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,12 +91,48 @@ def embedded_model_dir(short_name: str = "smollm2-135m-instruct") -> Path:
     return target
 
 
+# Bumped whenever `_convert_gguf` writes something different, so a folder converted by an older
+# version is converted again rather than trusted (2: special tokens taken from the GGUF file).
+_CONVERTER_VERSION = 2
+
+# The tokenizer attributes a GGUF file names by token id.
+_GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                        "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """`{"bos_token": id, "eos_token": id, ...}` as the GGUF file's metadata names them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    found = {}
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            found[name] = int(field.parts[field.data[0]][0])
+    return found
+
+
+def set_special_tokens(tokenizer, token_ids: dict[str, int]) -> None:
+    """Name `tokenizer`'s special tokens by id (`{"eos_token": 2, ...}`). transformers' GGUF reader
+    has got them wrong (5.17 reads SmolLM2's eos id 2 as id 1, `<|im_start|>`), which would train
+    a model to end its answers with the wrong token, so the file's own ids are applied."""
+    for name, token_id in token_ids.items():
+        if not 0 <= token_id < len(tokenizer):
+            raise ModelLoadError(f"the GGUF {name} id {token_id} is outside the vocabulary of {len(tokenizer)} tokens")
+        setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a GGUF file with transformers' reader and write an HF safetensors folder."""
+    """Dequantise a GGUF file with transformers' reader and write an HF safetensors folder, with the
+    file's own special tokens and no decode-time space clean-up (byte-level BPE keeps spaces as
+    written; the original SmolLM2 tokenizer config says the same)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    set_special_tokens(tokenizer, gguf_special_token_ids(gguf))
+    tokenizer.clean_up_tokenization_spaces = False
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
