@@ -59,6 +59,9 @@ from pure.losses.common import IGNORE_INDEX, next_token_targets
 # profile-guided dynamism is off so that a run traces exactly the graphs the previous run did
 # (with it on, the second run started from the first run's profile, traced a different first
 # graph and missed the cache).
+# The oldest torch whose Dynamo traces the whole step: 2.11 and 2.12 stop in `compute_unbacked_bindings`
+# ("Expected FakeTensor") at the boolean selection of trained tokens inside `torch.func.grad`.
+MIN_TORCH = "2.13"
 DYNAMO_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True,
                    "automatic_dynamic_local_pgo": False}
 # The step counter is symbolic from the first call (no static step-0 graph to throw away).
@@ -211,6 +214,11 @@ class CompiledStep:
         if backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise ValueError(f"torch_compile_backend: unknown backend {backend!r}; "
                              f"available: {', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+        if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
+            raise ValueError(
+                f"torch_compile: true needs torch >= {MIN_TORCH}, this is {torch.__version__}: older Dynamo fails "
+                "on the trained-token selection (a data-dependent shape) under torch.func.grad; set "
+                "torch_compile: false or install a newer torch")
         _register_polyfills()
         self.train_step = train_step
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None

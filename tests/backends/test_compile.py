@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.compile import cache_dir_for, compile_step
+from backends.compile import MIN_TORCH, cache_dir_for, compile_step
 from pure import rng
 from pure.lora import LoraConfig, init_lora
 from pure.losses import sft
@@ -24,6 +24,9 @@ from pure.tree import tree_leaves
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
+
+compilable = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH,
+                                reason=f"torch_compile needs torch >= {MIN_TORCH} (refused below, see the test of that)")
 
 
 def make_step(dropout: float, neftune: float | None, schedule: str):
@@ -50,6 +53,7 @@ def leaves(state):
     return tree_leaves((state.trainable, state.opt_state))
 
 
+@compilable
 def test_whole_step_is_one_graph_with_dropout_and_neftune_and_matches_eager_bitwise():
     # backend="eager" runs Dynamo only: fullgraph=True fails on any graph break (a break inside
     # grad_and_value would send the whole gradient back to eager), and with no Inductor
@@ -75,12 +79,20 @@ def test_cache_dir_is_a_function_of_graph_keys_and_torch_version(tmp_path):
     assert a.parent == tmp_path
 
 
+def test_a_torch_too_old_to_trace_the_step_is_refused_with_the_config_key(monkeypatch):
+    step, _ = make_step(dropout=0.0, neftune=None, schedule="constant")
+    monkeypatch.setattr(torch, "__version__", "2.12.1+cu130")
+    with pytest.raises(ValueError, match=r"torch_compile: true needs torch >= 2.13, this is 2.12.1\+cu130"):
+        compile_step(step, None)
+
+
 def test_unknown_backend_names_the_config_key():
     step, _ = make_step(dropout=0.0, neftune=None, schedule="constant")
     with pytest.raises(ValueError, match="torch_compile_backend"):
         compile_step(step, None, backend="no-such-backend")
 
 
+@compilable
 def test_inductor_step_matches_eager_and_keeps_its_compiled_graphs_on_disk():
     step, state = make_step(dropout=0.0, neftune=None, schedule="constant")
     cache = cache_dir_for({"test": "test_compile.inductor", "layers": 1}, "cpu",
