@@ -16,8 +16,10 @@ error) rather than ending the run:
                (<= 1e-2)
   kernel_timings  forward+backward time of every formulation of each kernel (the torch ones and
                Triton) at the 1B model's shapes in bf16: the numbers a CUDA dispatch rests on
-  attention    `kernels.attention.select_attention` (flash-attn varlen when installed) vs
-               `pure.models.llama.sdpa_attention` with the segment mask, on packed rows, fwd + bwd
+  attention    every attention formulation for the device (masked SDPA, SDPA per document, torch's
+               varlen flash kernel, flash-attn varlen when installed) vs `sdpa_attention` with the
+               segment mask on packed rows, forward and backward (autograd and torch.func), and each
+               one's time at the benchmark's shapes; a dispatched one that fails is not benchmarked
   peak         the measured bf16 matmul peak (an 8192^3 matmul), and the datasheet peak if known
   benchmark    a Llama-3.2-1B-shaped random model in bf16, one packed row of 2048 tokens:
                our LoRA step (r=16, all linear layers), HF transformers + PEFT LoRA on the same
@@ -54,7 +56,7 @@ from typing import Callable
 
 import torch
 
-from kernels.attention import flash_attn_available, select_attention
+from kernels.attention import attention_candidates, flash_attn_available, select_attention
 from kernels.linear_ce import chunked_token_logprobs, select_token_logprob_fn
 from kernels.lora_linear import lora_linear_triton, select_lora_linear
 from kernels.measure import compare_formulations, elapsed_seconds, synchronize
@@ -361,36 +363,79 @@ def time_kernels(device, dtype=torch.bfloat16, tokens: int = 2048, config: Model
             "timings": timings}
 
 
-def check_attention(device, dtype=torch.bfloat16, document_lengths=((100, 60, 96), (200, 56)),
-                    heads: int = 8, kv_heads: int = 2, head_dim: int = 64) -> dict:
-    """The dispatched attention vs SDPA with the segment mask on packed rows (the last row is padded
-    with its own segment, as collate_packed pads), forward and gradients of q, k, v."""
-    fn = select_attention(device, dtype)
-    width = max(sum(row) for row in document_lengths) + 8
+def _packed_segments(document_lengths, pad: int) -> torch.Tensor:
+    """Segment ids [rows, width] of packed rows, each row padded with a segment of its own (as
+    collate_packed pads); `document_lengths` is one tuple of lengths per row."""
+    width = max(sum(row) for row in document_lengths) + pad
     segments = torch.zeros(len(document_lengths), width, dtype=torch.long)
     for row, lengths in enumerate(document_lengths):
         bounds = torch.tensor([0, *lengths]).cumsum(0)
         for doc in range(len(lengths)):
             segments[row, bounds[doc]:bounds[doc + 1]] = doc + 1
-        segments[row, bounds[-1]:] = len(lengths) + 1  # padding: a segment of its own
-    segments = segments.to(device)
+        segments[row, bounds[-1]:] = len(lengths) + 1
+    return segments
+
+
+def _attention_call(fn, segments):
+    """`fn` as the model calls it: no mask for the varlen formulations, the segment mask otherwise."""
+    mask = None if getattr(fn, "varlen", False) else attention_mask(segments, segments, 0, None)
+    return lambda q, k, v: fn(q, k, v, mask, False, segments)
+
+
+def check_attention(device, dtype=torch.bfloat16, document_lengths=((100, 60, 96), (200, 56)),
+                    heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+                    timing_documents=None, timing_heads=None, repeats: int = 10) -> dict:
+    """Every attention formulation for this device (`kernels.attention.attention_candidates`) vs SDPA
+    with the segment mask on packed rows: forward, and the q / k / v gradients by autograd and by
+    `torch.func.vjp` (the train step differentiates through torch.func). Then, where
+    `timing_documents` (one packed row) is given, each passing formulation's forward + backward
+    time at `timing_heads` = (heads, kv_heads, head_dim): the numbers the CUDA dispatch should rest on.
+    `passed` is the verdict on the dispatched one (`select_attention`), which the benchmark uses."""
+    candidates = attention_candidates(device, dtype)
+    chosen = select_attention(device, dtype)
+    segments = _packed_segments(document_lengths, pad=8).to(device)
     g = torch.Generator().manual_seed(0)
     B, T = segments.shape
     q = torch.randn(B, heads, T, head_dim, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(B, kv_heads, T, head_dim, generator=g).to(device, dtype).requires_grad_()
     v = torch.randn(B, kv_heads, T, head_dim, generator=g).to(device, dtype).requires_grad_()
-    mask = attention_mask(segments, segments, 0, None)
-    expected = sdpa_attention(q, k, v, mask, False, segments)
+    reference = _attention_call(sdpa_attention, segments)
+    expected = reference(q, k, v)
     upstream = torch.randn(expected.shape, generator=g).to(device, dtype)
     grads_expected = torch.autograd.grad(expected, (q, k, v), upstream)
-    actual = fn(q, k, v, mask, False, segments)
-    grads = torch.autograd.grad(actual, (q, k, v), upstream)
-    errors = {"forward": relative_error(actual, expected)}
-    errors.update({f"grad_{n}": relative_error(a, e) for n, a, e in zip("qkv", grads, grads_expected)})
-    worst = max(errors.values())
-    return {"implementation": fn.__name__, "flash_attn_installed": flash_attn_available(device),
-            "dtype": str(dtype).removeprefix("torch."), "errors": {k: float(f"{e:.3e}") for k, e in errors.items()},
-            "passed": bool(worst <= TOLERANCE[dtype])}
+    report: dict = {}
+    for name, fn in candidates.items():
+        record = report.setdefault(name, {})
+        try:
+            call = _attention_call(fn, segments)
+            actual = call(q, k, v)
+            errors = {"forward": relative_error(actual, expected)}
+            grads = torch.autograd.grad(actual, (q, k, v), upstream)
+            errors.update({f"grad_{n}": relative_error(a, e) for n, a, e in zip("qkv", grads, grads_expected)})
+            _, vjp = torch.func.vjp(call, q.detach(), k.detach(), v.detach())
+            errors.update({f"func_grad_{n}": relative_error(a, e)
+                           for n, a, e in zip("qkv", vjp(upstream), grads_expected)})
+            record["errors"] = {key: float(f"{e:.3e}") for key, e in errors.items()}
+            record["passed"] = bool(max(errors.values()) <= TOLERANCE[dtype])
+        except Exception as error:
+            record.update(passed=False, error=f"{type(error).__name__}: {error}",
+                          traceback=traceback.format_exc(limit=6).splitlines()[-12:])
+    if timing_documents is not None:
+        heads_t, kv_t, dim_t = timing_heads or (heads, kv_heads, head_dim)
+        row = _packed_segments((tuple(timing_documents),), pad=0).to(device)
+        shapes = [(1, heads_t, row.shape[1], dim_t), (1, kv_t, row.shape[1], dim_t), (1, kv_t, row.shape[1], dim_t)]
+        args = [torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for shape in shapes]
+        timed = {name: _attention_call(fn, row) for name, fn in candidates.items() if report[name]["passed"]}
+        seconds = compare_formulations(timed, args, grad_of=(0, 1, 2), repeats=repeats)
+        for name, value in seconds.items():
+            report[name]["fwd_bwd_ms"] = round(value * 1e3, 4)
+    return {"implementation": chosen.__name__, "flash_attn_installed": flash_attn_available(device),
+            "dtype": str(dtype).removeprefix("torch."), "candidates": report,
+            "passed": bool(report[_candidate_name(candidates, chosen)]["passed"])}
+
+
+def _candidate_name(candidates: dict, fn) -> str:
+    return next(name for name, candidate in candidates.items() if candidate is fn)
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -422,15 +467,16 @@ def _throughput(timing: dict, flops: float, flops_6n: float, tokens: int, peak: 
 
 
 def bench_ours(config: ModelConfig, params: dict, batch: dict, device: torch.device, *, lora_rank: int | None,
-               steps: int, warmup: int, dtype: torch.dtype) -> tuple[dict, dict, list[str]]:
+               steps: int, warmup: int, dtype: torch.dtype, attention_fn=None) -> tuple[dict, dict, list[str]]:
     """Our train step (LoRA over all linear layers, or full fine-tune when lora_rank is None):
-    (timing, trainable, names of the dispatched kernels the model took)."""
+    (timing, trainable, names of the dispatched kernels the model took). `attention_fn` defaults
+    to the dispatched one."""
     from pure.losses import sft
     from pure.optim import adamw
     from pure.train import init_train_state, make_apply, make_train_step
 
     kernel_kwargs = _accepted_kwargs(make_apply, model_kernels(device, dtype))
-    attention_fn = select_attention(device, dtype)
+    attention_fn = attention_fn or select_attention(device, dtype)
     if lora_rank is not None:
         lora_config = LoraConfig(r=lora_rank, alpha=2 * lora_rank)
         trainable = {"lora": init_lora(params, lora_config, rng.key(1), target_linear=True)}
@@ -500,8 +546,10 @@ def bench_hf(config: ModelConfig, params: dict, batch: dict, device: torch.devic
 
 def run_benchmark(device, *, config: ModelConfig = LLAMA_3_2_1B, document_lengths=DOCUMENT_LENGTHS,
                   lora_rank: int = 16, steps: int = 6, warmup: int = 2, dtype=torch.bfloat16,
-                  peak_flops: float, budget: Budget | None = None, log: Callable = print) -> dict:
-    """LoRA and full fine-tune, ours and HF's, on one packed row; MFU against `peak_flops`."""
+                  peak_flops: float, budget: Budget | None = None, log: Callable = print,
+                  attention_fn=None) -> dict:
+    """LoRA and full fine-tune, ours and HF's, on one packed row; MFU against `peak_flops`.
+    `attention_fn`: ours takes the dispatched attention unless given another."""
     from backends.flops import attention_pairs, flop_counter
 
     device = torch.device(device)
@@ -529,7 +577,7 @@ def run_benchmark(device, *, config: ModelConfig = LLAMA_3_2_1B, document_length
             continue
         try:
             timing, trainable, used = bench_ours(config, params, batch, device, lora_rank=rank, steps=steps,
-                                                 warmup=warmup, dtype=dtype)
+                                                 warmup=warmup, dtype=dtype, attention_fn=attention_fn)
             counter = flop_counter(config, trainable)
             head_and_matmul = counter.frozen_matmul_params + counter.trained_matmul_params + counter.head_params
             if rank is not None:  # the 6N convention counts the base model, not the adapter
@@ -621,13 +669,22 @@ def run_gpu_suite(out_json: str | Path | None = None, *, device="cuda", budget_s
     _section(results, "kernel_timings", budget, 30, log,
              lambda: time_kernels(device, dtype, tokens=time_kernels_at, config=config, r=lora_rank,
                                   repeats=timing_repeats))
-    _section(results, "attention", budget, 10, log, lambda: check_attention(device, dtype))
+    _section(results, "attention", budget, 20, log, lambda: check_attention(
+        device, dtype, timing_documents=document_lengths, repeats=timing_repeats,
+        timing_heads=(config.num_attention_heads, config.num_key_value_heads, config.head_size)))
+    # A dispatched attention that failed its check (or did not run) does not get to time the model:
+    # the benchmark falls back to the masked reference and says so.
+    attention_fn = None if results["attention"].get("passed") else sdpa_attention
     _section(results, "peak", budget, 10, log, lambda: measure_matmul_peak(device, size=peak_size, dtype=dtype))
     peak = results["peak"].get("flops_per_s")
     if peak:
         _section(results, "benchmark", budget, 60, log, lambda: run_benchmark(
             device, config=config, document_lengths=document_lengths, lora_rank=lora_rank, steps=steps,
-            warmup=warmup, dtype=dtype, peak_flops=peak, budget=budget, log=log))
+            warmup=warmup, dtype=dtype, peak_flops=peak, budget=budget, log=log, attention_fn=attention_fn))
+        if attention_fn is not None and "error" not in results["benchmark"]:
+            results["benchmark"]["attention_fallback"] = (
+                f"{results['attention'].get('implementation', 'the dispatched attention')} did not pass its check (or was not "
+                "checked): ours ran with sdpa_attention (the masked reference)")
     else:
         results["benchmark"] = {"skipped": "no matmul peak was measured"}
     results["total_seconds"] = round(budget.seconds - budget.left(), 2)

@@ -2,22 +2,51 @@
 import pytest
 import torch
 
-from kernels.attention import cu_seqlens_from_segments, document_attention, document_runs, select_attention
+import torch.nn.attention.varlen
+
+from kernels import attention
+from kernels.attention import (
+    attention_candidates,
+    document_attention,
+    document_boundaries,
+    document_runs,
+    select_attention,
+    torch_varlen_attention,
+)
 from pure import rng
 from pure.models.llama import attention_mask, sdpa_attention
 
 
-def test_cu_seqlens_split_rows_and_documents():
+def test_document_boundaries_split_rows_and_runs_and_are_read_once_per_tensor(monkeypatch):
     segments = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
-    cu, longest = cu_seqlens_from_segments(segments)
-    assert cu.tolist() == [0, 2, 5, 6, 10, 12]
-    assert longest == 4
+    cu, longest = document_boundaries(segments)
+    assert cu.tolist() == [0, 2, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
+    reads = []
+    monkeypatch.setattr(attention, "document_runs", lambda ids: reads.append(ids) or [[6], [6]])
+    assert document_boundaries(segments)[0].tolist() == [0, 2, 5, 6, 10, 12] and not reads  # the same tensor
+    segments[0, 0] = 7  # changed in place: read again
+    assert document_boundaries(segments)[0].tolist() == [0, 6, 12] and len(reads) == 1
+    other = segments.clone()  # another tensor with the same values: read again
+    document_boundaries(other)
+    assert len(reads) == 2
+
+
+def test_document_boundaries_refuse_ids_that_come_back():
+    assert document_boundaries(torch.tensor([[1, 2, 1, 0]])) is None
 
 
 def test_cpu_attends_per_document_and_a_sliding_window_keeps_the_mask():
     assert select_attention("cpu", torch.float32) is document_attention
     assert select_attention("cpu", torch.bfloat16) is document_attention
     assert select_attention("cpu", torch.float32, sliding_window=64) is sdpa_attention
+    assert list(attention_candidates("cpu", torch.bfloat16)) == ["sdpa_masked", "document_attention"]
+
+
+def test_cuda_without_flash_attn_takes_torchs_varlen_kernel_in_half_precision(monkeypatch):
+    monkeypatch.setattr(attention, "flash_attn_available", lambda device: False)
+    assert select_attention("cuda", torch.bfloat16) is torch_varlen_attention
+    assert select_attention("cuda", torch.float32) is sdpa_attention  # the flash kernel has no fp32
+    assert "torch_varlen_attention" in attention_candidates("cuda", torch.float16)
 
 
 def test_document_runs_are_the_contiguous_segments_of_each_row():
@@ -91,3 +120,35 @@ def test_the_model_drops_padding_for_varlen_attention_with_the_same_result():
     assert torch.allclose(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), **kwargs):
+    """torch's varlen_attn as documented, in plain SDPA per document: [tokens, H, D] in and out,
+    query and key heads equal (torch 2.11 has no GQA argument), window (-1, 0) = causal."""
+    assert not kwargs and query.shape[1] == key.shape[1] == value.shape[1]
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
+    assert max(lengths) == max_q and sum(lengths) == query.shape[0]
+    pieces = [torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=window_size == (-1, 0)).transpose(0, 1)
+        for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("name", list(SEGMENTS))
+def test_torch_varlen_attention_lays_out_documents_and_heads_like_the_masked_reference(name, monkeypatch):
+    # The kernel itself is CUDA-only; this checks our side (token-major layout, GQA head order,
+    # boundaries across rows, causal window, fallback) with the documented semantics standing in.
+    # fp32, the same sums in another blocking: 1e-5 relative.
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", reference_varlen_attn)
+    seg = torch.tensor(SEGMENTS[name])
+    B, H, K, T, D = 2, 6, 2, seg.shape[1], 16
+    q, k, v = (rng.normal(rng.key(i), shape).requires_grad_()
+               for i, shape in enumerate([(B, H, T, D), (B, K, T, D), (B, K, T, D)]))
+    grad = rng.normal(rng.key(9), (B, H, T, D))
+    outs = []
+    for fn, mask in ((sdpa_attention, attention_mask(seg, seg, 0, None)), (torch_varlen_attention, None)):
+        out = fn(q, k, v, mask, False, seg)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for ref, got in zip(*outs):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -15,6 +15,7 @@ from programs.gpu_suite import (Budget, _section, datasheet_peak, hf_labels, ker
 from kernels.triton_jit import triton_installed
 from pure import rng
 from pure.models.config import ModelConfig
+from pure.models.llama import sdpa_attention
 
 TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
@@ -79,6 +80,25 @@ def test_kernel_checks_include_the_triton_kernels_where_triton_runs(monkeypatch)
     assert report["all_passed"], report["failed"]
 
 
+def test_a_failing_dispatched_attention_is_reported_and_not_benchmarked(monkeypatch):
+    def broken(q, k, v, mask, causal, segment_ids=None):
+        return sdpa_attention(q, k, v, mask, causal, segment_ids) * 1.5
+    broken.varlen = False
+    monkeypatch.setattr(gpu_suite, "select_attention", lambda device, dtype: broken)
+    monkeypatch.setattr(gpu_suite, "attention_candidates", lambda device, dtype: {"sdpa_masked": sdpa_attention,
+                                                                                 "broken": broken})
+    report = gpu_suite.check_attention("cpu", torch.float32, document_lengths=((6, 3), (5,)), heads=4, kv_heads=2,
+                                       head_dim=8)
+    assert report["implementation"] == "broken" and not report["passed"]
+    assert report["candidates"]["sdpa_masked"]["passed"] and not report["candidates"]["broken"]["passed"]
+    used = {}
+    monkeypatch.setattr(gpu_suite, "check_attention", lambda *args, **kwargs: report)
+    monkeypatch.setattr(gpu_suite, "run_benchmark", lambda *args, **kwargs: used.update(kwargs) or {})
+    suite = run_gpu_suite(device="cpu", config=TINY, document_lengths=(5, 7, 4), peak_size=64,
+                          kernel_cases_fn=tiny_cases, time_kernels_at=8, timing_repeats=1, log=lambda line: None)
+    assert used["attention_fn"] is sdpa_attention and "broken did not pass" in suite["benchmark"]["attention_fallback"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_suite_on_cuda_without_a_gpu_says_so():
     with pytest.raises(RuntimeError, match="no CUDA device"):
@@ -95,7 +115,12 @@ def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert report["kernels"]["all_passed"] and len(report["kernels"]["cases"]) == 10
     assert {"token_logprobs_dispatched", "token_logprobs_vocab_tiled"} <= {
         case["implementation"] for case in report["kernels"]["cases"]}
-    assert report["attention"]["passed"] and report["attention"]["implementation"] == "document_attention"
+    attention = report["attention"]
+    assert attention["passed"] and attention["implementation"] == "document_attention"
+    assert set(attention["candidates"]) == {"sdpa_masked", "document_attention"}
+    for record in attention["candidates"].values():  # checked through torch.func too, and timed
+        assert record["passed"] and "func_grad_q" in record["errors"] and record["fwd_bwd_ms"] > 0
+    assert "attention_fallback" not in report["benchmark"]
     timings = report["kernel_timings"]["timings"]
     assert set(timings["rms_norm[8x32]"]) == {"reference", "native", "function", "from_output"} and "swiglu[8x48]" in timings
     bench = report["benchmark"]
