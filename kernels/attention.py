@@ -39,9 +39,12 @@ def flash_varlen_attention(q, k, v, mask, causal, segment_ids=None):
 
 
 def torch_varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """torch's varlen flash attention runs here: CUDA, half precision, a torch that ships it."""
-    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and importlib.util.find_spec("torch.nn.attention.varlen") is not None)
+    """torch's varlen flash attention runs here: a CUDA GPU of compute capability 8.0 or newer (the
+    flash kernel's floor), half precision, a torch that ships it."""
+    device = torch.device(device)
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def torch_varlen_attention(q, k, v, mask, causal, segment_ids=None):

@@ -42,11 +42,15 @@ def test_cpu_attends_per_document_and_a_sliding_window_keeps_the_mask():
     assert list(attention_candidates("cpu", torch.bfloat16)) == ["sdpa_masked", "document_attention"]
 
 
-def test_cuda_without_flash_attn_takes_torchs_varlen_kernel_in_half_precision(monkeypatch):
+def test_cuda_without_flash_attn_takes_torchs_varlen_kernel_in_half_precision_from_ampere_on(monkeypatch):
     monkeypatch.setattr(attention, "flash_attn_available", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert select_attention("cuda", torch.bfloat16) is torch_varlen_attention
     assert select_attention("cuda", torch.float32) is sdpa_attention  # the flash kernel has no fp32
     assert "torch_varlen_attention" in attention_candidates("cuda", torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no flash kernel
+    assert select_attention("cuda", torch.float16) is sdpa_attention
 
 
 def test_document_runs_are_the_contiguous_segments_of_each_row():
