@@ -92,46 +92,55 @@ def embedded_model_dir(short_name: str = "smollm2-135m-instruct") -> Path:
 
 
 # Bumped whenever `_convert_gguf` writes something different, so a folder converted by an older
-# version is converted again rather than trusted (2: special tokens taken from the GGUF file).
-_CONVERTER_VERSION = 2
+# version is converted again rather than trusted (2: special tokens from the GGUF file; 3: and its
+# add-BOS / add-EOS flags).
+_CONVERTER_VERSION = 3
 
-# The tokenizer attributes a GGUF file names by token id.
-_GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
-                        "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+# The tokenizer settings a GGUF file states: special tokens by id, and whether BOS / EOS are added.
+_GGUF_TOKEN_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                   "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+_GGUF_FLAGS = {"add_bos_token": "tokenizer.ggml.add_bos_token", "add_eos_token": "tokenizer.ggml.add_eos_token"}
 
 
-def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
-    """`{"bos_token": id, "eos_token": id, ...}` as the GGUF file's metadata names them."""
+def gguf_tokenizer_settings(gguf: Path) -> dict:
+    """`{"bos_token": 1, "eos_token": 2, ..., "add_bos_token": False, ...}` as the GGUF file's
+    metadata states them (absent fields are left out)."""
     from gguf import GGUFReader
 
     fields = GGUFReader(str(gguf)).fields
-    found = {}
-    for name, key in _GGUF_SPECIAL_TOKENS.items():
-        field = fields.get(key)
-        if field is not None and field.data:
-            found[name] = int(field.parts[field.data[0]][0])
+    found: dict = {}
+    for table, cast in ((_GGUF_TOKEN_IDS, int), (_GGUF_FLAGS, bool)):
+        for name, key in table.items():
+            field = fields.get(key)
+            if field is not None and field.data:
+                found[name] = cast(field.parts[field.data[0]][0])
     return found
 
 
-def set_special_tokens(tokenizer, token_ids: dict[str, int]) -> None:
-    """Name `tokenizer`'s special tokens by id (`{"eos_token": 2, ...}`). transformers' GGUF reader
-    has got them wrong (5.17 reads SmolLM2's eos id 2 as id 1, `<|im_start|>`), which would train
-    a model to end its answers with the wrong token, so the file's own ids are applied."""
-    for name, token_id in token_ids.items():
-        if not 0 <= token_id < len(tokenizer):
-            raise ModelLoadError(f"the GGUF {name} id {token_id} is outside the vocabulary of {len(tokenizer)} tokens")
-        setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
+def apply_tokenizer_settings(tokenizer, settings: dict) -> None:
+    """Set `tokenizer`'s special tokens by id and its add-BOS / add-EOS flags (`gguf_tokenizer_settings`).
+    transformers' GGUF reader has got both wrong: 5.17 reads SmolLM2's eos id 2 as id 1
+    (`<|im_start|>`), which would train a model to end its answers with the wrong token; 4.57 makes
+    a tokenizer that prepends `<|im_start|>` to every text, which the file says not to do."""
+    for name, value in settings.items():
+        if name in _GGUF_FLAGS:
+            if hasattr(tokenizer, name):
+                setattr(tokenizer, name, value)
+            continue
+        if not 0 <= value < len(tokenizer):
+            raise ModelLoadError(f"the GGUF {name} id {value} is outside the vocabulary of {len(tokenizer)} tokens")
+        setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(value))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF file with transformers' reader and write an HF safetensors folder, with the
-    file's own special tokens and no decode-time space clean-up (byte-level BPE keeps spaces as
+    file's own special tokens and add-BOS / add-EOS flags and no decode-time space clean-up (byte-level BPE keeps spaces as
     written; the original SmolLM2 tokenizer config says the same)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    set_special_tokens(tokenizer, gguf_special_token_ids(gguf))
+    apply_tokenizer_settings(tokenizer, gguf_tokenizer_settings(gguf))
     tokenizer.clean_up_tokenization_spaces = False
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     hf_config = model.config.to_dict()

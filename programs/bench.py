@@ -244,7 +244,7 @@ def _hf_training_arguments(config, total: int, output_dir: str, device: torch.de
         lr_scheduler_type=config.lr_scheduler or "cosine", weight_decay=config.weight_decay or 0.0,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
         seed=common.seed_of(config), data_seed=common.seed_of(config),
-        train_sampling_strategy="sequential", dataloader_drop_last=True, dataloader_num_workers=0,
+        dataloader_drop_last=True, dataloader_num_workers=0,
         remove_unused_columns=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
     )
@@ -333,6 +333,11 @@ def measure_hf(config, variant: str, steps: int, warmup: int, device: str = "cpu
     recorder = StepRecorder()
 
     class CountingTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            # Our batches in our order (transformers 5 has train_sampling_strategy="sequential" for
+            # this; 4.x has no such argument, and this works in both).
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             inputs = dict(inputs)
             recorder.pending.append(inputs.pop("bench_counts"))

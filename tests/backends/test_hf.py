@@ -315,21 +315,25 @@ def test_embedded_model_loads_with_tied_embeddings_and_a_chat_template():
     assert "Hello" in text
 
 
-def test_embedded_tokenizer_has_the_gguf_files_special_tokens():
-    ids = hf.gguf_special_token_ids(hf.embedded_gguf_path("smollm2-135m-instruct"))
-    assert ids == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+def test_embedded_tokenizer_has_the_gguf_files_special_tokens_and_flags():
+    settings = hf.gguf_tokenizer_settings(hf.embedded_gguf_path("smollm2-135m-instruct"))
+    assert settings == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2, "add_bos_token": False}
     tokenizer = hf.load_tokenizer("smollm2-135m-instruct")
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert tokenizer.eos_token_id == 2 and tokenizer.decode(tokenizer("a .")["input_ids"]) == "a ."
 
 
-def test_special_tokens_named_by_id_override_what_the_reader_got_wrong():
+def test_tokenizer_settings_override_what_the_reader_got_wrong():
     tokenizer = hf.load_tokenizer("smollm2-135m-instruct")
     tokenizer.eos_token = "<|im_start|>"  # what transformers 5.17's GGUF reader gives
-    hf.set_special_tokens(tokenizer, {"eos_token": 2, "pad_token": 2})
+    hf.apply_tokenizer_settings(tokenizer, {"eos_token": 2, "pad_token": 2})
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    if hasattr(tokenizer, "add_bos_token"):  # transformers 4.57 adds <|im_start|> to every text
+        tokenizer.add_bos_token = True
+        hf.apply_tokenizer_settings(tokenizer, {"add_bos_token": False})
+        assert tokenizer("a .")["input_ids"][0] != tokenizer.bos_token_id
     with pytest.raises(ModelLoadError, match="eos_token id 999999 is outside the vocabulary"):
-        hf.set_special_tokens(tokenizer, {"eos_token": 999999})
+        hf.apply_tokenizer_settings(tokenizer, {"eos_token": 999999})
 
 
 def test_a_hub_id_in_the_local_cache_loads_without_network(saved_models, tmp_path, monkeypatch):

@@ -294,5 +294,6 @@ def test_lora_target_modules_by_name_and_regex():
 def test_our_kernels_package_is_not_taken_for_the_hub_kernels_package():
     from transformers.utils import import_utils
 
-    import_utils.is_kernels_available.cache_clear()
+    if hasattr(import_utils.is_kernels_available, "cache_clear"):  # cached from transformers 5
+        import_utils.is_kernels_available.cache_clear()
     assert not import_utils.is_kernels_available()
