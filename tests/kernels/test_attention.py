@@ -1,8 +1,8 @@
 """Attention dispatch. The flash-attn path itself runs only on CUDA (checked by `programs.bench --suite gpu`)."""
+import importlib.util
+
 import pytest
 import torch
-
-import torch.nn.attention.varlen
 
 from kernels import attention
 from kernels.attention import (
@@ -46,6 +46,9 @@ def test_cuda_without_flash_attn_takes_torchs_varlen_kernel_in_half_precision_fr
     monkeypatch.setattr(attention, "flash_attn_available", lambda device: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # an older torch (2.6 has none)
+        assert select_attention("cuda", torch.bfloat16) is sdpa_attention
+        return
     assert select_attention("cuda", torch.bfloat16) is torch_varlen_attention
     assert select_attention("cuda", torch.float32) is sdpa_attention  # the flash kernel has no fp32
     assert "torch_varlen_attention" in attention_candidates("cuda", torch.float16)
@@ -144,7 +147,8 @@ def test_torch_varlen_attention_lays_out_documents_and_heads_like_the_masked_ref
     # The kernel itself is CUDA-only; this checks our side (token-major layout, GQA head order,
     # boundaries across rows, causal window, fallback) with the documented semantics standing in.
     # fp32, the same sums in another blocking: 1e-5 relative.
-    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", reference_varlen_attn)
+    varlen = pytest.importorskip("torch.nn.attention.varlen", reason="this torch has no varlen attention")
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
     seg = torch.tensor(SEGMENTS[name])
     B, H, K, T, D = 2, 6, 2, seg.shape[1], 16
     q, k, v = (rng.normal(rng.key(i), shape).requires_grad_()
