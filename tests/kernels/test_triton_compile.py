@@ -41,11 +41,16 @@ def compile_for_hopper(fn, pointer_dtype, constants, floats=(), num_warps=4, num
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def test_rms_norm_and_swiglu_kernels_compile():
-    compile_for_hopper(rmsnorm._rms_norm_forward_kernel, "*bf16", {"BLOCK": 2048}, floats=("eps",))
-    compile_for_hopper(rmsnorm._rms_norm_backward_kernel, "*bf16", {"BLOCK": 2048})
-    compile_for_hopper(swiglu._swiglu_forward_kernel, "*bf16", {"BLOCK": 1024})
-    compile_for_hopper(swiglu._swiglu_backward_kernel, "*bf16", {"BLOCK": 1024})
+@pytest.mark.parametrize("pointer_dtype", ["*bf16", "*fp32"])
+def test_rms_norm_and_swiglu_kernels_compile(pointer_dtype):
+    for width in (576, 2048, 8192):  # SmolLM2, Llama-3.2-1B, 70B-sized rows
+        block = 1 << (width - 1).bit_length()
+        warps = rmsnorm._num_warps(block)
+        compile_for_hopper(rmsnorm._rms_norm_forward_kernel, pointer_dtype, {"BLOCK": block}, floats=("eps",),
+                           num_warps=warps)
+        compile_for_hopper(rmsnorm._rms_norm_backward_kernel, pointer_dtype, {"BLOCK": block}, num_warps=warps)
+    compile_for_hopper(swiglu._swiglu_forward_kernel, pointer_dtype, {"BLOCK": swiglu._BLOCK})
+    compile_for_hopper(swiglu._swiglu_backward_kernel, pointer_dtype, {"BLOCK": swiglu._BLOCK})
 
 
 @pytest.mark.parametrize("direction,unit_strides", [
@@ -63,3 +68,26 @@ def test_fused_lora_matmul_compiles_to_a_pipelined_tensor_core_loop(direction, u
     assert "warp_group_dot" in ttgir and "async_copy" in ttgir
     # 3 stages of a 128x64 x tile and a 64x128 w tile in bf16 (96 KiB) plus the low-rank tiles
     assert kernel.metadata.shared > 96 * 1024
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fused_lora_matmul_compiles_for_float32_with_the_fixed_tile(precision):
+    # float32 takes one fixed tile (no autotuning) and IEEE products unless TF32 is allowed
+    config = lora_linear._CUDA_FP32_CONFIG
+    constants = {name: 1 for name in ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")}
+    constants.update({k: v for k, v in config.items() if k.startswith("BLOCK")})
+    constants.update(LOW_RANK=1, HAS_BIAS=False, UPCAST=False, PRECISION=precision, BLOCK_R=16, GROUP_M=8)
+    kernel = compile_for_hopper(lora_linear._matmul_lowrank_kernel, "*fp32", constants, floats=("scale",),
+                                num_warps=config["num_warps"], num_stages=config["num_stages"])
+    assert kernel.metadata.shared <= 227 * 1024  # what one H100 / H200 block may use
+
+
+@pytest.mark.parametrize("config", lora_linear._CUDA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+def test_every_autotune_config_fits_in_hopper_shared_memory(config):
+    # a config over the limit would only ever be skipped by the autotuner at run time
+    constants = {name: 1 for name in ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")}
+    constants.update({k: v for k, v in config.items() if k.startswith("BLOCK")})
+    constants.update(LOW_RANK=1, HAS_BIAS=True, UPCAST=False, PRECISION="ieee", BLOCK_R=16, GROUP_M=8)
+    kernel = compile_for_hopper(lora_linear._matmul_lowrank_kernel, "*bf16", constants, floats=("scale",),
+                                num_warps=config["num_warps"], num_stages=config["num_stages"])
+    assert kernel.metadata.shared <= 227 * 1024
