@@ -89,8 +89,9 @@ def document_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int] |
     """(cu_seqlens [n_docs + 1] int32 on the ids' device, longest document) of the runs of
     `document_runs` with the rows laid end to end, or None when a row's ids are not contiguous runs
     (then only the mask is right)."""
+    version = None if segment_ids.is_inference() else segment_ids._version  # inference tensors have none
     cached = _BOUNDARIES["ids"]
-    if cached is not None and cached() is segment_ids and _BOUNDARIES["version"] == segment_ids._version:
+    if version is not None and cached is not None and cached() is segment_ids and _BOUNDARIES["version"] == version:
         return _BOUNDARIES["value"]
     runs = document_runs(segment_ids)
     if runs is None:
@@ -99,7 +100,8 @@ def document_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int] |
         lengths = [length for row in runs for length in row]
         cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
         value = (cu.to(segment_ids.device), max(lengths))
-    _BOUNDARIES.update(ids=weakref.ref(segment_ids), version=segment_ids._version, value=value)
+    if version is not None:
+        _BOUNDARIES.update(ids=weakref.ref(segment_ids), version=version, value=value)
     return value
 
 

@@ -35,6 +35,14 @@ def test_document_boundaries_refuse_ids_that_come_back():
     assert document_boundaries(torch.tensor([[1, 2, 1, 0]])) is None
 
 
+def test_document_boundaries_of_inference_tensors_are_read_each_time():
+    with torch.inference_mode():  # no version counter to tell an in-place change: nothing is cached
+        segments = torch.tensor([[1, 1, 2]])
+        assert document_boundaries(segments)[0].tolist() == [0, 2, 3]
+        segments[0, 2] = 1
+        assert document_boundaries(segments)[0].tolist() == [0, 3]
+
+
 def test_cpu_attends_per_document_and_a_sliding_window_keeps_the_mask():
     assert select_attention("cpu", torch.float32) is document_attention
     assert select_attention("cpu", torch.bfloat16) is document_attention
