@@ -55,13 +55,13 @@ import torch
 from pure import rng
 from pure.losses.common import IGNORE_INDEX, next_token_targets
 
+# The oldest torch whose Dynamo traces the whole step: 2.11 and 2.12 stop in `compute_unbacked_bindings`
+# ("Expected FakeTensor") at the boolean selection of trained tokens inside `torch.func.grad`.
+MIN_TORCH = "2.13"
 # Dynamo settings the step needs; patched around each call, never set process-wide. Dynamo's
 # profile-guided dynamism is off so that a run traces exactly the graphs the previous run did
 # (with it on, the second run started from the first run's profile, traced a different first
 # graph and missed the cache).
-# The oldest torch whose Dynamo traces the whole step: 2.11 and 2.12 stop in `compute_unbacked_bindings`
-# ("Expected FakeTensor") at the boolean selection of trained tokens inside `torch.func.grad`.
-MIN_TORCH = "2.13"
 DYNAMO_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True,
                    "automatic_dynamic_local_pgo": False}
 # The step counter is symbolic from the first call (no static step-0 graph to throw away).

@@ -134,8 +134,8 @@ def apply_tokenizer_settings(tokenizer, settings: dict) -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF file with transformers' reader and write an HF safetensors folder, with the
-    file's own special tokens and add-BOS / add-EOS flags and no decode-time space clean-up (byte-level BPE keeps spaces as
-    written; the original SmolLM2 tokenizer config says the same)."""
+    file's own special tokens and add-BOS / add-EOS flags, and no decode-time space clean-up
+    (byte-level BPE keeps spaces as written; the original SmolLM2 tokenizer config says the same)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -29,7 +29,7 @@ def flash_varlen_attention(q, k, v, mask, causal, segment_ids=None):
     """flash_attn_varlen_func over the documents of packed rows (no cache, no sliding window)."""
     from flash_attn import flash_attn_varlen_func
 
-    bounds = document_boundaries(segment_ids) if segment_ids is not None and k.shape[2] == q.shape[2] else None
+    bounds = document_boundaries(segment_ids) if _over_documents(q, k, segment_ids) else None
     if bounds is None:
         return _masked_attention(q, k, v, mask, causal, segment_ids)
     B, H, T, D = q.shape
@@ -54,7 +54,7 @@ def torch_varlen_attention(q, k, v, mask, causal, segment_ids=None):
     2.11's varlen_attn has no GQA argument."""
     from torch.nn.attention.varlen import varlen_attn
 
-    bounds = document_boundaries(segment_ids) if segment_ids is not None and k.shape[2] == q.shape[2] else None
+    bounds = document_boundaries(segment_ids) if _over_documents(q, k, segment_ids) else None
     if bounds is None:
         return _masked_attention(q, k, v, mask, causal, segment_ids)
     B, H, T, D = q.shape
@@ -73,9 +73,14 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B * T, H, D)
 
 
+def _over_documents(q, k, segment_ids) -> bool:
+    """Self-attention of packed rows: segment ids given and no KV cache (keys as long as queries)."""
+    return segment_ids is not None and k.shape[2] == q.shape[2]
+
+
 def _masked_attention(q, k, v, mask, causal, segment_ids):
     """The reference, building the segment mask when the caller (the model in varlen mode) built none."""
-    if mask is None and segment_ids is not None and k.shape[2] == q.shape[2]:
+    if mask is None and _over_documents(q, k, segment_ids):
         mask = attention_mask(segment_ids, segment_ids, 0, None)
     return sdpa_attention(q, k, v, mask, causal, segment_ids)
 
@@ -129,8 +134,7 @@ def document_attention(q, k, v, mask, causal, segment_ids=None):
     Rows and documents are cut with `unbind` / `split`, whose backwards are one stack / cat, not a
     zero-filled full-size gradient per piece. Without segment ids, with a KV cache (keys longer
     than the queries) or when a row's ids are not contiguous runs, this is the masked reference."""
-    T = q.shape[2]
-    runs = document_runs(segment_ids) if segment_ids is not None and k.shape[2] == T else None
+    runs = document_runs(segment_ids) if _over_documents(q, k, segment_ids) else None
     if runs is None:
         return _masked_attention(q, k, v, mask, causal, segment_ids)
     rows = []

@@ -53,17 +53,24 @@ def test_rms_norm_and_swiglu_kernels_compile(pointer_dtype):
     compile_for_hopper(swiglu._swiglu_backward_kernel, pointer_dtype, {"BLOCK": swiglu._BLOCK})
 
 
-@pytest.mark.parametrize("direction,unit_strides", [
-    ("forward", ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")),  # W^T, A^T, B^T views
-    ("backward", ("stride_xk", "stride_wn", "stride_pr", "stride_cn", "stride_zr", "stride_on")),  # W, B, A
-])
-def test_fused_lora_matmul_compiles_to_a_pipelined_tensor_core_loop(direction, unit_strides):
-    config = lora_linear._CUDA_CONFIGS[0]
+FORWARD_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")  # W^T, A^T, B^T views
+BACKWARD_UNIT_STRIDES = ("stride_xk", "stride_wn", "stride_pr", "stride_cn", "stride_zr", "stride_on")  # W, B, A
+HOPPER_SHARED_MEMORY = 227 * 1024  # what one H100 / H200 block may use
+
+
+def compile_lora_matmul(config, pointer_dtype, unit_strides=FORWARD_UNIT_STRIDES, *, has_bias, precision="ieee"):
+    """The fused LoRA matmul (x w + s (x p) c) compiled with one launch config of `lora_linear`."""
     constants = {name: 1 for name in unit_strides}
     constants.update({k: v for k, v in config.items() if k.startswith("BLOCK")})
-    constants.update(LOW_RANK=1, HAS_BIAS=direction == "forward", UPCAST=False, PRECISION="ieee", BLOCK_R=16, GROUP_M=8)
-    kernel = compile_for_hopper(lora_linear._matmul_lowrank_kernel, "*bf16", constants, floats=("scale",),
-                                num_warps=config["num_warps"], num_stages=config["num_stages"])
+    constants.update(LOW_RANK=1, HAS_BIAS=has_bias, UPCAST=False, PRECISION=precision, BLOCK_R=16, GROUP_M=8)
+    return compile_for_hopper(lora_linear._matmul_lowrank_kernel, pointer_dtype, constants, floats=("scale",),
+                              num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+@pytest.mark.parametrize("direction,unit_strides", [("forward", FORWARD_UNIT_STRIDES),
+                                                    ("backward", BACKWARD_UNIT_STRIDES)])
+def test_fused_lora_matmul_compiles_to_a_pipelined_tensor_core_loop(direction, unit_strides):
+    kernel = compile_lora_matmul(lora_linear._CUDA_CONFIGS[0], "*bf16", unit_strides, has_bias=direction == "forward")
     ttgir = kernel.asm["ttgir"]
     assert "warp_group_dot" in ttgir and "async_copy" in ttgir
     # 3 stages of a 128x64 x tile and a 64x128 w tile in bf16 (96 KiB) plus the low-rank tiles
@@ -73,21 +80,12 @@ def test_fused_lora_matmul_compiles_to_a_pipelined_tensor_core_loop(direction, u
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_fused_lora_matmul_compiles_for_float32_with_the_fixed_tile(precision):
     # float32 takes one fixed tile (no autotuning) and IEEE products unless TF32 is allowed
-    config = lora_linear._CUDA_FP32_CONFIG
-    constants = {name: 1 for name in ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")}
-    constants.update({k: v for k, v in config.items() if k.startswith("BLOCK")})
-    constants.update(LOW_RANK=1, HAS_BIAS=False, UPCAST=False, PRECISION=precision, BLOCK_R=16, GROUP_M=8)
-    kernel = compile_for_hopper(lora_linear._matmul_lowrank_kernel, "*fp32", constants, floats=("scale",),
-                                num_warps=config["num_warps"], num_stages=config["num_stages"])
-    assert kernel.metadata.shared <= 227 * 1024  # what one H100 / H200 block may use
+    kernel = compile_lora_matmul(lora_linear._CUDA_FP32_CONFIG, "*fp32", has_bias=False, precision=precision)
+    assert kernel.metadata.shared <= HOPPER_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("config", lora_linear._CUDA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
 def test_every_autotune_config_fits_in_hopper_shared_memory(config):
     # a config over the limit would only ever be skipped by the autotuner at run time
-    constants = {name: 1 for name in ("stride_xk", "stride_wk", "stride_pk", "stride_cr", "stride_zr", "stride_on")}
-    constants.update({k: v for k, v in config.items() if k.startswith("BLOCK")})
-    constants.update(LOW_RANK=1, HAS_BIAS=True, UPCAST=False, PRECISION="ieee", BLOCK_R=16, GROUP_M=8)
-    kernel = compile_for_hopper(lora_linear._matmul_lowrank_kernel, "*bf16", constants, floats=("scale",),
-                                num_warps=config["num_warps"], num_stages=config["num_stages"])
-    assert kernel.metadata.shared <= 227 * 1024
+    kernel = compile_lora_matmul(config, "*bf16", has_bias=True)
+    assert kernel.metadata.shared <= HOPPER_SHARED_MEMORY
