@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from pure.data.settings import DataSettings
+from pure.schedules import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -75,20 +76,20 @@ class TRLConfig(_Strict):
     max_completion_length: PosInt | None = None
     use_vllm: bool = False
     vllm_mode: Literal["server", "colocate"] | None = None
-    vllm_server_host: str | None = "0.0.0.0"
-    vllm_server_port: int | None = 8000
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
     vllm_server_timeout: int | None = None
     vllm_guided_decoding_regex: str | None = None
     reward_funcs: list[str] | None = None
     reward_weights: list[float] | None = None
     generation_batch_size: PosInt | None = None
     num_generations: PosInt | None = None
-    log_completions: bool | None = False
+    log_completions: bool = False
     num_completions_to_print: int | None = None
     importance_sampling_level: Literal["sequence", "token"] | None = None
-    sync_ref_model: bool | None = False
-    ref_model_mixup_alpha: Ratio | None = 0.9
-    ref_model_sync_steps: PosInt | None = 64
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: Ratio = 0.9
+    ref_model_sync_steps: PosInt = 64
     scale_rewards: bool = True
     temperature: NonNegFloat | None = None
     top_p: Ratio | None = None
@@ -131,15 +132,15 @@ class TRLConfig(_Strict):
 
 
 class VllmConfig(_Strict):
-    device: str | None = "auto"
+    device: str = "auto"
     tensor_parallel_size: PosInt | None = None
     data_parallel_size: PosInt | None = None
-    gpu_memory_utilization: Ratio | None = 0.9
-    dtype: str | None = "auto"
+    gpu_memory_utilization: Ratio = 0.9
+    dtype: str = "auto"
     max_model_len: PosInt | None = None
     enable_prefix_caching: bool | None = None
-    host: str | None = "0.0.0.0"
-    port: int | None = 8000
+    host: str = "0.0.0.0"
+    port: int = 8000
     enable_reasoning: bool | None = None
     reasoning_parser: str | None = None
     enforce_eager: bool | None = None
@@ -171,8 +172,8 @@ class EBFTConfig(_Strict):
 class QuantConfig(_Strict):
     weight_dtype: str = "int8"
     activation_dtype: str | None = None
-    quantize_embedding: bool | None = False
-    group_size: PosInt | None = 32
+    quantize_embedding: bool = False
+    group_size: PosInt = 32
     fake_quant_after_n_steps: int | None = None
 
 
@@ -274,7 +275,7 @@ class ModelKeys(BaseModel):
     tokenizer_use_fast: bool | None = None
     tokenizer_legacy: bool | None = None
     tokenizer_use_mistral_common: bool | None = None
-    tokenizer_save_jinja_files: bool | None = True
+    tokenizer_save_jinja_files: bool = True
     processor_type: str | None = None
     trust_remote_code: bool | None = None
     special_tokens: SpecialTokens | None = None
@@ -286,7 +287,7 @@ class ModelKeys(BaseModel):
     eot_tokens: list[str] | None = None
     default_system_message: str | None = None
     resize_token_embeddings_to_32x: bool | None = None
-    mean_resizing_embeddings: bool | None = False
+    mean_resizing_embeddings: bool = False
     shrink_embeddings: bool | None = None
     embeddings_skip_upcast: bool | None = None
     fix_untrained_tokens: int | list[int] | None = None
@@ -306,27 +307,27 @@ class ModelKeys(BaseModel):
     unfrozen_parameters: list[str] | None = None
     trainer_cls: str | None = None
     plugins: list[str] | None = None
-    experimental_skip_move_to_device: bool | None = True
+    experimental_skip_move_to_device: bool = True
     use_kernels: bool | None = None
     llama4_linearized_experts: bool | None = None
     is_falcon_derived_model: bool | None = None
     is_llama_derived_model: bool | None = None
     is_mistral_derived_model: bool | None = None
     is_qwen_derived_model: bool | None = None
-    strict: bool | None = False
+    strict: bool = False
     axolotl_config_path: str | None = None
 
 
 class AdapterKeys(BaseModel):
-    load_in_8bit: bool | None = False
-    load_in_4bit: bool | None = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
     bnb_config_kwargs: dict[str, Any] | None = None
     gptq: bool | None = None
     adapter: Literal["lora", "qlora", "llama-adapter"] | None = None
     lora_model_dir: str | None = None
-    lora_r: PosInt | None = None
-    lora_alpha: PosFloat | None = None
-    lora_dropout: Prob | None = 0.0
+    lora_r: PosInt = 8
+    lora_alpha: PosFloat = 16
+    lora_dropout: Prob = 0.0
     lora_target_modules: StrList | None = None
     lora_target_parameters: StrList | None = None
     lora_target_linear: bool | None = None
@@ -342,12 +343,12 @@ class AdapterKeys(BaseModel):
     peft_trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     peft_ensure_weight_tying: bool | None = None
     peft_autocast_adapter_dtype: bool | None = None
-    qlora_sharded_model_loading: bool | None = False
+    qlora_sharded_model_loading: bool = False
     lora_on_cpu: bool | None = None
     merge_lora: bool | None = None
-    merge_method: Literal["legacy", "memory_efficient"] | None = "memory_efficient"
+    merge_method: Literal["legacy", "memory_efficient"] = "memory_efficient"
     loraplus_lr_ratio: PosFloat | None = None
-    loraplus_lr_embedding: NonNegFloat | None = 1e-6
+    loraplus_lr_embedding: NonNegFloat = 1e-6
     relora: bool | None = None
     relora_prune_ratio: Ratio | None = None
     relora_cpu_offload: bool | None = None
@@ -356,21 +357,21 @@ class AdapterKeys(BaseModel):
     jagged_restart_anneal_steps: NonNegInt | None = None
     lisa_n_layers: PosInt | None = None
     lisa_step_interval: PosInt | None = None
-    lisa_layers_attribute: str | None = "model.layers"
+    lisa_layers_attribute: str = "model.layers"
 
 
 class DataKeys(BaseModel):
     datasets: Annotated[list[DatasetConfig], Field(min_length=1)] | None = None
     test_datasets: Annotated[list[DatasetConfig], Field(min_length=1)] | None = None
-    val_set_size: Annotated[int, Field(ge=0)] | NonNegFloat | None = 0.0
+    val_set_size: Annotated[int, Field(ge=0)] | NonNegFloat = 0.0
     dataset_prepared_path: str | None = None
     dataset_shard_num: PosInt | None = None
     dataset_shard_idx: NonNegInt | None = None
-    skip_prepare_dataset: bool | None = False
+    skip_prepare_dataset: bool = False
     num_dataset_shards_to_save: PosInt | None = None
     pretraining_dataset: list[dict[str, Any]] | None = None
-    shuffle_merged_datasets: bool | None = True
-    shuffle_before_merging_datasets: bool | None = False
+    shuffle_merged_datasets: bool = True
+    shuffle_before_merging_datasets: bool = False
     dataset_processes: PosInt | None = None
     dataset_num_proc: PosInt | None = None
     dataset_exact_deduplication: bool | None = None
@@ -383,13 +384,13 @@ class DataKeys(BaseModel):
     push_dataset_to_hub: str | None = None
     hf_use_auth_token: bool | None = None
     streaming: bool | None = None
-    streaming_multipack_buffer_size: PosInt | None = 10000
+    streaming_multipack_buffer_size: PosInt = 10000
     sequence_len: Annotated[int, Field(ge=2)] = 512
-    excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
-    min_sample_len: NonNegInt | None = None
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    min_sample_len: NonNegInt = 2
     eval_sequence_len: Annotated[int, Field(ge=2)] | None = None
     max_prompt_len: PosInt | None = None
-    train_on_inputs: bool | None = False
+    train_on_inputs: bool = False
     is_preprocess: bool | None = None
     preprocess_iterable: bool | None = None
     total_num_tokens: int | None = None
@@ -398,8 +399,8 @@ class DataKeys(BaseModel):
 
 class PackingKeys(BaseModel):
     sample_packing: bool | None = None
-    sample_packing_group_size: PosInt | None = 100000
-    sample_packing_bin_size: PosInt | None = 200
+    sample_packing_group_size: PosInt = 100000
+    sample_packing_bin_size: PosInt = 200
     sample_packing_sequentially: bool | None = None
     sample_packing_mp_start_method: Literal["fork", "spawn", "forkserver"] | None = None
     sample_packing_eff_est: float | None = None
@@ -414,7 +415,7 @@ class PackingKeys(BaseModel):
     pose_max_context_len: int | None = None
     pose_num_chunks: int | None = None
     pretrain_multipack_buffer_size: int | None = None
-    pretrain_multipack_attn: bool | None = True
+    pretrain_multipack_attn: bool = True
     pretraining_sample_concatenation: bool | None = None
     max_packed_sequence_len: int | None = None
 
@@ -435,6 +436,8 @@ OPTIMIZER_NAMES = (
     "muon", "dion",
 )
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "lion_32bit")
+# Every scheduler name axolotl accepts (so a typo gets the closest one); puretune runs those of
+# `pure.schedules.SCHEDULES` and refuses the others at validation.
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
@@ -442,9 +445,12 @@ LR_SCHEDULERS = (
 )
 
 
+SUPPORTED_SCHEDULERS = tuple(name for name in LR_SCHEDULERS if name in SCHEDULES)
+
+
 class OptimKeys(BaseModel):
-    micro_batch_size: PosInt | None = 1
-    gradient_accumulation_steps: PosInt | None = 1
+    micro_batch_size: PosInt = 1
+    gradient_accumulation_steps: PosInt = 1
     batch_size: PosInt | None = None
     eval_batch_size: PosInt | None = None
     auto_find_batch_size: bool | None = None
@@ -453,12 +459,12 @@ class OptimKeys(BaseModel):
     learning_rate: PosFloat
     embedding_lr: PosFloat | None = None
     embedding_lr_scale: PosFloat | None = None
-    weight_decay: NonNegFloat | None = 0.0
-    optimizer: Literal[OPTIMIZER_NAMES] | None = "adamw_torch_fused"  # type: ignore[valid-type]
+    weight_decay: NonNegFloat = 0.0
+    optimizer: Literal[OPTIMIZER_NAMES] = "adamw_torch_fused"  # type: ignore[valid-type]
     optim_args: str | dict[str, Any] | None = None
     optim_target_modules: list[str] | Literal["all_linear"] | None = None
     torchdistx_path: str | None = None
-    lr_scheduler: Literal[LR_SCHEDULERS] | None = "cosine"  # type: ignore[valid-type]
+    lr_scheduler: Literal[LR_SCHEDULERS] = "cosine"  # type: ignore[valid-type]
     lr_scheduler_kwargs: dict[str, Any] | None = None
     lr_quadratic_warmup: bool | None = None
     cosine_min_lr_ratio: Ratio | None = None
@@ -474,8 +480,8 @@ class OptimKeys(BaseModel):
     adam_beta3: Prob | None = None
     dion_lr: PosFloat | None = None
     dion_momentum: float | None = None
-    dion_rank_fraction: float | None = 1.0
-    dion_rank_multiple_of: int | None = 1
+    dion_rank_fraction: float = 1.0
+    dion_rank_multiple_of: int = 1
     max_grad_norm: NonNegFloat | None = None
     gc_steps: int | None = None
     loss_watchdog_threshold: PosFloat | None = None
@@ -483,23 +489,23 @@ class OptimKeys(BaseModel):
     neftune_noise_alpha: NonNegFloat | None = None
     noisy_embedding_alpha: NonNegFloat | None = None
     use_eaft: bool | None = None
-    eaft_alpha: float | None = 1.0
-    eaft_k: PosInt | None = 20
+    eaft_alpha: float = 1.0
+    eaft_k: PosInt = 20
     chunked_cross_entropy: bool | None = None
     chunked_cross_entropy_num_chunks: PosInt | None = None
     tiled_mlp: bool | None = None
     tiled_mlp_num_shards: PosInt | None = None
-    tiled_mlp_use_original_mlp: bool | None = True
+    tiled_mlp_use_original_mlp: bool = True
 
 
 class PrecisionKeys(BaseModel):
-    bf16: Literal["auto", "full"] | bool | None = "auto"
+    bf16: Literal["auto", "full"] | bool = "auto"
     fp16: bool | None = None
     fp8: bool | None = None
     fp8_enable_fsdp_float8_all_gather: bool | None = None
     bfloat16: bool | None = None
     float16: bool | None = None
-    tf32: Literal["auto"] | bool | None = "auto"
+    tf32: Literal["auto"] | bool = "auto"
     float32: bool | None = None
 
 
@@ -542,10 +548,10 @@ class KernelKeys(BaseModel):
     torch_compile: Literal["auto"] | bool | None = None
     torch_compile_backend: str | None = None
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None
-    gradient_checkpointing: Literal["offload", "offload_disk"] | bool | None = False
+    gradient_checkpointing: Literal["offload", "offload_disk"] | bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
-    activation_offloading: Literal["legacy", "disk"] | bool | None = False
-    layer_offloading: bool | None = False
+    activation_offloading: Literal["legacy", "disk"] | bool = False
+    layer_offloading: bool = False
 
 
 class DistributedKeys(BaseModel):
@@ -592,15 +598,15 @@ class EvalKeys(BaseModel):
     metric_for_best_model: str | None = None
     greater_is_better: bool | None = None
     early_stopping_patience: PosInt | None = None
-    load_best_model_at_end: bool | None = False
-    generate_samples: bool | None = False
-    num_generation_samples: PosInt | None = 3
-    generation_max_new_tokens: PosInt | None = 50
-    generation_temperature: NonNegFloat | None = 0.7
+    load_best_model_at_end: bool = False
+    generate_samples: bool = False
+    num_generation_samples: PosInt = 3
+    generation_max_new_tokens: PosInt = 50
+    generation_temperature: NonNegFloat = 0.7
     generation_top_p: Ratio | None = None
     generation_top_k: PosInt | None = None
-    generation_prompt_ratio: Ratio | None = 0.5
-    generation_do_sample: bool | None = True
+    generation_prompt_ratio: Ratio = 0.5
+    generation_do_sample: bool = True
 
 
 class SaveKeys(BaseModel):
@@ -610,8 +616,8 @@ class SaveKeys(BaseModel):
     save_strategy: Literal["no", "epoch", "best", "steps"] | None = None
     save_total_limit: PosInt | None = None
     save_first_step: bool | None = None
-    save_only_model: bool | None = False
-    save_safetensors: bool | None = True
+    save_only_model: bool = False
+    save_safetensors: bool = True
     hub_model_id: str | None = None
     hub_strategy: str | None = None
     hub_revision: str | None = None
@@ -648,13 +654,13 @@ class LoggingKeys(BaseModel):
     trackio_project_name: str | None = None
     trackio_run_name: str | None = None
     trackio_space_id: str | None = None
-    use_otel_metrics: bool | None = False
-    otel_metrics_host: str | None = "localhost"
-    otel_metrics_port: int | None = 8000
+    use_otel_metrics: bool = False
+    otel_metrics_host: str = "localhost"
+    otel_metrics_port: int = 8000
     profiler_steps: PosInt | None = None
-    profiler_steps_start: NonNegInt | None = 0
+    profiler_steps_start: NonNegInt = 0
     include_tokens_per_second: bool | None = None
-    include_tkps: bool | None = True
+    include_tkps: bool = True
     gradio_title: str | None = None
     gradio_share: bool | None = None
     gradio_server_name: str | None = None
@@ -695,7 +701,7 @@ class RLKeys(BaseModel):
     rl_adapter_ref_model: bool | None = None
     qat: QuantConfig | None = None
     quantization: QuantConfig | None = None
-    seed: int | None = None
+    seed: int = 42
     data_seed: int | None = None
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from programs.config.schema import (
     OPTIMIZER_NAMES, SUPPORTED_OPTIMIZERS, Config, ConfigError, DatasetConfig, TRLConfig,
 )
-from programs.config.unsupported import LEGACY_ALIASES, NOT_SUPPORTED_YET, PREFERENCE_RL
+from programs.config.unsupported import GIVEN, LEGACY_ALIASES, NOT_SUPPORTED_YET, PREFERENCE_RL
 
 
 def _closest(name: str, candidates) -> str:
@@ -148,18 +148,42 @@ def _literal_values(annotation: Any) -> list:
     return out
 
 
+def _schema_default(model: type[BaseModel], key: str) -> Any:
+    field = model.model_fields[key]
+    return None if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def _values_at(raw: dict, dotted: str):
+    """(shown key, value, block model) for each place a NOT_SUPPORTED_YET key names: `key`,
+    `block.key` inside a block, `datasets.key` in every dataset entry."""
+    if "." not in dotted:
+        yield dotted, raw.get(dotted), Config
+        return
+    block, key = dotted.split(".", 1)
+    if block == "datasets":
+        for list_key in ("datasets", "test_datasets"):
+            for i, entry in enumerate(raw.get(list_key) or []):
+                if isinstance(entry, dict):
+                    yield f"{list_key}[{i}].{key}", entry.get(key), DatasetConfig
+        return
+    value = raw.get(block)
+    if isinstance(value, dict):
+        yield dotted, value.get(key), _model_of(Config.model_fields[block].annotation)
+
+
 def _check_not_supported(raw: dict) -> None:
-    for key, (unsupported, hint) in NOT_SUPPORTED_YET.items():
-        value = raw.get(key)
-        if value is None:
-            continue
-        try:
-            bad = unsupported(value)
-        except Exception:  # a wrongly typed value: the schema reports it
-            bad = False
-        if bad:
-            shown = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) else ""
-            raise ConfigError(f"{key} is not supported yet by puretune{shown}" + (f"; {hint}" if hint else ""))
+    for dotted, (unsupported, hint) in NOT_SUPPORTED_YET.items():
+        for key, value, model in _values_at(raw, dotted):
+            if value is None:
+                continue
+            try:
+                bad = value != _schema_default(model, key.rsplit(".", 1)[-1]) if unsupported == GIVEN \
+                    else unsupported(value)
+            except Exception:  # a wrongly typed value: the schema reports it
+                bad = False
+            if bad:
+                shown = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) else ""
+                raise ConfigError(f"{key} is not supported yet by puretune{shown}" + (f"; {hint}" if hint else ""))
     for list_key in ("datasets", "test_datasets"):
         for i, entry in enumerate(raw.get(list_key) or []):
             if isinstance(entry, dict) and (entry.get("type") == "_synthetic" or entry.get("path") == "synthetic"):
@@ -213,6 +237,7 @@ def validate(raw: dict[str, Any]) -> Config:
     # trip over a key that belongs to that feature.
     _check_not_supported(raw)
     _check_unknown_keys(raw, Config)
+    raw = _nulls_to_defaults(raw, Config)
     try:
         config = Config.model_validate(raw)
     except ValidationError as err:
@@ -220,6 +245,24 @@ def validate(raw: dict[str, Any]) -> Config:
     _check_not_supported(config.model_dump())
     _check_rules(config)
     return _normalise(config)
+
+
+def _nulls_to_defaults(raw: dict, model: type[BaseModel]) -> dict:
+    """`key: null` (or an empty `key:`) in YAML means the key's default, as in axolotl: drop it
+    where the schema has a default that is not None, so fields with a default are never None."""
+    out = {}
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            out[key] = value
+            continue
+        if value is None and not field.is_required() and field.get_default(call_default_factory=True) is not None:
+            continue
+        sub = _model_of(field.annotation)
+        if isinstance(value, dict) and sub is not None and sub is not DatasetConfig:
+            value = _nulls_to_defaults(value, sub)
+        out[key] = value
+    return out
 
 
 def _check_rules(c: Config) -> None:
@@ -273,8 +316,8 @@ def _normalise(c: Config) -> Config:
     """Fill derived values the way axolotl's normalize_config does."""
     updates: dict[str, Any] = {}
     fields_set = c.model_fields_set
-    micro = c.micro_batch_size or 1
-    ga = c.gradient_accumulation_steps or 1
+    micro = c.micro_batch_size
+    ga = c.gradient_accumulation_steps
     if c.batch_size is not None and "gradient_accumulation_steps" not in fields_set:
         if c.batch_size % micro:
             raise ConfigError(
@@ -282,7 +325,6 @@ def _normalise(c: Config) -> Config:
             )
         ga = c.batch_size // micro
         updates["gradient_accumulation_steps"] = ga
-    updates["micro_batch_size"] = micro
     updates["batch_size"] = micro * ga
     if c.eval_batch_size is None:
         updates["eval_batch_size"] = micro
@@ -300,10 +342,6 @@ def _normalise(c: Config) -> Config:
         updates["type_of_model"] = c.model_type
     elif c.model_type is None and c.type_of_model is not None:
         updates["model_type"] = c.type_of_model
-    if c.excess_length_strategy is None:
-        updates["excess_length_strategy"] = "drop"
-    if c.min_sample_len is None:
-        updates["min_sample_len"] = 2
     if c.save_strategy is None and c.save_steps is not None:
         updates["save_strategy"] = "steps"
     if c.eval_strategy is None and c.eval_steps is not None:
