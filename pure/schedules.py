@@ -9,7 +9,9 @@ Every schedule here is ``learning_rate * factor(step)``; the factors are the
 extra schedulers), so values agree with them exactly where they overlap.
 ``build_schedule`` maps the config keys (``lr_scheduler``, ``warmup_steps`` |
 ``warmup_ratio``, ``cosine_min_lr_ratio``, ``cosine_constant_lr_ratio``,
-``lr_quadratic_warmup``, ``lr_div_factor``) onto them.
+``lr_quadratic_warmup``, ``lr_div_factor``, ``lr_scheduler_kwargs``) onto them, and
+refuses an option the named schedule does not take. ``reduce_lr_on_plateau`` is not
+here: its lr follows eval metrics, not the step.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ __all__ = [
     "constant",
     "constant_with_warmup",
     "cosine",
+    "cosine_warmup_with_min_lr",
+    "cosine_with_restarts",
+    "inverse_sqrt",
     "linear",
     "one_cycle",
+    "polynomial",
     "rex",
+    "schedule_options",
+    "warmup_stable_decay",
     "warmup_steps_from_ratio",
 ]
 
@@ -199,7 +207,180 @@ def one_cycle(
     return schedule
 
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr", "rex", "one_cycle")
+def cosine_with_restarts(learning_rate: float, total_steps: int, warmup_steps: int = 0, *,
+                         num_cycles: float = 1.0) -> Schedule:
+    """Warmup t/W, then ``num_cycles`` hard restarts of a half cosine from M to 0:
+    p = (t - W) / (T - W),  lr = M * 0.5 * (1 + cos(pi * ((c p) mod 1)))  (0 from p = 1 on)."""
+
+    def schedule(step) -> float:
+        step = _step(step)
+        if step < warmup_steps:
+            return learning_rate * _warmup_factor(step, warmup_steps)
+        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        if progress >= 1.0:
+            return 0.0
+        return learning_rate * max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
+
+    return schedule
+
+
+def polynomial(learning_rate: float, total_steps: int, warmup_steps: int = 0, *, lr_end: float = 1e-7,
+               power: float = 1.0) -> Schedule:
+    """Warmup t/W, then lr = (M - e) * (1 - (t - W) / (T - W))^power + e, and e after step T."""
+    if not lr_end < learning_rate:
+        raise ValueError(f"lr_end ({lr_end}) must be smaller than learning_rate ({learning_rate})")
+
+    def schedule(step) -> float:
+        step = _step(step)
+        if step < warmup_steps:
+            return learning_rate * _warmup_factor(step, warmup_steps)
+        if step > total_steps:
+            return lr_end
+        remaining = 1 - (step - warmup_steps) / (total_steps - warmup_steps)
+        return (learning_rate - lr_end) * remaining ** power + lr_end
+
+    return schedule
+
+
+def inverse_sqrt(learning_rate: float, total_steps: int, warmup_steps: int = 0, *,
+                 timescale: int | None = None) -> Schedule:
+    """Warmup t/W, then lr = M / sqrt((t + s - W) / s) with timescale s (default W, or 10000)."""
+    if timescale is None:
+        timescale = warmup_steps or 10_000
+
+    def schedule(step) -> float:
+        step = _step(step)
+        if step < warmup_steps:
+            return learning_rate * _warmup_factor(step, warmup_steps)
+        return learning_rate * (1.0 / math.sqrt((step + timescale - warmup_steps) / timescale))
+
+    return schedule
+
+
+def cosine_warmup_with_min_lr(learning_rate: float, total_steps: int, warmup_steps: int = 0, *,
+                              min_lr_ratio: float = 0.0, num_cycles: float = 0.5,
+                              warmup_lr_rate: float | None = None) -> Schedule:
+    """transformers' ``cosine_warmup_with_min_lr``: warmup (t+1)/W (or from r = warmup_lr_rate:
+    r + (1-r) t/(W-1)), then with p = (t - W + 1)/(T - W) the half cosine down to m = min_lr_ratio * M."""
+
+    def schedule(step) -> float:
+        step = _step(step)
+        if step < warmup_steps:
+            if warmup_lr_rate is None:
+                return learning_rate * (step + 1.0) / max(1.0, warmup_steps)
+            return learning_rate * (warmup_lr_rate + (1.0 - warmup_lr_rate) * step / max(1, warmup_steps - 1))
+        progress = float(step - warmup_steps + 1) / float(max(1, total_steps - warmup_steps))
+        factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+        return learning_rate * max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+
+    return schedule
+
+
+def _shape(kind: str, progress: float, num_cycles: float, rising: bool) -> float:
+    """The warmup (rising) or decay factor of warmup_stable_decay at `progress` in [0, 1]."""
+    if kind == "linear":
+        return progress if rising else 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * progress)) if rising else \
+            0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+    if kind == "1-sqrt":
+        return 1.0 - math.sqrt(1.0 - progress) if rising else 1.0 - math.sqrt(progress)
+    raise ValueError(f"warmup_type / decay_type must be 'linear', 'cosine' or '1-sqrt', got {kind!r}")
+
+
+def warmup_stable_decay(learning_rate: float, total_steps: int, warmup_steps: int = 0, *, num_decay_steps: int,
+                        num_stable_steps: int | None = None, warmup_type: str = "linear",
+                        decay_type: str = "cosine", min_lr_ratio: float = 0.0,
+                        num_cycles: float = 0.5) -> Schedule:
+    """WSD (arXiv:2404.06395): warmup over W steps, constant M for S steps (default T - W - D), decay
+    over D = num_decay_steps to m = min_lr_ratio * M, then m; each ramp m + (M - m) * shape(p)."""
+    stable = total_steps - warmup_steps - num_decay_steps if num_stable_steps is None else num_stable_steps
+    for kind in (warmup_type, decay_type):
+        _shape(kind, 0.0, num_cycles, True)
+
+    def schedule(step) -> float:
+        step = _step(step)
+        if step < warmup_steps:
+            factor = _shape(warmup_type, float(step) / float(max(1, warmup_steps)), num_cycles, True)
+        elif step < warmup_steps + stable:
+            return learning_rate * 1.0
+        elif step < warmup_steps + stable + num_decay_steps:
+            progress = float(step - warmup_steps - stable) / float(max(1, num_decay_steps))
+            factor = _shape(decay_type, progress, num_cycles, False)
+        else:
+            return learning_rate * min_lr_ratio
+        return learning_rate * max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+
+    return schedule
+
+
+def _cosine_with_min_lr(learning_rate, total_steps, warmup_steps=0, *, min_lr_ratio=None, min_lr=None,
+                        min_lr_rate=None, **options) -> Schedule:
+    """transformers' ``cosine_with_min_lr`` takes the floor as ``min_lr`` or ``min_lr_rate``."""
+    given = [v for v in (min_lr_ratio, min_lr_rate, None if min_lr is None else min_lr / learning_rate)
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError("give the floor of cosine_with_min_lr once: min_lr, min_lr_rate or cosine_min_lr_ratio")
+    return cosine(learning_rate, total_steps, warmup_steps, min_lr_ratio=given[0] if given else 0.0, **options)
+
+
+def _warmup_with_min_lr(learning_rate, total_steps, warmup_steps=0, *, min_lr_ratio=None, min_lr=None,
+                        min_lr_rate=None, **options) -> Schedule:
+    given = [v for v in (min_lr_ratio, min_lr_rate, None if min_lr is None else min_lr / learning_rate)
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError("give the floor of cosine_warmup_with_min_lr once: min_lr, min_lr_rate or "
+                         "cosine_min_lr_ratio")
+    return cosine_warmup_with_min_lr(learning_rate, total_steps, warmup_steps,
+                                     min_lr_ratio=given[0] if given else 0.0, **options)
+
+
+def _one_cycle(learning_rate, total_steps, warmup_steps=0, *, lr_div_factor=None, div_factor=None,
+               pct_start=None, **options) -> Schedule:
+    """axolotl's one_cycle: the warmup fraction is the cycle's rising part; ``lr_div_factor`` is
+    OneCycleLR's ``div_factor``."""
+    if lr_div_factor is not None and div_factor is not None:
+        raise ValueError("give one_cycle's div_factor once (lr_div_factor or div_factor)")
+    factor = lr_div_factor if lr_div_factor is not None else (div_factor if div_factor is not None else 25.0)
+    if pct_start is None:
+        pct_start = warmup_steps / total_steps if total_steps else 0.3
+    return one_cycle(learning_rate, total_steps, pct_start=pct_start, div_factor=factor, **options)
+
+
+# name -> factory(learning_rate, total_steps, warmup_steps, **options); the options each takes are
+# its keyword-only parameters (`schedule_options`).
+_FACTORIES: dict[str, Callable[..., Schedule]] = {
+    "constant": lambda learning_rate, total_steps, warmup_steps=0: constant(learning_rate),
+    "constant_with_warmup": lambda learning_rate, total_steps, warmup_steps=0:
+        constant_with_warmup(learning_rate, warmup_steps),
+    "linear": linear,
+    "cosine": cosine,
+    "cosine_with_min_lr": _cosine_with_min_lr,
+    "cosine_warmup_with_min_lr": _warmup_with_min_lr,
+    "cosine_with_restarts": cosine_with_restarts,
+    "polynomial": polynomial,
+    "inverse_sqrt": inverse_sqrt,
+    "warmup_stable_decay": warmup_stable_decay,
+    "rex": rex,
+    "one_cycle": _one_cycle,
+}
+SCHEDULES = tuple(_FACTORIES)
+
+# Options a schedule takes beyond its own keyword parameters, because the factory forwards them.
+_FORWARDED = {
+    "cosine_with_min_lr": ("constant_lr_ratio", "num_cycles", "quadratic_warmup"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "warmup_lr_rate"),
+    "one_cycle": ("final_div_factor", "anneal_strategy"),
+}
+
+
+def schedule_options(name: str) -> tuple[str, ...]:
+    """The options (``lr_scheduler_kwargs`` and the named keys) the schedule `name` takes."""
+    import inspect
+
+    params = inspect.signature(_FACTORIES[name]).parameters.values()
+    own = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return own + _FORWARDED.get(name, ())
 
 
 def build_schedule(
@@ -210,53 +391,30 @@ def build_schedule(
     warmup_ratio: float | None = None,
     cosine_min_lr_ratio: float | None = None,
     cosine_constant_lr_ratio: float | None = None,
-    **kwargs,
+    **options,
 ) -> Schedule:
     """The schedule named by ``lr_scheduler`` (config keys of CATALOG §4).
 
-    ``warmup_steps`` and ``warmup_ratio`` are exclusive; the ratio becomes
-    ``ceil(total_steps * ratio)`` steps. Extra ``kwargs``: ``quadratic_warmup``
-    (``lr_quadratic_warmup``, cosine), ``num_cycles`` (cosine), ``min_lr_rate``
-    (cosine_with_min_lr), ``alpha`` (rex), ``lr_div_factor`` / ``div_factor``,
-    ``final_div_factor``, ``pct_start``, ``anneal_strategy`` (one_cycle).
+    ``warmup_steps`` and ``warmup_ratio`` are exclusive; the ratio becomes ``ceil(total_steps *
+    ratio)`` steps. ``cosine_min_lr_ratio`` / ``cosine_constant_lr_ratio`` are the options
+    ``min_lr_ratio`` / ``constant_lr_ratio``; every other option (``lr_scheduler_kwargs``,
+    ``quadratic_warmup`` for ``lr_quadratic_warmup``, ``lr_div_factor``) must be one the schedule
+    takes (`schedule_options`), or this raises ValueError naming it.
     """
+    if name not in _FACTORIES:
+        close = difflib.get_close_matches(str(name), SCHEDULES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown lr_scheduler {name!r}; supported: {', '.join(SCHEDULES)}.{hint}")
     if warmup_steps and warmup_ratio:
         raise ValueError("warmup_steps and warmup_ratio are exclusive; set only one")
-    if warmup_ratio:
-        warmup = warmup_steps_from_ratio(total_steps, warmup_ratio)
-    else:
-        warmup = int(warmup_steps or 0)
-    min_ratio = cosine_min_lr_ratio if cosine_min_lr_ratio is not None else 0.0
-
-    if name == "constant":
-        return constant(learning_rate)
-    if name == "constant_with_warmup":
-        return constant_with_warmup(learning_rate, warmup)
-    if name == "linear":
-        return linear(learning_rate, total_steps, warmup)
-    if name in ("cosine", "cosine_with_min_lr"):
-        if name == "cosine_with_min_lr" and "min_lr_rate" in kwargs:
-            min_ratio = kwargs["min_lr_rate"]
-        return cosine(
-            learning_rate,
-            total_steps,
-            warmup,
-            min_lr_ratio=min_ratio,
-            constant_lr_ratio=cosine_constant_lr_ratio,
-            num_cycles=kwargs.get("num_cycles", 0.5),
-            quadratic_warmup=bool(kwargs.get("quadratic_warmup", False)),
-        )
-    if name == "rex":
-        return rex(learning_rate, total_steps, warmup, min_lr_ratio=min_ratio, alpha=kwargs.get("alpha", 0.5))
-    if name == "one_cycle":
-        return one_cycle(
-            learning_rate,
-            total_steps,
-            pct_start=kwargs.get("pct_start", warmup / total_steps if total_steps else 0.3),
-            div_factor=kwargs.get("lr_div_factor", kwargs.get("div_factor", 25.0)),
-            final_div_factor=kwargs.get("final_div_factor", 1e4),
-            anneal_strategy=kwargs.get("anneal_strategy", "cos"),
-        )
-    close = difflib.get_close_matches(str(name), SCHEDULES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown lr_scheduler {name!r}; supported: {', '.join(SCHEDULES)}.{hint}")
+    warmup = warmup_steps_from_ratio(total_steps, warmup_ratio) if warmup_ratio else int(warmup_steps or 0)
+    if cosine_min_lr_ratio is not None:
+        options["min_lr_ratio"] = cosine_min_lr_ratio
+    if cosine_constant_lr_ratio is not None:
+        options["constant_lr_ratio"] = cosine_constant_lr_ratio
+    accepted = schedule_options(name)
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise ValueError(f"lr_scheduler {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                         f"it takes: {', '.join(accepted) or 'none'}")
+    return _FACTORIES[name](learning_rate, total_steps, warmup, **options)

@@ -138,3 +138,42 @@ def test_unknown_schedule_names_the_closest_match():
 
 def test_one_cycle_function_is_exported():
     assert one_cycle(LR, 10, pct_start=0.3)(0) == pytest.approx(LR / 25)
+
+
+# transformers' own schedulers with their scheduler_specific_kwargs: each of ours must give the same lr
+# at every step (float64 arithmetic on both sides of the same formula: 1e-12).
+HF_WITH_KWARGS = [
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("cosine_with_restarts", {}),
+    ("polynomial", {"lr_end": 1e-6, "power": 2.0}),
+    ("polynomial", {}),
+    ("inverse_sqrt", {"timescale": 7}),
+    ("inverse_sqrt", {}),
+    ("cosine_with_min_lr", {"min_lr": 3e-5}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.2, "num_cycles": 0.25}),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+    ("cosine_warmup_with_min_lr", {"min_lr": 1e-5, "warmup_lr_rate": 0.2}),
+    ("warmup_stable_decay", {"num_decay_steps": 12}),
+    ("warmup_stable_decay", {"num_decay_steps": 10, "num_stable_steps": 20, "decay_type": "linear",
+                             "min_lr_ratio": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 10, "warmup_type": "1-sqrt", "decay_type": "1-sqrt"}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "warmup_type": "cosine", "decay_type": "cosine",
+                             "num_cycles": 0.25}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", HF_WITH_KWARGS, ids=[f"{n}-{sorted(k)}" for n, k in HF_WITH_KWARGS])
+@pytest.mark.parametrize("total,warmup", [(60, 0), (60, 6), (37, 5)])
+def test_schedules_with_options_match_transformers(name, kwargs, total, warmup):
+    ref = reference_lrs(lambda o: get_scheduler(name, o, num_warmup_steps=warmup, num_training_steps=total,
+                                                scheduler_specific_kwargs=dict(kwargs)), total + 3)
+    ours = build_schedule(name, LR, total, warmup_steps=warmup, **kwargs)
+    for step, expected in enumerate(ref):
+        assert ours(step) == pytest.approx(expected, rel=1e-12, abs=1e-18), (name, step)
+
+
+@pytest.mark.parametrize("name, option", [("linear", "num_cycles"), ("cosine", "lr_end"), ("constant", "power"),
+                                          ("polynomial", "min_lr_ratio"), ("one_cycle", "quadratic_warmup")])
+def test_an_option_the_schedule_does_not_take_is_refused_by_name(name, option):
+    with pytest.raises(ValueError, match=f"lr_scheduler '{name}' takes no option '{option}'"):
+        build_schedule(name, LR, 100, warmup_steps=10, **{option: 1.0})
