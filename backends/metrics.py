@@ -18,7 +18,7 @@ def _scalar(value):
 
 class MetricsLogger:
     def __init__(self, output_dir, *, use_tensorboard=False, wandb_project=None, wandb_name=None,
-                 wandb_mode=None, config_dict=None, resume=False, use_mlflow=None, mlflow_tracking_uri=None,
+                 wandb_mode=None, wandb_entity=None, wandb_run_id=None, config_dict=None, resume=False, use_mlflow=None, mlflow_tracking_uri=None,
                  mlflow_experiment_name=None, mlflow_run_name=None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,8 +42,10 @@ class MetricsLogger:
                 import wandb
 
                 mode = wandb_mode or ("offline" if not os.environ.get("WANDB_API_KEY") else "online")
+                # a given run id continues that run (resume="allow"), as axolotl's wandb_run_id does
                 self.wandb = wandb.init(project=wandb_project, name=wandb_name, mode=mode, config=config_dict,
-                                        dir=str(self.output_dir))
+                                        dir=str(self.output_dir), entity=wandb_entity, id=wandb_run_id,
+                                        resume="allow" if wandb_run_id else None)
             except ImportError:
                 print("warning: wandb_project is set but wandb is not installed; pip install wandb", file=sys.stderr)
         self.mlflow = None

@@ -94,13 +94,12 @@ def build_trainable(config, params, key):
 
 
 def build_optimizer_from_config(config, total_steps: int):
-    schedule = build_schedule(
-        config.lr_scheduler or "cosine", config.learning_rate, total_steps,
-        warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
-        cosine_min_lr_ratio=config.cosine_min_lr_ratio, cosine_constant_lr_ratio=config.cosine_constant_lr_ratio,
-    )
+    from programs.config.derived import schedule_settings
+
+    schedule = build_schedule(total_steps=total_steps, **schedule_settings(config))
     groups = make_param_groups(
         config.learning_rate, loraplus_lr_ratio=config.loraplus_lr_ratio,
+        loraplus_lr_embedding=config.loraplus_lr_embedding,
         lr_groups=[g.model_dump() if hasattr(g, "model_dump") else g for g in (config.lr_groups or [])] or None,
         embedding_lr=config.embedding_lr, embedding_lr_scale=config.embedding_lr_scale,
     )
@@ -114,21 +113,32 @@ def build_optimizer_from_config(config, total_steps: int):
 
 def epoch_micro_batches(examples, config, pad_id: int, epoch: int, packing: bool | None = None) -> list[dict]:
     """The micro-batches of one epoch, a pure function of (examples, config, epoch): packed bins
-    shuffled by (seed, epoch), or padded rows in a (seed, epoch) permutation."""
+    shuffled by (data_seed or seed, epoch), or padded rows in such a permutation; in dataset order
+    with `curriculum_sampling`. `dataloader_drop_last` drops a last micro-batch with fewer rows."""
     packing = config.sample_packing if packing is None else packing
-    seed = config.seed if config.seed is not None else 42
+    seed = data_seed_of(config)
     lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
     if packing:
         bins = pack_first_fit_decreasing(
-            lengths, config.sequence_len, max_per_bin=config.sample_packing_bin_size or 200,
-            group_size=config.sample_packing_group_size or 100_000,
+            lengths, config.sequence_len, max_per_bin=config.sample_packing_bin_size,
+            group_size=config.sample_packing_group_size,
             sequential=bool(config.sample_packing_sequentially), seed=seed, epoch=epoch)
-        return collate_packed(examples, bins, config.micro_batch_size, config.sequence_len, pad_id,
-                              pad_to_sequence_len=config.pad_to_sequence_len is not False)
-    order = rng.permutation(rng.fold_in(rng.key(seed), epoch), len(examples)).numpy()
-    pad_to = config.sequence_len if config.pad_to_sequence_len else None
-    return collate_padded(examples, order, config.micro_batch_size, pad_id, pad_to=pad_to,
-                          bucket_by_length=bool(config.group_by_length))
+        batches = collate_packed(examples, bins, config.micro_batch_size, config.sequence_len, pad_id,
+                                 pad_to_sequence_len=config.pad_to_sequence_len is not False)
+    else:
+        order = np.arange(len(examples)) if config.curriculum_sampling else \
+            rng.permutation(rng.fold_in(rng.key(seed), epoch), len(examples)).numpy()
+        pad_to = config.sequence_len if config.pad_to_sequence_len else None
+        batches = collate_padded(examples, order, config.micro_batch_size, pad_id, pad_to=pad_to,
+                                 bucket_by_length=bool(config.group_by_length))
+    if config.dataloader_drop_last and batches and batches[-1]["input_ids"].shape[0] < config.micro_batch_size:
+        batches = batches[:-1]
+    return batches
+
+
+def data_seed_of(config) -> int:
+    """The seed of the data order: `data_seed` when given, else `seed` (as transformers)."""
+    return config.data_seed if config.data_seed is not None else config.seed
 
 
 def eval_micro_batches(examples, config, pad_id: int) -> list[dict]:
@@ -185,7 +195,7 @@ def pad_id(tokenizer) -> int:
 
 
 def seed_of(config) -> int:
-    return config.seed if config.seed is not None else 42
+    return config.seed
 
 
 def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -> Path:

@@ -178,8 +178,10 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         total = common.total_steps(config, per_epoch)
         steps = epoch_steps(run.epoch_batches, state.data_cursor, accumulation, first_epoch)
 
-    logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard), wandb_project=config.wandb_project,
+    logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard),
+                           wandb_project=config.wandb_project if config.use_wandb is not False else None,
                            wandb_name=config.wandb_name, wandb_mode=config.wandb_mode,
+                           wandb_entity=config.wandb_entity, wandb_run_id=config.wandb_run_id,
                            config_dict=config.to_dict(), resume=resume_from is not None,
                            use_mlflow=config.use_mlflow, mlflow_tracking_uri=config.mlflow_tracking_uri,
                            mlflow_experiment_name=config.mlflow_experiment_name,
@@ -193,11 +195,18 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     elif config.save_strategy == "epoch":
         save_every = per_epoch_interval(None, 1, per_epoch, "save_strategy: epoch")
     log_every = config.logging_steps or 1
+    if config.eval_strategy == "no":
+        eval_every = None
+    elif config.eval_strategy == "epoch":
+        eval_every = per_epoch_interval(None, 1, per_epoch, "eval_strategy: epoch")
+    elif config.eval_strategy == "steps" and eval_every is None:
+        eval_every = log_every  # transformers: eval_steps defaults to logging_steps
+    watchdog = LossWatchdog(config.loss_watchdog_threshold, config.loss_watchdog_patience)
     stop = StopRequested()
     n_params = sum(t.numel() for t in tree_leaves(state.trainable))
     print(f"training {n_params:,} params for {total} steps ({per_epoch or 'streamed, unknown'} per epoch, "
           f"{run.num_examples[0] or 'streamed'} examples, {run.num_examples[1]} eval)", flush=True)
-    has_eval = bool(run.eval_batches) and run.eval_step is not None
+    has_eval = bool(run.eval_batches) and run.eval_step is not None and config.eval_strategy != "no"
 
     def evaluate() -> dict:
         return eval_step(state.trainable, [common.tensors_only(b) for b in run.eval_batches])
@@ -209,6 +218,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
 
     last_saved = resume_from
     window_tokens, window_start = 0, time.perf_counter()
+    run_tokens, run_start, run_first_step = 0, time.perf_counter(), state.step
     if has_eval and state.step == 0:
         logger.log(0, evaluate())
     while state.step < total:
@@ -220,18 +230,26 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             raise FloatingPointError(f"train/loss is {metrics['train/loss'].item()} at step {state.step + 1}; {where}")
         state = new_state.replace(data_cursor=cursor)
         window_tokens += sum(b["num_tokens"] for b in micro)
+        run_tokens += sum(b["num_tokens"] for b in micro)
         if state.step % log_every == 0 or state.step == total:
             elapsed = time.perf_counter() - window_start
             metrics["train/learning_rate"] = run.schedule(state.step - 1)
-            metrics["train/tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            if config.include_tkps:
+                metrics["train/tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
             metrics["train/epoch"] = cursor["epoch"] + epoch_progress
             metrics["memory/max_rss_mb"] = max_rss_mb()
             logger.log(state.step, {k: v for k, v in metrics.items() if k not in run.quiet_metrics})
             window_tokens, window_start = 0, time.perf_counter()
         if has_eval and eval_every and state.step % eval_every == 0:
             logger.log(state.step, evaluate())
-        if save_every and state.step % save_every == 0:
+        if (save_every and state.step % save_every == 0) or (config.save_first_step and state.step == 1):
             last_saved = save("scheduled")
+        if config.gc_steps and state.step % config.gc_steps == 0:
+            collect_garbage()
+        if watchdog.exceeded(metrics["train/loss"].item()):
+            print(f"loss_watchdog: train/loss above {watchdog.threshold} for {watchdog.patience} steps in a row; "
+                  f"stopping at step {state.step}", flush=True)
+            break
         if stop_after_step is not None and state.step >= stop_after_step:
             stop.signal = "stop_after_step"
         if stop.signal:
@@ -243,6 +261,8 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             return {"stopped": True, "step": state.step, "checkpoint": str(last_saved)}
 
     final = {}
+    if config.include_tokens_per_second and state.step > run_first_step:
+        logger.log(state.step, {"train/run_tokens_per_second": run_tokens / max(time.perf_counter() - run_start, 1e-9)})
     if has_eval:
         final = logger.records[-1] if (eval_every and state.step % eval_every == 0) else logger.log(state.step, evaluate())
         before = next((r for r in logger.records if r["step"] == 0 and "eval/loss" in r), None)
@@ -258,7 +278,33 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     logger.plot_losses()
     logger.close()
     stop.close()
-    return {"stopped": False, "step": state.step, "eval": final, "records": logger.records, "state": state}
+    return {"stopped": False, "step": state.step, "eval": final, "records": logger.records, "state": state,
+            "watchdog": watchdog.tripped}
+
+
+class LossWatchdog:
+    """axolotl's loss watchdog: training stops once the loss has been above `threshold` for
+    `patience` steps in a row (a step at or below it resets the count). Off without a threshold."""
+
+    def __init__(self, threshold: float | None, patience: int | None):
+        self.threshold, self.patience = threshold, patience or 3
+        self.count, self.tripped = 0, False
+
+    def exceeded(self, loss: float) -> bool:
+        if self.threshold is None:
+            return False
+        self.count = self.count + 1 if loss > self.threshold else 0
+        self.tripped = self.count >= self.patience
+        return self.tripped
+
+
+def collect_garbage() -> None:
+    """`gc_steps`: Python's collector, and the CUDA caching allocator's unused blocks."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def wrap_steps(config, train_step, eval_step, state):

@@ -62,10 +62,10 @@ def micro_batches(examples, config, kind: str, pad_id: int, epoch: int, shuffle:
 
         if not shuffle:
             return collate_kto(examples, list(range(len(examples))), size, pad_id)
-        return kto_micro_batches(examples, size, pad_id, common.seed_of(config), epoch)
+        return kto_micro_batches(examples, size, pad_id, common.data_seed_of(config), epoch)
     from pure.data.pair_batch import pair_micro_batches
 
-    return pair_micro_batches(examples, size, pad_id, common.seed_of(config), epoch, shuffle=shuffle)
+    return pair_micro_batches(examples, size, pad_id, common.data_seed_of(config), epoch, shuffle=shuffle)
 
 
 def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None) -> list[dict]:

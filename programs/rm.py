@@ -49,7 +49,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         return collate_token_labels(examples, order, size, pad_id, num_labels=num_labels)
 
     def epoch_batches(epoch: int) -> list[dict]:
-        order = epoch_order(len(train_examples), common.seed_of(config), epoch)
+        order = epoch_order(len(train_examples), common.data_seed_of(config), epoch)
         return collate(train_examples, order, config.micro_batch_size)
 
     # ---- trainable params (with the new head), objective, step

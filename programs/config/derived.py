@@ -40,9 +40,51 @@ def data_settings(config: Config) -> DataSettings:
         default_system_message=config.default_system_message,
         eot_tokens=tuple(config.eot_tokens) if config.eot_tokens is not None else None,
         max_prompt_len=config.max_prompt_len,
-        excess_length_strategy=config.excess_length_strategy or "drop",
-        min_sample_len=config.min_sample_len if config.min_sample_len is not None else 2,
-        seed=config.seed if config.seed is not None else 42,
+        excess_length_strategy=config.excess_length_strategy,
+        min_sample_len=config.min_sample_len,
+        seed=config.seed,
     )
     known = {f.name for f in dataclasses.fields(DataSettings)}
     return DataSettings(**{k: v for k, v in kwargs.items() if k in known})
+
+
+# config key -> the option of `pure.schedules.build_schedule` it sets (None / false: not set)
+SCHEDULE_KEYS = {
+    "lr_quadratic_warmup": "quadratic_warmup",
+    "lr_div_factor": "lr_div_factor",
+    "cosine_min_lr_ratio": "min_lr_ratio",
+    "cosine_constant_lr_ratio": "constant_lr_ratio",
+}
+
+
+def schedule_settings(config: Config) -> dict:
+    """`build_schedule`'s arguments but `total_steps` (known once the data is): the scheduler, the
+    peak lr, the warmup, and the options set by the config keys and `lr_scheduler_kwargs`.
+    A key the schedule does not take is a ConfigError naming it (checked at validation)."""
+    from pure.schedules import schedule_options
+
+    accepted = schedule_options(config.lr_scheduler)
+    options = {}
+    for key, option in SCHEDULE_KEYS.items():
+        value = getattr(config, key)
+        if value is None or value is False:
+            continue
+        if option not in accepted:
+            raise ConfigError(f"{key} has no effect with lr_scheduler: {config.lr_scheduler}; "
+                              f"it applies to {', '.join(_schedules_taking(option))}")
+        options[option] = value
+    for option, value in (config.lr_scheduler_kwargs or {}).items():
+        if option not in accepted:
+            raise ConfigError(f"lr_scheduler_kwargs.{option}: lr_scheduler {config.lr_scheduler} takes "
+                              f"{', '.join(accepted) or 'no options'}")
+        if option in options:
+            raise ConfigError(f"lr_scheduler_kwargs.{option} repeats a config key; set it once")
+        options[option] = value
+    return dict(name=config.lr_scheduler, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                warmup_ratio=config.warmup_ratio, **options)
+
+
+def _schedules_taking(option: str) -> list[str]:
+    from pure.schedules import SCHEDULES, schedule_options
+
+    return [name for name in SCHEDULES if option in schedule_options(name)]
