@@ -119,8 +119,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply CLI overrides, validate and normalise it."""
     raw = _read_yaml(Path(path))
+    if raw.get("strict") is True:
+        _check_strict_overrides(raw, overrides, path)
     raw = apply_overrides(raw, overrides)
     return validate(raw)
+
+
+def _check_strict_overrides(raw: dict[str, Any], overrides, path) -> None:
+    """axolotl's `strict: true`: the CLI may override only keys the YAML file sets (axolotl drops
+    the others without a word; here they are an error)."""
+    for flag in overrides:
+        if not flag.startswith("--"):
+            continue
+        key = _flag_key(flag.split("=", 1)[0]).split(".")[0]
+        if key not in raw and LEGACY_ALIASES.get(key) not in raw:
+            raise ConfigError(f"{flag.split('=', 1)[0]}: {path} sets strict: true, so the command line may only "
+                              f"override keys the file sets, and {key!r} is not one of them")
 
 
 def write_resolved_config(config: Config, output_dir: str | os.PathLike) -> Path:

@@ -145,6 +145,8 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reinit_weights": (_truthy, ""),
     "overrides_of_model_config": (GIVEN, ""),
     "overrides_of_model_kwargs": (GIVEN, ""),
+    "rope_scaling": (GIVEN, "the rope scaling comes from the model's config.json"),
+    "model_quantization_config_kwargs": (GIVEN, "quantised models"),
     # adapters
     "lora_fan_in_fan_out": (_truthy, "Llama-family linears are never transposed (GPT-2 Conv1D layouts are)"),
     "peft_layers_to_transform": (GIVEN, "use lora_target_modules"),
@@ -225,6 +227,8 @@ IGNORED_KEYS: dict[str, str] = {
     "type_of_model": "the architecture comes from the checkpoint's config.json and the head from "
                      "reward_model / process_reward_model; a value that disagrees with them is refused",
     "model_type": "as type_of_model (its other spelling)",
+    "axolotl_config_path": "set by axolotl's CLI to the config file's own path; puretune's programs take "
+                           "--config",
     "is_falcon_derived_model": "the architecture comes from the checkpoint's config.json",
     "is_llama_derived_model": "the architecture comes from the checkpoint's config.json",
     "is_mistral_derived_model": "the architecture comes from the checkpoint's config.json",

@@ -300,6 +300,10 @@ def _check_rules(c: Config) -> None:
         raise ConfigError(
             f"dataset_shard_idx: expected an index < dataset_shard_num ({c.dataset_shard_num}), got {c.dataset_shard_idx}"
         )
+    _check_model_type(c)
+    if c.curriculum_sampling and c.sample_packing and not c.sample_packing_sequentially:
+        raise ConfigError("curriculum_sampling with sample_packing needs sample_packing_sequentially: true "
+                          "(first-fit-decreasing packing reorders the rows)")
     if c.lora_model_dir and not c.adapter:
         raise ConfigError("lora_model_dir is set but adapter is not; add adapter: lora")
     for list_key in ("datasets", "test_datasets"):
@@ -313,6 +317,34 @@ def _check_rules(c: Config) -> None:
                 raise ConfigError(f"{where}.shards_idx: expected an index < shards ({d.shards}), got {d.shards_idx}")
             if d.shards is not None and d.preprocess_shards is not None:
                 raise ConfigError(f"{where}: shards and preprocess_shards cannot both be set")
+
+
+# The model class names axolotl configs give as type_of_model / model_type, by the head each means.
+_HEAD_OF_CLASS = {"ForCausalLM": "sft", "ForSequenceClassification": "rm", "ForTokenClassification": "prm"}
+
+
+def _check_model_type(c: Config) -> None:
+    """type_of_model / model_type only name the head; it must agree with the training kind."""
+    for key in ("type_of_model", "model_type"):
+        name = getattr(c, key)
+        if name is None:
+            continue
+        head = next((h for suffix, h in _HEAD_OF_CLASS.items() if name.endswith(suffix)), None)
+        kind = "rm" if c.reward_model else "prm" if c.process_reward_model else "sft"
+        if head is None:
+            raise ConfigError(f"{key}: expected a class ending in {', '.join(_HEAD_OF_CLASS)}, got {name!r}")
+        if head != kind:
+            wanted = {"sft": "a ...ForCausalLM class", "rm": "reward_model: true",
+                      "prm": "process_reward_model: true"}[head]
+            raise ConfigError(f"{key}: {name} needs {wanted}; this config trains "
+                              f"{ {'sft': 'a causal LM', 'rm': 'a reward model', 'prm': 'a process reward model'}[kind] }")
+
+
+# Keys the config package itself turns into behaviour (besides LEGACY_ALIASES): key -> how.
+RESOLVED_BY_THE_CONFIG = {
+    "batch_size": "sets gradient_accumulation_steps = batch_size / micro_batch_size (_normalise)",
+    "strict": "limits CLI overrides to the keys the YAML file sets (cli.load_config)",
+}
 
 
 def _normalise(c: Config) -> Config:

@@ -1,0 +1,213 @@
+"""Config keys reach behaviour: each test sets a key through a YAML file and observes its effect in
+the run (learning rates, batches, records, files), so a key that is accepted and then dropped
+fails here. tests/programs/config/test_accounting.py checks every key is read at all."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from programs import common, loop
+from programs.config import ConfigError, load_config
+from programs.sft import run
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = (REPO / "configs" / "data" / "arithmetic_train.jsonl").read_text().splitlines()[:24]
+LR = 1e-2
+
+
+def config_file(tmp_path: Path, tiny_model, name: str = "run", **keys) -> Path:
+    (tmp_path / "train.jsonl").write_text("\n".join(ROWS) + "\n")
+    raw = {
+        "base_model": str(tiny_model),
+        "datasets": [{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
+        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 128,
+        "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True,
+        "micro_batch_size": 2, "max_steps": 5, "learning_rate": LR, "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine", "logging_steps": 1, "save_strategy": "no",
+        "output_dir": str(tmp_path / name), "seed": 3,
+    }
+    raw.update(keys)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def train(tmp_path, tiny_model, name="run", **keys) -> dict:
+    return run(load_config(config_file(tmp_path, tiny_model, name, **keys)))
+
+
+def logged(result, metric: str) -> dict[int, float]:
+    return {r["step"]: r[metric] for r in result["records"] if metric in r}
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+
+def test_lr_quadratic_warmup_squares_the_warmup(tmp_path, tiny_model):
+    lrs = logged(train(tmp_path, tiny_model, warmup_steps=4, lr_quadratic_warmup=True), "train/learning_rate")
+    # the lr of update t (logged at step t + 1) is LR * (t / 4)^2 during warmup, not LR * t / 4
+    assert [lrs[s] for s in (2, 3, 4)] == pytest.approx([LR / 16, LR / 4, LR * 9 / 16], rel=1e-12)
+
+
+def test_lr_scheduler_kwargs_reach_the_schedule(tmp_path, tiny_model):
+    result = train(tmp_path, tiny_model, lr_scheduler="polynomial", warmup_steps=1,
+                   lr_scheduler_kwargs={"power": 2.0, "lr_end": 1e-4})
+    lrs = logged(result, "train/learning_rate")
+    # polynomial decay over 5 - 1 steps: (LR - e) * (1 - (t - 1) / 4)^2 + e
+    assert [lrs[s] for s in (2, 3, 4, 5)] == pytest.approx(
+        [(LR - 1e-4) * (1 - p / 4) ** 2 + 1e-4 for p in range(4)], rel=1e-12)
+
+
+def test_lr_div_factor_sets_one_cycles_starting_lr(tmp_path, tiny_model):
+    lrs = logged(train(tmp_path, tiny_model, lr_scheduler="one_cycle", warmup_steps=2, lr_div_factor=5.0),
+                 "train/learning_rate")
+    assert lrs[1] == pytest.approx(LR / 5.0, rel=1e-12)
+
+
+def test_a_scheduler_option_the_schedule_does_not_take_fails_before_loading(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="lr_scheduler_kwargs.power: lr_scheduler linear takes no options"):
+        load_config(config_file(tmp_path, tiny_model, lr_scheduler="linear", lr_scheduler_kwargs={"power": 2.0}))
+    with pytest.raises(ConfigError, match="lr_quadratic_warmup has no effect with lr_scheduler: linear"):
+        load_config(config_file(tmp_path, tiny_model, lr_scheduler="linear", lr_quadratic_warmup=True))
+
+
+def test_an_unbuilt_scheduler_is_refused_at_validation(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="lr_scheduler is not supported yet by puretune .*reduce_lr_on_plateau"):
+        load_config(config_file(tmp_path, tiny_model, lr_scheduler="reduce_lr_on_plateau"))
+
+
+# --- data order --------------------------------------------------------------------------------------
+
+
+def first_losses(result) -> list[float]:
+    return [v for _, v in sorted(logged(result, "train/loss").items())]
+
+
+def test_data_seed_orders_the_data_and_defaults_to_seed(tmp_path, tiny_model):
+    plain = first_losses(train(tmp_path, tiny_model, "plain", max_steps=2))
+    same = first_losses(train(tmp_path, tiny_model, "same", max_steps=2, data_seed=3))
+    other = first_losses(train(tmp_path, tiny_model, "other", max_steps=2, data_seed=4))
+    assert plain == same
+    assert plain != other
+
+
+def batches_of(tmp_path, tiny_model, monkeypatch, **keys):
+    """(the prepared train rows, epoch 0's micro-batches) as the SFT program builds them."""
+    seen = {}
+    build = common.epoch_micro_batches
+
+    def spy(examples, config, pad_id, epoch, packing=None):
+        batches = build(examples, config, pad_id, epoch, packing)
+        seen.setdefault(epoch, (list(examples), batches))
+        return batches
+
+    monkeypatch.setattr(common, "epoch_micro_batches", spy)
+    train(tmp_path, tiny_model, f"batches{len(seen)}{sorted(keys)}".replace(" ", ""), max_steps=1, **keys)
+    return seen[0]
+
+
+def test_curriculum_sampling_keeps_the_dataset_order(tmp_path, tiny_model, monkeypatch):
+    rows, batches = batches_of(tmp_path, tiny_model, monkeypatch, curriculum_sampling=True, micro_batch_size=1)
+    assert [b["input_ids"][0, :len(r["input_ids"])].tolist() for b, r in zip(batches, rows)] == \
+        [list(r["input_ids"]) for r in rows]
+    _, shuffled = batches_of(tmp_path, tiny_model, monkeypatch, micro_batch_size=1)
+    assert [b["input_ids"].tolist() for b in shuffled] != [b["input_ids"].tolist() for b in batches]
+
+
+def test_dataloader_drop_last_drops_the_short_last_batch(tmp_path, tiny_model, monkeypatch):
+    rows, kept = batches_of(tmp_path, tiny_model, monkeypatch, micro_batch_size=5)
+    _, dropped = batches_of(tmp_path, tiny_model, monkeypatch, micro_batch_size=5, dataloader_drop_last=True)
+    assert len(rows) % 5 and kept[-1]["input_ids"].shape[0] == len(rows) % 5
+    assert len(dropped) == len(kept) - 1 and all(b["input_ids"].shape[0] == 5 for b in dropped)
+
+
+# --- eval, saving, logging -------------------------------------------------------------------------
+
+
+def test_eval_strategy_no_turns_eval_off(tmp_path, tiny_model):
+    on = train(tmp_path, tiny_model, "on", val_set_size=4, eval_steps=2)
+    off = train(tmp_path, tiny_model, "off", val_set_size=4, eval_steps=2, eval_strategy="no")
+    assert logged(on, "eval/loss") and not logged(off, "eval/loss")
+
+
+def test_eval_strategy_epoch_evaluates_once_an_epoch(tmp_path, tiny_model):
+    result = train(tmp_path, tiny_model, val_set_size=4, eval_strategy="epoch", max_steps=None, num_epochs=2,
+                   micro_batch_size=4)
+    per_epoch = (len(ROWS) - 4) // 4
+    assert sorted(logged(result, "eval/loss")) == [0, per_epoch, 2 * per_epoch]
+
+
+def test_save_first_step_saves_after_step_one(tmp_path, tiny_model):
+    train(tmp_path, tiny_model, save_first_step=True, save_strategy="steps", save_steps=4)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == \
+        ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
+
+
+def test_loss_watchdog_stops_the_run_after_patience_steps(tmp_path, tiny_model):
+    result = train(tmp_path, tiny_model, loss_watchdog_threshold=1e-3, loss_watchdog_patience=2)
+    assert result["step"] == 2 and result["watchdog"]
+    assert (tmp_path / "run" / "adapter_config.json").is_file()  # stopped like a finished run: exported
+
+
+def test_gc_steps_collects_every_n_steps(tmp_path, tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "collect_garbage", lambda: calls.append(1))
+    train(tmp_path, tiny_model, gc_steps=2)
+    assert len(calls) == 2  # after steps 2 and 4 of 5
+
+
+def test_include_tkps_and_include_tokens_per_second(tmp_path, tiny_model):
+    default = train(tmp_path, tiny_model, "default", max_steps=2)
+    quiet = train(tmp_path, tiny_model, "quiet", max_steps=2, include_tkps=False, include_tokens_per_second=True)
+    assert logged(default, "train/tokens_per_second") and not logged(quiet, "train/tokens_per_second")
+    assert not logged(default, "train/run_tokens_per_second") and logged(quiet, "train/run_tokens_per_second")
+
+
+def test_wandb_keys_reach_wandb_init(tmp_path, tiny_model, monkeypatch):
+    seen = {}
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.update(kw) or Run()))
+    train(tmp_path, tiny_model, max_steps=1, wandb_project="p", wandb_entity="team", wandb_run_id="abc123",
+          wandb_mode="offline")
+    assert (seen["project"], seen["entity"], seen["id"], seen["resume"]) == ("p", "team", "abc123", "allow")
+    seen.clear()
+    train(tmp_path, tiny_model, "off", max_steps=1, wandb_project="p", use_wandb=False)
+    assert seen == {}
+
+
+# --- the config edge itself ------------------------------------------------------------------------
+
+
+def test_strict_true_refuses_overrides_of_keys_the_file_does_not_set(tmp_path, tiny_model):
+    path = config_file(tmp_path, tiny_model, strict=True)
+    assert load_config(path, ["--learning_rate", "2e-3"]).learning_rate == 2e-3
+    with pytest.raises(ConfigError, match="strict: true.*'warmup_steps' is not one of them"):
+        load_config(path, ["--warmup_steps", "2"])
+
+
+def test_type_of_model_must_agree_with_the_head(tmp_path, tiny_model):
+    assert load_config(config_file(tmp_path, tiny_model, model_type="LlamaForCausalLM")).model_type
+    with pytest.raises(ConfigError, match="model_type: AutoModelForSequenceClassification needs reward_model: true"):
+        load_config(config_file(tmp_path, tiny_model, model_type="AutoModelForSequenceClassification"))
+
+
+def test_a_key_only_an_unbuilt_feature_reads_is_refused_by_name(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="trl.num_generations is not supported yet by puretune .*GRPO"):
+        load_config(config_file(tmp_path, tiny_model, trl={"num_generations": 4}))
+    with pytest.raises(ConfigError, match=r"datasets\[0\].prompt_format is not supported yet"):
+        load_config(config_file(tmp_path, tiny_model, datasets=[{"path": "x.jsonl", "type": "alpaca",
+                                                                  "prompt_format": "{prompt}"}]))
+    # at its default the same key is fine
+    assert load_config(config_file(tmp_path, tiny_model, trl={"scale_rewards": True})).trl.scale_rewards
