@@ -94,6 +94,7 @@ class MetricsLogger:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            print("note: loss.png not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in ("train/loss", "eval/loss"):
