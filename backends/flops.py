@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from kernels.measure import synchronize
 from pure.models.config import ModelConfig, expected_param_shapes
 
 _DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,11 +87,6 @@ def attention_pairs(document_lengths: Sequence[int]) -> int:
     return sum(int(n) * (int(n) + 1) // 2 for n in document_lengths)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_matmul_peak(device: str | torch.device = "cpu", size: int = 2048, repeats: int = 5,
                         dtype: torch.dtype = torch.float32) -> dict:
     """The best achieved FLOP/s of a `size`^3 matmul (2 size^3 FLOPs) over `repeats` timed runs after one
@@ -102,12 +98,12 @@ def measure_matmul_peak(device: str | torch.device = "cpu", size: int = 2048, re
     a = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
     b = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
     torch.matmul(a, b)
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return {"flops_per_s": 2 * size ** 3 / best, "size": size, "best_s": best, "repeats": repeats,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
