@@ -45,7 +45,8 @@ def peak_memory_mb(device: torch.device) -> dict:
     """Peak memory of this process: `peak_mb` is the CUDA allocator's peak on CUDA and the max RSS
     elsewhere; `rss_mb` is the max RSS always."""
     rss = max_rss_mb()
-    return {"rss_mb": rss, "peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss}
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss
+    return {"rss_mb": rss, "peak_mb": peak}
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], args: Sequence, grad_of: Sequence[int]) -> Callable[[], None]:
