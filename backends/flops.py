@@ -50,6 +50,13 @@ class FlopCounter:
         return float(4 * self.frozen_matmul_params * tokens + 6 * self.trained_matmul_params * tokens
                      + 12 * self.num_layers * self.attention_width * attention_pairs + head)
 
+    def six_n_flops(self, tokens: int, attention_pairs: int, adapter_params: int = 0) -> float:
+        """The convention many trainers print, 6 (N_matmul + V E) T + 12 n_layers d_attn P: every base
+        weight counted as trained, so a LoRA step is credited with weight gradients it never computes.
+        N_matmul is the base model's: the `adapter_params` (LoRA's A and B, in N_trained) are left out."""
+        base = self.frozen_matmul_params + self.trained_matmul_params - adapter_params + self.head_params
+        return float(6 * base * tokens + 12 * self.num_layers * self.attention_width * attention_pairs)
+
     def formula(self) -> str:
         """The formula with this model's constants filled in, for the report."""
         c = 6 if self.head_trained else 4

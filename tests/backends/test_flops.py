@@ -28,3 +28,15 @@ def test_flop_formula_on_a_known_shape():
 def test_matmul_peak_is_a_positive_rate():
     peak = measure_matmul_peak("cpu", size=64, repeats=2)
     assert peak["flops_per_s"] > 0 and peak["best_s"] > 0 and peak["size"] == 64
+
+
+def test_the_6n_convention_credits_a_lora_step_like_full_fine_tuning():
+    config = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    params = init(config, rng.key(0))
+    lora = init_lora(params, LoraConfig(r=2), rng.key(1), target_linear=True)
+    adapter = sum(e["A"].numel() + e["B"].numel() for e in lora.values())
+    lora_step = flop_counter(config, {"params": {}, "lora": lora}).six_n_flops(10, 7, adapter_params=adapter)
+    full_step = flop_counter(config, {"params": dict(params)}).six_n_flops(10, 7)
+    # 6 (N_matmul 960 + V E 800) T + 12 n_layers d_attn P, whatever is trained
+    assert lora_step == full_step == 6 * (960 + 800) * 10 + 12 * 2 * 8 * 7

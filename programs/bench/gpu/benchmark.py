@@ -144,11 +144,9 @@ def run_benchmark(device, *, config: ModelConfig = LLAMA_3_2_1B, document_length
             timing, trainable, used = bench_ours(config, params, batch, device, lora=lora, steps=steps,
                                                  warmup=warmup, dtype=dtype, attention_fn=attention_fn)
             counter = flop_counter(config, trainable)
-            head_and_matmul = counter.frozen_matmul_params + counter.trained_matmul_params + counter.head_params
-            if lora is not None:  # the 6N convention counts the base model, not the adapter
-                head_and_matmul -= sum(e["A"].numel() + e["B"].numel() for e in trainable["lora"].values())
+            adapter = sum(e["A"].numel() + e["B"].numel() for e in trainable.get("lora", {}).values())
             flops = counter.step_flops(tokens, pairs, supervised)
-            flops_6n = 6 * head_and_matmul * tokens + 12 * config.num_hidden_layers * counter.attention_width * pairs
+            flops_6n = counter.six_n_flops(tokens, pairs, adapter_params=adapter)
             section["formula"] = counter.formula()
             section["ours"] = _throughput(timing, flops, flops_6n, tokens, peak_flops, nominal)
             section["ours"]["kernels"] = used
