@@ -19,6 +19,7 @@ from programs.bench.gpu.timing import Budget, time_kernels
 from pure.models.config import ModelConfig
 from pure.models.llama import sdpa_attention
 
+
 def run_section(results: dict, name: str, budget: Budget, needed: float, log: Callable, fn: Callable) -> None:
     """Run one section into results[name]: skipped when the budget is short, the error when it fails."""
     if not budget.allows(needed):
@@ -56,7 +57,7 @@ def run_gpu_suite(out_json: str | Path | None = None, *, device="cuda", budget_s
                   config: ModelConfig = LLAMA_3_2_1B, document_lengths=DOCUMENT_LENGTHS, lora_rank: int = 16,
                   steps: int = 6, warmup: int = 2, peak_size: int = 8192, kernel_cases_fn=kernel_cases,
                   time_kernels_at: int = 2048, timing_repeats: int = 10, log: Callable = print) -> dict:
-    """Run every section (module docstring) within `budget_s` seconds; return the report as a dict
+    """Run every section (the package docstring) within `budget_s` seconds; return the report as a dict
     and write it as JSON to `out_json` when given. The keyword arguments exist so the CPU tests can
     run the same code on a tiny model; a GPU session calls it with none."""
     from backends.flops import measure_matmul_peak
