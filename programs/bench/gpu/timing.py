@@ -15,6 +15,7 @@ from kernels.triton_jit import triton_usable
 from programs.bench.gpu.cases import LLAMA_3_2_1B
 from pure.models.config import ModelConfig
 
+
 @dataclass
 class Budget:
     """Seconds left of the suite's allowance; sections ask before they start."""
