@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from kernels.measure import synchronize
 from pure.models.config import ModelConfig, expected_param_shapes
 
 _DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,6 +49,13 @@ class FlopCounter:
         head = (6 if self.head_trained else 4) * self.head_params * supervised
         return float(4 * self.frozen_matmul_params * tokens + 6 * self.trained_matmul_params * tokens
                      + 12 * self.num_layers * self.attention_width * attention_pairs + head)
+
+    def six_n_flops(self, tokens: int, attention_pairs: int, adapter_params: int = 0) -> float:
+        """The convention many trainers print, 6 (N_matmul + V E) T + 12 n_layers d_attn P: every base
+        weight counted as trained, so a LoRA step is credited with weight gradients it never computes.
+        N_matmul is the base model's: the `adapter_params` (LoRA's A and B, in N_trained) are left out."""
+        base = self.frozen_matmul_params + self.trained_matmul_params - adapter_params + self.head_params
+        return float(6 * base * tokens + 12 * self.num_layers * self.attention_width * attention_pairs)
 
     def formula(self) -> str:
         """The formula with this model's constants filled in, for the report."""
@@ -86,11 +94,6 @@ def attention_pairs(document_lengths: Sequence[int]) -> int:
     return sum(int(n) * (int(n) + 1) // 2 for n in document_lengths)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_matmul_peak(device: str | torch.device = "cpu", size: int = 2048, repeats: int = 5,
                         dtype: torch.dtype = torch.float32) -> dict:
     """The best achieved FLOP/s of a `size`^3 matmul (2 size^3 FLOPs) over `repeats` timed runs after one
@@ -102,12 +105,12 @@ def measure_matmul_peak(device: str | torch.device = "cpu", size: int = 2048, re
     a = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
     b = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
     torch.matmul(a, b)
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return {"flops_per_s": 2 * size ** 3 / best, "size": size, "best_s": best, "repeats": repeats,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}

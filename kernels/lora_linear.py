@@ -127,7 +127,7 @@ def _matmul_lowrank_kernel(
 
 
 # Tile shapes tried on CUDA for bf16/fp16, the autotuner keeps the fastest per (N, K, r, variant):
-# common tensor-core tiles for transformer projections (not tuned on a GPU yet; see gpu_suite).
+# common tensor-core tiles for transformer projections (not tuned on a GPU yet; see programs.bench.gpu).
 _CUDA_CONFIGS = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -332,8 +332,9 @@ CPU_FORMULATIONS: dict[str, LoraLinearFn] = {
     "concat": lora_linear_concat,
 }
 
-# Chosen by `measure_cpu_formulations` at SmolLM2-135M shape (x [2048, 576] -> 1536, r = 16), forward +
-# backward w.r.t. x, A and B; see CPU_MEASUREMENT for the numbers.
+# Chosen by `kernels.measure.measure_formulations(CPU_FORMULATIONS, timing_inputs(dtype))` at
+# SmolLM2-135M shape (x [2048, 576] -> 1536, r = 16), forward + backward w.r.t. x, A and B; see
+# CPU_MEASUREMENT for the numbers.
 CPU_CHOICE = {torch.float32: "function", torch.bfloat16: "function"}
 CPU_MEASUREMENT = """
 Median ms of forward + backward, 3 trials, 1 torch thread, on a 2-core CPU shared by ~8 jobs (noisy):
@@ -353,7 +354,7 @@ def select_lora_linear(device: torch.device | str, dtype: torch.dtype) -> LoraLi
     CUDA with triton installed: the fused Triton matmul for bf16/fp16 (tensor-core tiles, autotuned);
     for float32 the torch `Function` on cuBLAS, since the Triton float32 path (IEEE FMA products,
     one untuned tile) is there for checks. Neither CUDA choice has been timed yet:
-    `programs.gpu_suite` times reference, torch Function and Triton side by side. Otherwise the torch
+    `programs.bench.gpu` times reference, torch Function and Triton side by side. Otherwise the torch
     formulation measured fastest on CPU for that dtype (`CPU_CHOICE`), the reference where nothing
     was measured.
     """
@@ -366,19 +367,18 @@ def select_lora_linear(device: torch.device | str, dtype: torch.dtype) -> LoraLi
     return lora_linear
 
 
-def measure_cpu_formulations(dtype=torch.float32, tokens: int = 2048, in_features: int = 576,
-                             out_features: int = 1536, r: int = 16, repeats: int = 10) -> dict[str, float]:
-    """Median seconds of forward + backward (w.r.t. x, A and B; W frozen) of each CPU formulation."""
-    from kernels.measure import compare_formulations
+def timing_inputs(dtype=torch.float32, tokens: int = 2048, in_features: int = 576, out_features: int = 1536,
+                  r: int = 16, device="cpu"):
+    """x [tokens, in_features], A and B (float32, as the adapter is kept) differentiated, W frozen,
+    for `kernels.measure.measure_formulations`; the defaults are the SmolLM2-135M shape `CPU_CHOICE`
+    was measured at."""
+    from kernels.measure import TimingInputs
 
     generator = torch.Generator().manual_seed(0)
     config = LoraConfig(r=r, alpha=2 * r)
-    x = torch.randn(tokens, in_features, generator=generator).to(dtype).requires_grad_()
-    weight = (0.02 * torch.randn(out_features, in_features, generator=generator)).to(dtype)
-    a = (0.02 * torch.randn(r, in_features, generator=generator)).requires_grad_()
-    b = (0.02 * torch.randn(out_features, r, generator=generator)).requires_grad_()
-    candidates = {
-        name: (lambda fn: lambda x, a, b: fn(x, weight, None, {"A": a, "B": b}, config))(fn)
-        for name, fn in CPU_FORMULATIONS.items()
-    }
-    return compare_formulations(candidates, (x, a, b), grad_of=(0, 1, 2), repeats=repeats)
+    x = torch.randn(tokens, in_features, generator=generator).to(device, dtype).requires_grad_()
+    weight = (0.02 * torch.randn(out_features, in_features, generator=generator)).to(device, dtype)
+    a = (0.02 * torch.randn(r, in_features, generator=generator)).to(device).requires_grad_()
+    b = (0.02 * torch.randn(out_features, r, generator=generator)).to(device).requires_grad_()
+    return TimingInputs((x, a, b), (0, 1, 2),
+                        lambda fn: lambda x, a, b: fn(x, weight, None, {"A": a, "B": b}, config))

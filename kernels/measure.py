@@ -1,4 +1,5 @@
-"""Timing of a kernel's forward + backward, the measurement the dispatchers' choices rest on.
+"""Measuring on a device: synchronisation, the time of one call, peak memory, and the timing of a
+kernel's forward + backward that the dispatchers' choices rest on.
 
 Wall clock (`time.perf_counter`) on CPU, CUDA events on GPU; candidates are timed in interleaved
 rounds after one warm-up call each and compared by their medians, so one preempted run (a shared
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +32,21 @@ def elapsed_seconds(fn: Callable[[], object], device: torch.device) -> float:
     begin = time.perf_counter()
     fn()
     return time.perf_counter() - begin
+
+
+def max_rss_mb() -> float:
+    """The peak resident set size of this process so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak memory of this process: `peak_mb` is the CUDA allocator's peak on CUDA and the max RSS
+    elsewhere; `rss_mb` is the max RSS always."""
+    rss = max_rss_mb()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss
+    return {"rss_mb": rss, "peak_mb": peak}
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], args: Sequence, grad_of: Sequence[int]) -> Callable[[], None]:
@@ -68,6 +85,26 @@ def compare_formulations(
             synchronize(device)
             samples[name].extend(elapsed_seconds(run, device) for _ in range(repeats))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class TimingInputs:
+    """What a kernel's formulations are timed on: the tensors `args`, the indices of those the
+    backward differentiates (`grad_of`), and `bind(fn)`, the formulation as a function of `args`
+    alone (its other arguments, such as eps or a frozen weight, fixed)."""
+
+    args: tuple
+    grad_of: tuple[int, ...]
+    bind: Callable[[Callable], Callable[..., torch.Tensor]]
+
+
+def measure_formulations(formulations: dict[str, Callable], inputs: TimingInputs, repeats: int = 10,
+                         rounds: int = 3) -> dict[str, float]:
+    """Median seconds of forward + backward of each formulation on `inputs` (`compare_formulations`);
+    a kernel module's `CPU_FORMULATIONS` on its `timing_inputs()` gives the numbers its `CPU_CHOICE`
+    rests on."""
+    candidates = {name: inputs.bind(fn) for name, fn in formulations.items()}
+    return compare_formulations(candidates, inputs.args, inputs.grad_of, repeats=repeats, rounds=rounds)
 
 
 def select_elementwise(device, dtype, triton_version: Callable, cpu_formulations: dict[str, Callable],

@@ -260,6 +260,7 @@ CPU_FORMULATIONS: dict[str, RMSNormFn] = {
 # step at 2048 tokens 5.1 -> 4.3-4.5 GB); in bf16 y / w would add bf16 rounding to n, so the native op.
 CPU_CHOICE = {torch.float32: "from_output", torch.bfloat16: "native"}
 CPU_MEASUREMENT = """
+`measure_formulations(CPU_FORMULATIONS, timing_inputs(dtype))` (`kernels.measure`):
 Median ms of forward + backward, 10 repeats, quiet 2-core CPU (2026-11-28), three trials:
 float32:  reference 7.4 / 6.9 / 7.5   native 5.9 / 5.9 / 6.6   function 9.7 / 10.5 / 8.0
           from_output 6.7 / 7.3 / 5.0
@@ -278,13 +279,12 @@ def select_rms_norm(device: torch.device | str, dtype: torch.dtype) -> RMSNormFn
     return select_elementwise(device, dtype, rms_norm_triton, CPU_FORMULATIONS, CPU_CHOICE, rms_norm)
 
 
-def measure_cpu_formulations(dtype=torch.float32, rows: int = 2048, width: int = 576,
-                             repeats: int = 10) -> dict[str, float]:
-    """Median seconds of forward + backward (w.r.t. x and weight) of each CPU formulation."""
-    from kernels.measure import compare_formulations
+def timing_inputs(dtype=torch.float32, rows: int = 2048, width: int = 576, device="cpu"):
+    """x [rows, width] and the weight, both differentiated, for `kernels.measure.measure_formulations`;
+    the defaults are the SmolLM2-135M shape `CPU_CHOICE` was measured at."""
+    from kernels.measure import TimingInputs
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, width, generator=generator).to(dtype).requires_grad_()
-    weight = (1 + 0.1 * torch.randn(width, generator=generator)).to(dtype).requires_grad_()
-    candidates = {name: (lambda fn: lambda x, w: fn(x, w, 1e-5))(fn) for name, fn in CPU_FORMULATIONS.items()}
-    return compare_formulations(candidates, (x, weight), grad_of=(0, 1), repeats=repeats)
+    x = torch.randn(rows, width, generator=generator).to(device, dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(width, generator=generator)).to(device, dtype).requires_grad_()
+    return TimingInputs((x, weight), (0, 1), lambda fn: lambda x, w: fn(x, w, 1e-5))

@@ -173,7 +173,8 @@ CPU_FORMULATIONS: dict[str, SwiGLUFn] = {
 
 # Chosen at SmolLM2-135M shape (gate, up [2048, 1536]) by speed and saved memory: the Function is
 # about 1 ms per layer slower than autograd over the reference (about 0.3% of a SmolLM2 LoRA step)
-# and keeps a third fewer activations (see `_SwiGLUFunction`); `measure_cpu_formulations` numbers:
+# and keeps a third fewer activations (see `_SwiGLUFunction`); the numbers of
+# `kernels.measure.measure_formulations(CPU_FORMULATIONS, timing_inputs(dtype))`:
 CPU_CHOICE = {torch.float32: "function", torch.bfloat16: "function"}
 CPU_MEASUREMENT = """
 Median ms of forward + backward, 10 repeats, quiet 2-core CPU (2026-11-28), three trials:
@@ -193,12 +194,12 @@ def select_swiglu(device: torch.device | str, dtype: torch.dtype) -> SwiGLUFn:
     return select_elementwise(device, dtype, swiglu_triton, CPU_FORMULATIONS, CPU_CHOICE, swiglu_reference)
 
 
-def measure_cpu_formulations(dtype=torch.float32, tokens: int = 2048, width: int = 1536,
-                             repeats: int = 10) -> dict[str, float]:
-    """Median seconds of forward + backward (w.r.t. gate and up) of each CPU formulation."""
-    from kernels.measure import compare_formulations
+def timing_inputs(dtype=torch.float32, tokens: int = 2048, width: int = 1536, device="cpu"):
+    """gate and up [tokens, width], both differentiated, for `kernels.measure.measure_formulations`;
+    the defaults are the SmolLM2-135M shape `CPU_CHOICE` was measured at."""
+    from kernels.measure import TimingInputs
 
     generator = torch.Generator().manual_seed(0)
-    gate = torch.randn(tokens, width, generator=generator).to(dtype).requires_grad_()
-    up = torch.randn(tokens, width, generator=generator).to(dtype).requires_grad_()
-    return compare_formulations(CPU_FORMULATIONS, (gate, up), grad_of=(0, 1), repeats=repeats)
+    gate = torch.randn(tokens, width, generator=generator).to(device, dtype).requires_grad_()
+    up = torch.randn(tokens, width, generator=generator).to(device, dtype).requires_grad_()
+    return TimingInputs((gate, up), (0, 1), lambda fn: fn)

@@ -21,6 +21,7 @@ import torch
 
 from backends import checkpoint as ckpt
 from backends.metrics import MetricsLogger
+from kernels.measure import max_rss_mb
 from programs import common
 from pure.train import TrainState
 from pure.tree import tree_leaves
@@ -342,12 +343,6 @@ def wrap_steps(config, train_step, eval_step, state):
     autocast_train_step.compile_seconds = getattr(train_step, "compile_seconds", None)
     autocast_train_step.cache_dir = getattr(train_step, "cache_dir", None)
     return autocast_train_step, (autocast_eval_step if eval_step is not None else None), state
-
-
-def max_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main_for(run_fn: Callable, description: str, argv=None) -> int:

@@ -8,8 +8,9 @@ the interpreter truncates float32 -> bfloat16 instead of rounding).
 import pytest
 import torch
 
-from kernels.lora_linear import (CPU_CHOICE, CPU_FORMULATIONS, lora_dropout, lora_linear_triton,
-                                 measure_cpu_formulations, select_lora_linear)
+from kernels.lora_linear import (CPU_CHOICE, CPU_FORMULATIONS, lora_dropout, lora_linear_triton, select_lora_linear,
+                                 timing_inputs)
+from kernels.measure import measure_formulations
 from kernels.triton_jit import triton_installed
 from pure import rng
 from pure.lora import LoraConfig, lora_linear
@@ -145,7 +146,8 @@ def test_cuda_request_without_a_gpu_falls_back_to_the_reference():
 
 
 def test_measurement_times_every_formulation():
-    timings = measure_cpu_formulations(tokens=8, in_features=16, out_features=24, r=4, repeats=1)
+    timings = measure_formulations(CPU_FORMULATIONS, timing_inputs(tokens=8, in_features=16, out_features=24, r=4),
+                                   repeats=1)
     assert set(timings) == set(CPU_FORMULATIONS) and all(t > 0 for t in timings.values())
 
 

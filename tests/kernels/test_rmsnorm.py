@@ -8,7 +8,8 @@ also truncates instead of rounding when it converts float32 to bfloat16).
 import pytest
 import torch
 
-from kernels.rmsnorm import CPU_CHOICE, CPU_FORMULATIONS, measure_cpu_formulations, rms_norm_triton, select_rms_norm
+from kernels.measure import measure_formulations
+from kernels.rmsnorm import CPU_CHOICE, CPU_FORMULATIONS, rms_norm_triton, select_rms_norm, timing_inputs
 from kernels.triton_jit import triton_installed
 from pure.models.llama import rms_norm
 
@@ -91,7 +92,7 @@ def test_cuda_request_without_a_gpu_falls_back_to_the_reference():
 
 
 def test_measurement_times_every_formulation():
-    timings = measure_cpu_formulations(rows=8, width=16, repeats=1)
+    timings = measure_formulations(CPU_FORMULATIONS, timing_inputs(rows=8, width=16), repeats=1)
     assert set(timings) == set(CPU_FORMULATIONS) and all(t > 0 for t in timings.values())
 
 

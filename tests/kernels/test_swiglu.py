@@ -7,8 +7,9 @@ interpreter truncates float32 -> bfloat16 instead of rounding).
 import pytest
 import torch
 
-from kernels.swiglu import (CPU_CHOICE, CPU_FORMULATIONS, measure_cpu_formulations, select_swiglu,
-                            swiglu_reference, swiglu_triton)
+from kernels.measure import measure_formulations
+from kernels.swiglu import (CPU_CHOICE, CPU_FORMULATIONS, select_swiglu, swiglu_reference, swiglu_triton,
+                            timing_inputs)
 from kernels.triton_jit import triton_installed
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -90,5 +91,5 @@ def test_cuda_request_without_a_gpu_falls_back_to_the_reference():
 
 
 def test_measurement_times_every_formulation():
-    timings = measure_cpu_formulations(tokens=8, width=16, repeats=1)
+    timings = measure_formulations(CPU_FORMULATIONS, timing_inputs(tokens=8, width=16), repeats=1)
     assert set(timings) == set(CPU_FORMULATIONS) and all(t > 0 for t in timings.values())

