@@ -5,6 +5,7 @@ dropped, which is the bug this test exists to stop."""
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,23 @@ def test_tables_name_schema_keys_with_a_reason(table):
     for key, reason in table.items():
         assert key in keys, key
         assert len(reason) > 10, key
+
+
+MINIMAL = {"base_model": "smollm2-135m-instruct", "learning_rate": 2e-4,
+           "datasets": [{"path": "data.jsonl", "type": "alpaca"}]}
+
+
+@pytest.mark.parametrize("name", typing.get_args(Config.model_fields["lr_scheduler"].annotation))
+def test_every_lr_scheduler_the_schema_accepts_runs_or_is_refused_at_validation(name):
+    from programs.config import ConfigError, validate
+    from programs.config.derived import schedule_settings
+    from pure.schedules import build_schedule
+
+    options = {"lr_scheduler_kwargs": {"num_decay_steps": 10}} if name == "warmup_stable_decay" else {}
+    try:
+        config = validate({**MINIMAL, "lr_scheduler": name, "warmup_steps": 3, **options})
+    except ConfigError as err:
+        assert "lr_scheduler is not supported yet by puretune" in str(err)
+        return
+    schedule = build_schedule(total_steps=50, **schedule_settings(config))
+    assert all(0 <= schedule(step) <= 2e-4 * (1 + 1e-12) for step in range(52))
