@@ -34,6 +34,22 @@ def adafactor(groups, lr):
     return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False)
 
 
+def clipped_torch_history(make_optimizer, params, steps, groups):
+    """The params after each step of a torch optimizer over named param ``groups``, the gradients
+    clipped to norm 1.0 first (``clip_grad_norm_``), as ``build_optimizer(max_grad_norm=1.0)`` does."""
+    torch_params = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
+    opt = make_optimizer([{**g, "params": [torch_params[n] for n in g["params"]]} for g in groups])
+    history = []
+    for step in range(steps):
+        grads = make_grads(params, step)
+        for n, p in torch_params.items():
+            p.grad = grads[n].clone()
+        torch.nn.utils.clip_grad_norm_(list(torch_params.values()), 1.0)
+        opt.step()
+        history.append({n: p.detach().clone() for n, p in torch_params.items()})
+    return history
+
+
 # Each name puretune runs -> its reference, built from param groups with the config's defaults.
 REFERENCES = {
     "adamw_torch": lambda groups, lr: torch.optim.AdamW(groups, lr=lr, foreach=False),
@@ -50,18 +66,12 @@ def test_every_optimizer_name_steps_like_its_reference(name):
     params = make_params()
     lr, wd = 1e-2, 0.1
     ours, _ = run_pure(build_optimizer(name, lr, weight_decay=wd, max_grad_norm=1.0), params, 5)
-
-    torch_params = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
-    decay = [torch_params[n] for n, p in params.items() if default_decay_mask(n, p)]
-    no_decay = [torch_params[n] for n, p in params.items() if not default_decay_mask(n, p)]
-    ref_opt = REFERENCES[name]([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr)
-    for step, mine in enumerate(ours):
-        grads = make_grads(params, step)
-        for n, p in torch_params.items():
-            p.grad = grads[n].clone()
-        torch.nn.utils.clip_grad_norm_(list(torch_params.values()), 1.0)
-        ref_opt.step()
-        assert_trees_close(mine, {n: p.detach() for n, p in torch_params.items()}, atol=1e-6)
+    decay = [n for n, p in params.items() if default_decay_mask(n, p)]
+    no_decay = [n for n in params if n not in decay]
+    ref = clipped_torch_history(lambda groups: REFERENCES[name](groups, lr), params, 5, [
+        {"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}])
+    for mine, theirs in zip(ours, ref):
+        assert_trees_close(mine, theirs, atol=1e-6)
 
 
 def test_build_optimizer_adamw_with_groups_matches_torch_param_groups():
@@ -72,26 +82,18 @@ def test_build_optimizer_adamw_with_groups_matches_torch_param_groups():
     opt = build_optimizer("adamw_torch_fused", lr, weight_decay=wd, adam_beta2=0.99, max_grad_norm=1.0, param_groups=groups)
     ours, _ = run_pure(opt, params, 5)
 
-    torch_params = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
     q = ["model.layers.0.self_attn.q_proj.weight"]
     decay = [n for n, p in params.items() if n not in q and default_decay_mask(n, p)]
     no_decay = [n for n, p in params.items() if n not in q and not default_decay_mask(n, p)]
     assert set(no_decay) == {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.input_layernorm.weight", "model.norm.weight"}
-    ref_opt = torch.optim.AdamW(
-        [
-            {"params": [torch_params[n] for n in decay], "weight_decay": wd, "lr": lr},
-            {"params": [torch_params[n] for n in no_decay], "weight_decay": 0.0, "lr": lr},
-            {"params": [torch_params[n] for n in q], "weight_decay": wd, "lr": 3e-3},
-        ],
-        betas=(0.9, 0.99), eps=1e-8, foreach=False,
-    )
-    for step, mine in enumerate(ours):
-        grads = make_grads(params, step)
-        for n, p in torch_params.items():
-            p.grad = grads[n].clone()
-        torch.nn.utils.clip_grad_norm_(list(torch_params.values()), 1.0)
-        ref_opt.step()
-        assert_trees_close(mine, {n: p.detach() for n, p in torch_params.items()}, atol=1e-6)
+    ref = clipped_torch_history(
+        lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.99), eps=1e-8, foreach=False), params, 5, [
+            {"params": decay, "weight_decay": wd, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+            {"params": q, "weight_decay": wd, "lr": 3e-3},
+        ])
+    for mine, theirs in zip(ours, ref):
+        assert_trees_close(mine, theirs, atol=1e-6)
 
 
 def test_build_optimizer_records_grad_norm_even_without_clipping():
