@@ -15,6 +15,7 @@ from pure.optim.base import PathFn, PyTree, as_schedule, device_of, new_count, n
 from pure.schedules import Schedule
 from pure.tree import leaves_with_paths, replace_leaves
 
+
 def adamw_8bit(
     lr_schedule: float | Schedule,
     b1: float = 0.9,
@@ -27,7 +28,10 @@ def adamw_8bit(
     min_8bit_size: int = 4096,
     blocksize: int | None = None,
 ) -> GradientTransformation:
-    """AdamW with blockwise 8-bit moments (Dettmers et al. 2022), via ``bitsandbytes``.
+    """AdamW with blockwise 8-bit moments (Dettmers et al. 2022), via ``bitsandbytes``:
+
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), m and v stored as 8-bit codes with a
+    per-block absmax scale.
 
     Emits final updates (lr and decoupled decay included), so it is not
     followed by ``scale_by_learning_rate``. Tensors with fewer than
@@ -81,8 +85,9 @@ def adamw_8bit(
         wd = wd_schedule(step)
         g_items = leaves_with_paths(grads)
         p_items = dict(leaves_with_paths(params))
-        scales = dict(zip([p for p, _ in g_items], path_values(lr_scales, [(p, p_items[p]) for p, _ in g_items], 1.0)))
-        keep = dict(zip([p for p, _ in g_items], path_values(decay_mask, [(p, p_items[p]) for p, _ in g_items], True)))
+        ref = [(path, p_items[path]) for path, _ in g_items]
+        scales = {path: s for (path, _), s in zip(ref, path_values(lr_scales, ref, 1.0))}
+        keep = {path: k for (path, _), k in zip(ref, path_values(decay_mask, ref, True))}
         small_g = {path: g for path, g in g_items if path not in state["q8"]}
         small_u, small_state = small.update(small_g, state["small"], None, step)
         out, q8 = {}, {}

@@ -7,6 +7,7 @@ from pure.optim.scalers import scale_by_adafactor, scale_by_adam, scale_by_lion
 from pure.optim.transforms import add_decayed_weights, ema, scale_by_learning_rate, trace
 from pure.schedules import Schedule
 
+
 def adamw(
     lr_schedule: float | Schedule,
     b1: float = 0.9,

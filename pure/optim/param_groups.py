@@ -9,6 +9,7 @@ from torch import Tensor
 
 from pure.optim.base import PathFn
 
+
 def default_decay_mask(path: str, param: Tensor | None = None) -> bool:
     """Whether a parameter gets weight decay: not biases (``*.bias``), not norm
     weights (path contains ``norm``), not 1-D tensors."""
