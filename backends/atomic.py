@@ -3,8 +3,8 @@ half-written one, and after a power cut the name points at complete data.
 
 - `atomic_folder(target)`: a whole folder (a checkpoint, an HF model) is built in a temporary
   sibling, fsynced, and swapped into place; a failed swap puts the previous folder back.
-- `atomic_files(target)`: files are built in a temporary sibling and each replaces its namesake
-  in `target`, which may hold other files (a run's output_dir).
+- `atomic_files(target)`: files are built in a hidden temporary folder inside `target` and each
+  replaces its namesake there; `target` may hold other files (a run's output_dir).
 - `atomic_write(path, data)`: one file.
 
 Durability needs an fsync of every file, of the folder that holds them, and of the parent whose
@@ -46,9 +46,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temporary_folder(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def _temporary_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder in `parent`: on the same file system as its destination, so the
+    final rename is atomic (a rename across file systems is a copy)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
     os.chmod(tmp, _FOLDER_MODE)
     return tmp
 
@@ -60,7 +62,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     back if the rename fails) and the parent is fsynced. When the block raises, nothing at
     `target` changes. The temporary folder never outlives the block."""
     target = Path(target)
-    tmp = _temporary_folder(target)
+    tmp = _temporary_folder(target.parent, target.name)
     try:
         yield tmp
         fsync_tree(tmp)
@@ -86,21 +88,22 @@ def _swap_into_place(new: Path, target: Path) -> None:
 
 @contextmanager
 def atomic_files(target: str | os.PathLike, *, last: str | None = None) -> Iterator[Path]:
-    """Yield an empty temporary folder next to the folder `target`; when the block succeeds,
+    """Yield an empty temporary folder inside the folder `target`; when the block succeeds,
     each file written into it is fsynced and replaces its namesake in `target` by one rename
     (the file named `last` after all others, so a reader that waits for it finds the rest), and
     `target` is fsynced. Other files of `target` stay. Each file is old or new, never
     half-written; the set of files is not swapped as one. When the block raises, `target` is
     untouched."""
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_folder(target)
+    tmp = _temporary_folder(target, "files")
     try:
         yield tmp
-        for file in sorted(tmp.iterdir(), key=lambda f: f.name == last):
-            if file.is_dir():
-                raise IsADirectoryError(f"atomic_files: {file.name} in {target} is a folder; only files "
-                                        "are moved one by one (use atomic_folder for a whole folder)")
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
+        folders = [f.name for f in files if f.is_dir()]
+        if folders:
+            raise IsADirectoryError(f"atomic_files: {folders} in {target} are folders; only files are moved "
+                                    "one by one (a whole folder is written with atomic_folder)")
+        for file in files:
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(file, target / file.name)

@@ -113,6 +113,15 @@ def test_atomic_files_replace_namesakes_keep_other_files_and_move_last_last(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_atomic_files_refuse_a_folder_before_moving_any_file(tmp_path):
+    target = make_folder(tmp_path / "run", {"config.json": "old"})
+    with pytest.raises(IsADirectoryError, match="sub"):
+        with atomic_files(target) as tmp:
+            (tmp / "config.json").write_text("new")
+            (tmp / "sub").mkdir()
+    assert contents(target) == {"config.json": "old"}
+
+
 def test_atomic_write_writes_text_and_bytes_and_a_failed_replace_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "out" / "config.yaml"
     atomic_write(path, "a: 1\n")
