@@ -11,13 +11,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from backends.atomic import atomic_folder
 from pure.train import TrainState
 from pure.tree import leaves_with_paths, replace_leaves
 
@@ -45,14 +45,6 @@ def _state_tree(state: TrainState) -> dict:
             "loss_scale": state.loss_scale}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dict | None = None,
                     total_limit: int | None = None) -> Path:
     """Write `checkpoint-<step>` atomically and prune the oldest beyond `total_limit`."""
@@ -62,20 +54,10 @@ def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dic
     tensors, values = _flatten(_state_tree(state))
     meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values,
             "tensors": sorted(tensors), "extra": extra or {}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=output_dir))
-    try:
+    # Re-saving a step (a signal right after a scheduled save) swaps out the existing folder.
+    with atomic_folder(target) as tmp:
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if target.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-        _fsync_dir(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,14 +7,12 @@ LoRA delta (`lora_model_dir`). Full runs write an HF model folder via `backends.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from backends.atomic import atomic_files, atomic_folder
 from pure.lora import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -24,37 +22,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be loaded onto this model."""
-
-
-def _atomic_folder(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-
-
-def _commit_folder(tmp: Path, path: Path) -> None:
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if path.exists():
-        old = path.with_name(f".{path.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-
-
-def _move_files_into(tmp: Path, path: Path) -> None:
-    """Move every file of `tmp` into `path`, each by an atomic rename after fsync; other files of
-    `path` (a run's checkpoints, metrics) stay."""
-    path.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == ADAPTER_CONFIG):  # the config last
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, path / f.name)
 
 
 def save_peft_adapter(path, lora: dict, lora_config: LoraConfig, *, modules_to_save: dict | None = None,
@@ -90,15 +57,12 @@ def save_peft_adapter(path, lora: dict, lora_config: LoraConfig, *, modules_to_s
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    tmp = _atomic_folder(path)
-    try:
+    # The config last: PEFT finds an adapter by its config, so once it is there the weights are too.
+    with atomic_files(path, last=ADAPTER_CONFIG) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _move_files_into(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -254,10 +218,9 @@ def save_reward_model(path, params: dict, score, model_config, tokenizer, num_la
     labels = {int(i): str(name) for i, name in (id2label or {i: f"LABEL_{i}" for i in range(num_labels)}).items()}
     if sorted(labels) != list(range(num_labels)):
         raise ValueError(f"id2label must name the labels 0..{num_labels - 1}, got keys {sorted(labels)}")
-    tmp = _atomic_folder(path)
-    try:
-        folder = save_pretrained(base, model_config.replace(pad_token_id=pad_token_id), tokenizer, tmp / "model",
-                                 max_shard_size=max_shard_size)
+    with atomic_folder(path) as folder:
+        save_pretrained(base, model_config.replace(pad_token_id=pad_token_id), tokenizer, folder,
+                        max_shard_size=max_shard_size)
         _rewrite_weights(folder, {"lm_head.weight"}, head)
         config_path = folder / "config.json"
         hf = json.loads(config_path.read_text())
@@ -269,9 +232,6 @@ def save_reward_model(path, params: dict, score, model_config, tokenizer, num_la
         hf["pad_token_id"] = pad_token_id
         config_path.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         (folder / "generation_config.json").unlink(missing_ok=True)  # a classifier does not generate
-        _commit_folder(folder, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from backends.atomic import atomic_folder, fsync_tree
 from pure.models.config import (
     ModelConfig,
     UnsupportedArchitectureError,
@@ -81,6 +82,7 @@ def embedded_model_dir(short_name: str = "smollm2-135m-instruct") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{short_name}-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
+        fsync_tree(tmp)  # later runs trust the folder: its data must reach the disk before its name
         try:
             os.rename(tmp, target)
         except OSError:  # another process converted it first
@@ -153,9 +155,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2, sort_keys=True))
     tokenizer.save_pretrained(out)
-    for f in out.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -420,18 +419,11 @@ def save_pretrained(params: Mapping[str, Any], config: ModelConfig, tokenizer, p
     state = _state_to_save(dict(leaves_with_paths(params)), config)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "config.json").is_file())):
         raise FileExistsError(f"refusing to replace {path}: it exists and is not a model folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_folder(path) as tmp:
         _write_config(tmp, config, state, tokenizer)
         _write_weights(tmp, state, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -524,41 +516,3 @@ def _write_weights(folder: Path, state: dict[str, torch.Tensor], max_shard_size:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms can't open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, swapping out an existing `target` so a failure restores it."""
-    if not target.exists():
-        os.rename(new, target)
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old)
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)

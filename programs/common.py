@@ -16,7 +16,8 @@ from backends.hf import load_pretrained
 from pure import rng
 from pure.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing
 from pure.lora import LoraConfig, init_lora
-from pure.optim import build_optimizer, make_param_groups
+from programs.optimizers import build_optimizer
+from pure.optim import make_param_groups
 from pure.schedules import build_schedule
 
 
@@ -106,7 +107,7 @@ def build_optimizer_from_config(config, total_steps: int):
     optimizer = build_optimizer(
         config.optimizer or "adamw_torch_fused", schedule, weight_decay=config.weight_decay or 0.0,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm, param_groups=groups,
+        max_grad_norm=config.max_grad_norm, param_groups=groups, optim_args=config.optim_args,
     )
     return optimizer, schedule
 

@@ -12,16 +12,13 @@ image with nothing but torch.
 """
 from __future__ import annotations
 
-import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 Tree = Any
-PathPredicate = Union[Callable[[str, Any], bool], str, Iterable[str]]
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
@@ -129,77 +126,11 @@ def _join(path: tuple) -> str:
     return ".".join(str(k) for k in path)
 
 
-def _as_predicate(select: PathPredicate) -> Callable[[str, Any], bool]:
-    if callable(select):
-        return select
-    patterns = [select] if isinstance(select, str) else list(select)
-    compiled = [re.compile(p) for p in patterns]
-    return lambda path, _leaf: any(p.search(path) for p in compiled)
-
-
-def partition(tree: Tree, select: PathPredicate) -> tuple[Tree, Tree]:
-    """Split `tree` into `(selected, rest)`.
-
-    `select` is a predicate `(path, leaf) -> bool`, or a regex (or a list of them) searched in the
-    dotted path. Both results keep the dict structure of `tree` but hold only their own leaves:
-    no `None` placeholders, and dicts left empty are dropped. `combine(selected, rest)` gives the
-    tree back. Lists and tuples can't drop entries without renumbering, so they must fall wholly
-    on one side.
-    """
-    predicate = _as_predicate(select)
-
-    def split(node: Any, prefix: str) -> tuple[Any, Any]:
-        # Returns (selected, rest); _EMPTY marks a side that holds nothing.
-        if isinstance(node, Mapping):
-            picked, left = {}, {}
-            for k, v in node.items():
-                a, b = split(v, f"{prefix}.{k}" if prefix else str(k))
-                if a is not _EMPTY:
-                    picked[k] = a
-                if b is not _EMPTY:
-                    left[k] = b
-            return (picked or _EMPTY), (left or _EMPTY)
-        if node is None:
-            return _EMPTY, _EMPTY
-        if isinstance(node, (list, tuple)):
-            flags = {predicate(_join((prefix, p)) if prefix else p, leaf)
-                     for p, leaf in leaves_with_paths(node)}
-            if len(flags) > 1:
-                raise TypeError(
-                    f"partition: the {type(node).__name__} at {prefix!r} would be split; "
-                    "only dicts can be partitioned leaf by leaf"
-                )
-            return (node, _EMPTY) if flags == {True} else (_EMPTY, node)
-        return (node, _EMPTY) if predicate(prefix, node) else (_EMPTY, node)
-
-    selected, rest = split(tree, "")
-    empty = type(tree)() if isinstance(tree, Mapping) else None
-    return (empty if selected is _EMPTY else selected), (empty if rest is _EMPTY else rest)
-
-
-class _Empty:  # a sentinel: "this side holds nothing" in partition, "no leaf left" in replace_leaves
+class _Empty:  # a sentinel: "no leaf left" in replace_leaves
     __slots__ = ()
 
 
 _EMPTY = _Empty()
-
-
-def combine(a: Tree, b: Tree) -> Tree:
-    """Deep-merge two trees of dicts, the inverse of `partition`; a path in both is an error."""
-
-    def merge(x: Any, y: Any, prefix: str) -> Any:
-        if x is None:
-            return y
-        if y is None:
-            return x
-        if isinstance(x, Mapping) and isinstance(y, Mapping):
-            out = dict(x)
-            for k, v in y.items():
-                out[k] = merge(out[k], v, f"{prefix}.{k}" if prefix else str(k)) if k in out else v
-            return out
-        raise ValueError(f"combine: {prefix or '<root>'!r} is present in both trees")
-
-    return merge(a, b, "")
 
 
 def cast(tree: Tree, dtype: torch.dtype) -> Tree:
@@ -219,46 +150,3 @@ def global_norm(tree: Tree) -> torch.Tensor:
     device = tensors[0].device
     norms = torch._foreach_norm(tensors, 2.0, dtype=dtype)  # one fused pass over all leaves
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-
-
-def zeros_like(tree: Tree) -> Tree:
-    """A tree of zero tensors with the shapes, dtypes and devices of `tree`."""
-    return tree_map(torch.zeros_like, tree)
-
-
-def num_params(tree: Tree) -> int:
-    """Total number of elements over all tensor leaves."""
-    return sum(x.numel() for x in tree_leaves(tree) if isinstance(x, torch.Tensor))
-
-
-def shape_summary(tree: Tree) -> str:
-    """A table of path, shape, dtype and element count per leaf, with the total on the last line."""
-    rows = []
-    for path, leaf in leaves_with_paths(tree):
-        if isinstance(leaf, torch.Tensor):
-            dtype = str(leaf.dtype).removeprefix("torch.")
-            rows.append((path, str(tuple(leaf.shape)), dtype, leaf.numel()))
-        else:
-            rows.append((path, "()", type(leaf).__name__, 0))
-    total = sum(r[3] for r in rows)
-    header = ("path", "shape", "dtype", "count")
-    widths = [max([len(header[i])] + [len(str(r[i])) if i < 3 else len(f"{r[i]:,}") for r in rows])
-              for i in range(4)]
-    widths[3] = max(widths[3], len(f"{total:,}"))
-
-    def line(cells: tuple[str, str, str, str]) -> str:
-        return (f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]:<{widths[2]}}  "
-                f"{cells[3]:>{widths[3]}}").rstrip()
-
-    lines = [line(header), "-" * (sum(widths) + 6)]
-    lines += [line((p, s, d, f"{n:,}")) for p, s, d, n in rows]
-    lines.append(line(("total", "", f"{len(rows)} leaves", f"{total:,}")))
-    lines.append(f"({_human(total)} parameters)")
-    return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    if n < 1000:
-        return str(n)
-    exp = min(int(math.log10(n) // 3), 4)
-    return f"{n / 10 ** (3 * exp):.1f}{' KMBT'[exp]}"

@@ -17,7 +17,7 @@ from pure.lora import LoraConfig, init_lora
 from pure.losses import sft
 from pure.models import ModelConfig
 from pure.models.llama import init
-from pure.optim import build_optimizer
+from programs.optimizers import build_optimizer
 from pure.schedules import build_schedule
 from pure.train import init_train_state, make_apply, make_train_step
 from pure.tree import tree_leaves

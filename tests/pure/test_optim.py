@@ -1,4 +1,4 @@
-"""Specification of pure/optim.py: each optimizer steps like its reference."""
+"""Specification of pure/optim/: each optimizer steps like its reference."""
 
 import math
 
@@ -9,14 +9,13 @@ from pure import optim, tree
 from pure.optim import (
     ParamGroup,
     apply_updates,
-    build_optimizer,
+    chain,
     clip_by_global_norm,
     default_decay_mask,
     global_norm,
     grad_norm_from_state,
     make_param_groups,
-    state_from_flat,
-    state_to_flat,
+    param_group_lr_scales,
 )
 
 SHAPES = {
@@ -76,6 +75,11 @@ def assert_trees_close(a, b, atol, rtol=0.0):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def by_path(state):
+    """A tree (an optimizer state) as ``{dotted path: tensor}``, the form a checkpoint saves it in."""
+    return dict(tree.leaves_with_paths(state))
+
+
 def warmup_decay(step):
     return min(1.0, (step + 1) / 3) * (1.0 - 0.1 * step)
 
@@ -108,36 +112,6 @@ def test_sgd_matches_torch_sgd(momentum, nesterov, weight_decay):
     )
     for a, b in zip(ours, ref):
         assert_trees_close(a, b, atol=1e-6)
-
-
-def test_build_optimizer_adamw_with_groups_matches_torch_param_groups():
-    """Decay mask + lr groups + clipping equal torch AdamW with explicit param groups."""
-    params = make_params()
-    lr, wd = 1e-2, 0.1
-    groups = make_param_groups(lr, lr_groups=[{"name": "q", "modules": ["q_proj.weight"], "lr": 3e-3}])
-    opt = build_optimizer("adamw_torch_fused", lr, weight_decay=wd, adam_beta2=0.99, max_grad_norm=1.0, param_groups=groups)
-    ours, _ = run_pure(opt, params, 5)
-
-    torch_params = {n: torch.nn.Parameter(p.clone()) for n, p in params.items()}
-    q = ["model.layers.0.self_attn.q_proj.weight"]
-    decay = [n for n, p in params.items() if n not in q and default_decay_mask(n, p)]
-    no_decay = [n for n, p in params.items() if n not in q and not default_decay_mask(n, p)]
-    assert set(no_decay) == {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.input_layernorm.weight", "model.norm.weight"}
-    ref_opt = torch.optim.AdamW(
-        [
-            {"params": [torch_params[n] for n in decay], "weight_decay": wd, "lr": lr},
-            {"params": [torch_params[n] for n in no_decay], "weight_decay": 0.0, "lr": lr},
-            {"params": [torch_params[n] for n in q], "weight_decay": wd, "lr": 3e-3},
-        ],
-        betas=(0.9, 0.99), eps=1e-8, foreach=False,
-    )
-    for step, mine in enumerate(ours):
-        grads = make_grads(params, step)
-        for n, p in torch_params.items():
-            p.grad = grads[n].clone()
-        torch.nn.utils.clip_grad_norm_(list(torch_params.values()), 1.0)
-        ref_opt.step()
-        assert_trees_close(mine, {n: p.detach() for n, p in torch_params.items()}, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- papers, float64
@@ -202,7 +176,7 @@ def test_adafactor_matches_transformers_adafactor():
     from transformers.optimization import Adafactor
 
     params = make_params()
-    ours, _ = run_pure(build_optimizer("adafactor", 1e-2, weight_decay=0.0, decay_mask=None), params, 5)
+    ours, _ = run_pure(optim.adafactor(1e-2), params, 5)
     ref = run_torch(lambda ps: Adafactor(ps, lr=1e-2, scale_parameter=False, relative_step=False), params, 5)
     for a, b in zip(ours, ref):
         assert_trees_close(a, b, atol=1e-6)
@@ -223,14 +197,6 @@ def test_clip_records_preclip_norm_and_clips_to_max_norm():
     unclipped, state = clip.update(small, state, params, 1)
     assert_trees_close(unclipped, small, atol=0.0)
     assert float(grad_norm_from_state(state)) == pytest.approx(1e-3 * norm, rel=1e-6)
-
-
-def test_build_optimizer_records_grad_norm_even_without_clipping():
-    params = make_params()
-    opt = build_optimizer("adamw_torch", 1e-3, max_grad_norm=None)
-    grads = make_grads(params, 0)
-    _, state = opt.update(grads, opt.init(params), params, 0)
-    assert float(grad_norm_from_state(state)) == pytest.approx(float(global_norm(grads)), rel=1e-6)
 
 
 def test_default_decay_mask_skips_biases_norms_and_vectors():
@@ -264,7 +230,7 @@ LORA_SHAPES = {
 
 
 def sgd_updates(groups, params, lr):
-    opt = build_optimizer("sgd", lr, param_groups=groups)
+    opt = optim.sgd(lr, lr_scales=param_group_lr_scales(groups))
     grads = make_grads(params, 0)
     updates, _ = opt.update(grads, opt.init(params), params, 0)
     return {n: float((updates[n] / -grads[n]).mean()) for n in params}
@@ -299,30 +265,20 @@ def test_lr_groups_and_embedding_lr_set_group_learning_rates():
 def test_group_lr_follows_the_schedule_multiplicatively():
     params = make_params()
     groups = [ParamGroup("q", lambda path, p: "q_proj" in path, lr_scale=4.0)]
-    opt = build_optimizer("sgd", lambda step: 0.1 / (step + 1), param_groups=groups)
+    opt = optim.sgd(lambda step: 0.1 / (step + 1), lr_scales=param_group_lr_scales(groups))
     grads = make_grads(params, 0)
     updates, _ = opt.update(grads, opt.init(params), params, 3)
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(updates[name], -0.1 / 4 * 4.0 * grads[name])
 
 
-def test_multi_transform_routes_parameters_by_label():
-    params = make_params()
-    labels = lambda path, p: "frozen" if "embed" in path else "train"  # noqa: E731
-    opt = optim.multi_transform({"frozen": optim.scale_by_learning_rate(0.0), "train": optim.sgd(0.1)}, labels)
-    grads = make_grads(params, 0)
-    updates, _ = opt.update(grads, opt.init(params), params, 0)
-    assert torch.count_nonzero(updates["model.embed_tokens.weight"]) == 0
-    torch.testing.assert_close(updates["lm_head.weight"], -0.1 * grads["lm_head.weight"])
-
-
 # --------------------------------------------------------------------------- purity, structure, state
 
 
 ALL_OPTIMIZERS = {
-    "adamw": lambda: build_optimizer("adamw_torch", 1e-2, weight_decay=0.1, max_grad_norm=1.0),
+    "adamw": lambda: chain(clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1, decay_mask=default_decay_mask)),
     "sgd": lambda: optim.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
-    "lion": lambda: build_optimizer("lion_pytorch", 1e-3, weight_decay=0.1),
+    "lion": lambda: optim.lion(1e-3, weight_decay=0.1, decay_mask=default_decay_mask),
     "adafactor": lambda: optim.adafactor(1e-2, beta1=0.9, weight_decay=0.1),
 }
 
@@ -334,10 +290,10 @@ def test_update_does_not_mutate_inputs(name):
     state = opt.init(params)
     for step in range(2):  # second step sees non-zero state
         grads = make_grads(params, step)
-        snapshot = [{n: t.clone() for n, t in named.items()} for named in (params, grads, state_to_flat(state))]
+        snapshot = [{n: t.clone() for n, t in named.items()} for named in (params, grads, by_path(state))]
         updates, new_state = opt.update(grads, state, params, step)
         new_params = apply_updates(params, updates)
-        for before, after in zip(snapshot, (params, grads, state_to_flat(state))):
+        for before, after in zip(snapshot, (params, grads, by_path(state))):
             assert_trees_close(after, before, atol=0.0)
         params, state = new_params, new_state
 
@@ -352,21 +308,14 @@ def test_state_round_trips_through_safetensors_and_resumes_identically(name, tmp
     for step in range(2):
         updates, state = opt.update(make_grads(params, step), state, params, step)
         params = apply_updates(params, updates)
-    save_file(state_to_flat(state), str(tmp_path / "opt.safetensors"))
-    restored = state_from_flat(load_file(str(tmp_path / "opt.safetensors")), like=opt.init(params))
-    assert_trees_close(state_to_flat(restored), state_to_flat(state), atol=0.0)
+    save_file(by_path(state), str(tmp_path / "opt.safetensors"))
+    loaded = load_file(str(tmp_path / "opt.safetensors"))
+    like = opt.init(params)
+    restored = tree.replace_leaves(like, [loaded[path] for path, _ in tree.leaves_with_paths(like)])
+    assert_trees_close(by_path(restored), by_path(state), atol=0.0)
     a, _ = opt.update(make_grads(params, 2), state, params, 2)
     b, _ = opt.update(make_grads(params, 2), restored, params, 2)
     assert_trees_close(a, b, atol=0.0)
-
-
-def test_state_from_flat_reports_missing_keys():
-    opt = optim.adamw(1e-3)
-    params = make_params()
-    flat = state_to_flat(opt.init(params))
-    flat.pop(next(iter(flat)))
-    with pytest.raises(KeyError, match="missing"):
-        state_from_flat(flat, like=opt.init(params))
 
 
 def test_nested_param_trees_match_flat_ones():
@@ -380,13 +329,13 @@ def test_nested_param_trees_match_flat_ones():
         node[leaf] = t
     opt = optim.adamw(1e-2, weight_decay=0.1, decay_mask=default_decay_mask)
     grads_flat = make_grads(flat, 0)
-    grads_nested = tree.replace_leaves(nested, [grads_flat[n] for n, _ in optim._flatten(nested)])
+    grads_nested = tree.replace_leaves(nested, [grads_flat[n] for n, _ in tree.leaves_with_paths(nested)])
     u_nested, s_nested = opt.update(grads_nested, opt.init(nested), nested, 0)
     u_flat, s_flat = opt.update(grads_flat, opt.init(flat), flat, 0)
     new_nested = apply_updates(nested, u_nested)
     assert new_nested["model"]["layers"]["0"]["mlp"]["up_proj"]["weight"].shape == (6, 4)
-    assert_trees_close(dict(optim._flatten(u_nested)), u_flat, atol=0.0)
-    assert state_to_flat(s_nested).keys() == state_to_flat(s_flat).keys()
+    assert_trees_close(by_path(u_nested), u_flat, atol=0.0)
+    assert by_path(s_nested).keys() == by_path(s_flat).keys()
 
 
 def test_apply_updates_keeps_param_dtype():
@@ -394,61 +343,3 @@ def test_apply_updates_keeps_param_dtype():
     out = apply_updates(params, {"w": torch.full((3,), 0.5, dtype=torch.float32)})
     assert out["w"].dtype == torch.bfloat16
     assert torch.equal(out["w"], torch.full((3,), 1.5, dtype=torch.bfloat16))
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "sgd", "lion_pytorch", "lion_32bit", "adafactor"])
-def test_build_optimizer_accepts_axolotl_names(name):
-    params = make_params()
-    opt = build_optimizer(name, 1e-3, weight_decay=0.01, max_grad_norm=1.0)
-    updates, _ = opt.update(make_grads(params, 0), opt.init(params), params, 0)
-    assert updates.keys() == params.keys()
-
-
-def test_build_optimizer_aliases_are_the_same_math():
-    params = make_params()
-    a, _ = run_pure(build_optimizer("adamw_torch_fused", 1e-2, weight_decay=0.1), params, 3)
-    b, _ = run_pure(build_optimizer("adamw_hf", 1e-2, weight_decay=0.1), params, 3)
-    assert_trees_close(a[-1], b[-1], atol=0.0)
-
-
-def test_unknown_optimizer_names_the_closest_match():
-    with pytest.raises(ValueError, match="adamw_torch_fused") as err:
-        build_optimizer("adamw_torch_fusd", 1e-3)
-    assert "Did you mean 'adamw_torch_fused'" in str(err.value)
-
-
-def test_sgd_optim_args_pass_momentum():
-    params = make_params()
-    ours, _ = run_pure(build_optimizer("sgd", 0.05, optim_args="momentum=0.9,nesterov=true", decay_mask=None), params, 3)
-    ref = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True), params, 3)
-    assert_trees_close(ours[-1], ref[-1], atol=1e-6)
-
-
-def test_adamw_8bit_without_bitsandbytes_names_the_package():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="bitsandbytes"):
-            build_optimizer("adamw_8bit", 1e-3)
-    else:
-        pytest.skip("bitsandbytes is installed")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 8-bit kernels need CUDA")
-def test_adamw_8bit_tracks_fp32_adamw_on_cuda():
-    pytest.importorskip("bitsandbytes")
-    shapes = {"big.weight": (128, 64), "small.weight": (8, 8)}
-    params = {n: p.cuda() for n, p in make_params(shapes=shapes).items()}
-    opt8 = build_optimizer("adamw_8bit", 1e-3, weight_decay=0.01, decay_mask=None)
-    opt32 = build_optimizer("adamw_torch", 1e-3, weight_decay=0.01, decay_mask=None)
-    s8, s32, p8, p32 = opt8.init(params), opt32.init(params), params, params
-    for step in range(5):
-        g = {n: t.cuda() for n, t in make_grads(params, step).items()}
-        u8, s8 = opt8.update(g, s8, p8, step)
-        u32, s32 = opt32.update(g, s32, p32, step)
-        p8, p32 = apply_updates(p8, u8), apply_updates(p32, u32)
-    torch.testing.assert_close(p8["small.weight"], p32["small.weight"], atol=1e-6, rtol=0)
-    assert float((p8["big.weight"] - p32["big.weight"]).abs().max()) < 5e-4

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pure import optim, tree
-from pure.optim import clip_by_global_norm, grad_norm_from_state, state_from_flat, state_to_flat
+from pure.optim import clip_by_global_norm, grad_norm_from_state
+from pure.optim.base import _unzip
 
 
 def float64_grads():
@@ -40,10 +41,11 @@ def test_float64_clipping_matches_torch_clip_grad_norm():
         torch.testing.assert_close(mine, p.grad, rtol=1e-12, atol=0)  # float64: same formula
 
 
-def test_flatten_and_replace_leaves_follow_leaves_with_paths_order():
+def test_unzip_and_replace_leaves_follow_leaves_with_paths_order():
     t = {"z": torch.ones(1), "a": {"y": torch.zeros(2), "b": torch.full((1,), 3.0)}, "skip": None}
-    assert [p for p, _ in optim._flatten(t)] == [p for p, _ in tree.leaves_with_paths(t)] == ["z", "a.y", "a.b"]
-    assert [p for p, _ in optim._flatten(t, "opt")] == ["opt.z", "opt.a.y", "opt.a.b"]
+    paths, leaves = _unzip(t)
+    assert paths == [p for p, _ in tree.leaves_with_paths(t)] == ["z", "a.y", "a.b"]
+    assert leaves == tree.tree_leaves(t)
     rebuilt = tree.replace_leaves(t, [torch.full((1,), 9.0), torch.ones(2), torch.zeros(1)])
     assert list(rebuilt) == ["z", "a", "skip"] and rebuilt["skip"] is None
     assert list(rebuilt["a"]) == ["y", "b"] and rebuilt["z"].item() == 9.0
@@ -54,8 +56,9 @@ def test_optimizer_state_round_trips_through_flat_dict_for_nested_params():
     opt = optim.adamw(1e-2, weight_decay=0.1)
     grads = tree.tree_map(torch.ones_like, params)
     _, state = opt.update(grads, opt.init(params), params, 0)
-    flat = state_to_flat(state)
+    flat = dict(tree.leaves_with_paths(state))
     assert any(k.endswith(".mu.model.w") for k in flat), sorted(flat)
-    back = state_from_flat(flat, like=opt.init(params))
+    like = opt.init(params)
+    back = tree.replace_leaves(like, [flat[path] for path, _ in tree.leaves_with_paths(like)])
     for a, b in zip(tree.tree_leaves(back), tree.tree_leaves(state)):
         assert torch.equal(a, b)

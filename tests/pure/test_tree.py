@@ -18,17 +18,9 @@ def flat_params():
 
 def nested_lora():
     return {
-        "model.layers.0.self_attn.q_proj.weight": {"A": torch.randn(2, 4), "B": torch.zeros(4, 2)},
-        "model.layers.0.self_attn.v_proj.weight": {"A": torch.randn(2, 4), "B": torch.zeros(4, 2)},
+        "model.layers.0.self_attn.q_proj": {"A": torch.randn(2, 4), "B": torch.zeros(4, 2)},
+        "model.layers.0.self_attn.v_proj": {"A": torch.randn(2, 4), "B": torch.zeros(4, 2)},
     }
-
-
-def assert_trees_equal(a, b):
-    pa, pb = tree.leaves_with_paths(a), tree.leaves_with_paths(b)
-    assert sorted(p for p, _ in pa) == sorted(p for p, _ in pb)
-    lookup = dict(pb)
-    for path, leaf in pa:
-        assert torch.equal(leaf, lookup[path]), path
 
 
 def test_leaves_with_paths_of_a_flat_dict_are_its_keys_in_order():
@@ -39,10 +31,10 @@ def test_leaves_with_paths_of_a_flat_dict_are_its_keys_in_order():
 def test_leaves_with_paths_join_nested_keys_with_dots():
     paths = [p for p, _ in tree.leaves_with_paths(nested_lora())]
     assert paths == [
-        "model.layers.0.self_attn.q_proj.weight.A",
-        "model.layers.0.self_attn.q_proj.weight.B",
-        "model.layers.0.self_attn.v_proj.weight.A",
-        "model.layers.0.self_attn.v_proj.weight.B",
+        "model.layers.0.self_attn.q_proj.A",
+        "model.layers.0.self_attn.q_proj.B",
+        "model.layers.0.self_attn.v_proj.A",
+        "model.layers.0.self_attn.v_proj.B",
     ]
 
 
@@ -55,8 +47,8 @@ def test_tree_map_over_several_trees_keeps_structure():
     a, b = nested_lora(), nested_lora()
     out = tree.tree_map(lambda x, y: x + 2 * y, a, b)
     assert list(out) == list(a)
-    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"]["A"],
-                       a["model.layers.0.self_attn.q_proj.weight"]["A"] + 2 * b["model.layers.0.self_attn.q_proj.weight"]["A"])
+    assert torch.equal(out["model.layers.0.self_attn.q_proj"]["A"],
+                       a["model.layers.0.self_attn.q_proj"]["A"] + 2 * b["model.layers.0.self_attn.q_proj"]["A"])
 
 
 def test_tree_map_keeps_container_types_and_dict_order():
@@ -101,52 +93,6 @@ def test_replace_leaves_inverts_tree_leaves_with_and_without_none_leaves():
         tree.replace_leaves(t, [1, 2, 3, 4])
 
 
-@pytest.mark.parametrize("select", [
-    r"q_proj",
-    [r"q_proj\.weight$", r"q_proj\.bias$"],
-    lambda path, leaf: "q_proj" in path,
-])
-def test_partition_splits_a_flat_dict_and_combine_restores_it(select):
-    params = flat_params()
-    selected, rest = tree.partition(params, select)
-    assert set(selected) == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias"}
-    assert set(rest) == set(params) - set(selected)
-    assert None not in selected.values() and None not in rest.values()
-    assert_trees_equal(tree.combine(selected, rest), params)
-    assert all(selected[k] is params[k] for k in selected)  # no copies
-
-
-def test_partition_of_nested_dicts_drops_emptied_subtrees():
-    lora = nested_lora()
-    a_only, b_only = tree.partition(lora, r"\.A$")
-    assert set(a_only) == set(lora) and all(set(v) == {"A"} for v in a_only.values())
-    assert all(set(v) == {"B"} for v in b_only.values())
-    q, rest = tree.partition(lora, "q_proj")
-    assert list(q) == ["model.layers.0.self_attn.q_proj.weight"]
-    assert list(rest) == ["model.layers.0.self_attn.v_proj.weight"]
-    assert_trees_equal(tree.combine(q, rest), lora)
-
-
-def test_partition_with_nothing_selected_gives_an_empty_dict():
-    selected, rest = tree.partition(flat_params(), "no-such-param")
-    assert selected == {} and len(rest) == len(flat_params())
-
-
-def test_partition_predicate_receives_the_leaf():
-    selected, _ = tree.partition(flat_params(), lambda path, leaf: leaf.dtype == torch.bfloat16)
-    assert list(selected) == ["model.layers.0.mlp.down_proj.weight"]
-
-
-def test_partition_refuses_to_split_a_tuple():
-    with pytest.raises(TypeError, match="only dicts"):
-        tree.partition({"s": (torch.ones(1), torch.zeros(1))}, r"s\.0")
-
-
-def test_combine_rejects_a_path_present_in_both():
-    with pytest.raises(ValueError, match="model.norm.weight"):
-        tree.combine({"model.norm.weight": torch.ones(1)}, {"model.norm.weight": torch.ones(1)})
-
-
 def test_cast_changes_only_floating_leaves():
     t = {"w": torch.randn(3), "ids": torch.arange(3), "mask": torch.ones(2, dtype=torch.bool)}
     out = tree.cast(t, torch.bfloat16)
@@ -170,27 +116,3 @@ def test_global_norm_accumulates_low_precision_leaves_in_fp32():
 
 def test_global_norm_of_an_empty_tree_is_zero():
     assert tree.global_norm({}).item() == 0.0
-
-
-def test_zeros_like_and_num_params():
-    params = flat_params()
-    zeros = tree.zeros_like(params)
-    assert all(torch.equal(z, torch.zeros_like(p)) and z.dtype == p.dtype
-               for z, p in zip(zeros.values(), params.values()))
-    assert tree.num_params(params) == 32 + 16 + 4 + 24 + 4
-    assert tree.num_params(nested_lora()) == 32
-
-
-def test_shape_summary_lists_every_leaf_and_the_total():
-    text = tree.shape_summary(flat_params())
-    lines = text.splitlines()
-    assert lines[0].split() == ["path", "shape", "dtype", "count"]
-    assert any("model.layers.0.mlp.down_proj.weight" in ln and "(4, 6)" in ln and "bfloat16" in ln
-               and ln.rstrip().endswith("24") for ln in lines)
-    total_line = next(ln for ln in lines if ln.startswith("total"))
-    assert total_line.split()[-1] == "80" and "5 leaves" in total_line
-
-
-def test_shape_summary_formats_large_counts():
-    text = tree.shape_summary({"w": torch.empty(1000, 1500)})
-    assert "1,500,000" in text and "1.5M" in text
