@@ -95,7 +95,7 @@ def build_trainable(config, params, key):
 
 
 def build_optimizer_from_config(config, total_steps: int):
-    from programs.config.derived import schedule_settings
+    from programs.config.derived import optimizer_options, schedule_settings
 
     schedule = build_schedule(total_steps=total_steps, **schedule_settings(config))
     groups = make_param_groups(
@@ -105,9 +105,9 @@ def build_optimizer_from_config(config, total_steps: int):
         embedding_lr=config.embedding_lr, embedding_lr_scale=config.embedding_lr_scale,
     )
     optimizer = build_optimizer(
-        config.optimizer or "adamw_torch_fused", schedule, weight_decay=config.weight_decay or 0.0,
+        config.optimizer, schedule, weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm, param_groups=groups, optim_args=config.optim_args,
+        max_grad_norm=config.max_grad_norm, param_groups=groups, optim_args=optimizer_options(config),
     )
     return optimizer, schedule
 

@@ -138,13 +138,12 @@ def _check_strict_overrides(raw: dict[str, Any], overrides, path) -> None:
 
 
 def write_resolved_config(config: Config, output_dir: str | os.PathLike) -> Path:
-    """Write the resolved config (every key, defaults filled) to `output_dir/config.yaml`."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.yaml"
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, target)
+    """Write the resolved config (every key, defaults filled) to `output_dir/config.yaml`, atomically."""
+    from backends.atomic import atomic_write
+
+    target = Path(output_dir) / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
     return target
 
 

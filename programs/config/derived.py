@@ -88,3 +88,20 @@ def _schedules_taking(option: str) -> list[str]:
     from pure.schedules import SCHEDULES, schedule_options
 
     return [name for name in SCHEDULES if option in schedule_options(name)]
+
+
+def optimizer_options(config: Config) -> dict:
+    """`optim_args` as the keyword arguments of the optimizer the config names; an option that
+    optimizer does not take is a ConfigError naming it (checked at validation)."""
+    from programs.optimizers import optim_args_of, parse_optim_args
+
+    try:
+        options = parse_optim_args(config.optim_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    accepted = optim_args_of(config.optimizer)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"optim_args: optimizer {config.optimizer} takes no option {', '.join(map(repr, unknown))}; "
+                          f"it takes {', '.join(accepted) or 'none'}")
+    return options

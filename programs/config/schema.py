@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from pure.data.settings import DataSettings
+from programs.optimizers import OPTIMIZERS
 from pure.schedules import SCHEDULES
 
 
@@ -435,7 +436,8 @@ OPTIMIZER_NAMES = (
     "optimi_adamw", "ao_adamw_4bit", "ao_adamw_8bit", "ao_adamw_fp8", "adopt_adamw", "came_pytorch",
     "muon", "dion",
 )
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "lion_32bit")
+# the names puretune runs: those `programs.optimizers` builds
+SUPPORTED_OPTIMIZERS = tuple(name for name in OPTIMIZER_NAMES if name in OPTIMIZERS)
 # Every scheduler name axolotl accepts (so a typo gets the closest one); puretune runs those of
 # `pure.schedules.SCHEDULES` and refuses the others at validation.
 LR_SCHEDULERS = (
