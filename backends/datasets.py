@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pure.data.registry import accepts_keyword
 from pure.data.settings import DataError, DataSettings, Example
 
 log = logging.getLogger("puretune.data")
@@ -702,7 +703,7 @@ def prepare_tokenizer(tokenizer, config) -> int:
             tokenizer.add_special_tokens(updates)
         extra = [t for t in special.get("additional_special_tokens") or [] if t not in tokenizer.get_vocab()]
         if extra:
-            keep_old = ("replace_extra_special_tokens" if _accepts_kw(tokenizer.add_special_tokens, "replace_extra_special_tokens")
+            keep_old = ("replace_extra_special_tokens" if accepts_keyword(tokenizer.add_special_tokens, "replace_extra_special_tokens")
                         else "replace_additional_special_tokens")  # transformers 5 / 4 spelling
             tokenizer.add_special_tokens({"additional_special_tokens": extra}, **{keep_old: False})
     tokens = _get(config, "tokens")
@@ -732,15 +733,6 @@ def apply_chat_template_choice(tokenizer, config) -> str | None:
     template = resolve_chat_template(name, tokenizer, jinja)
     tokenizer.chat_template = template
     return template
-
-
-def _accepts_kw(fn: Callable, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _override_added_tokens(tokenizer, overrides: dict[int, str]) -> None:

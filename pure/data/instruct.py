@@ -163,7 +163,6 @@ class InstructFormat:
     system: TextSpec = ""
     system_format: str = "{system}"
     eos_count: int = 1  # metharme ends every response with three EOS tokens
-    needs: tuple[str, ...] = ()  # columns a callable TextSpec reads (for the error message)
 
 
 def _alpaca(instruction: TextSpec, output: TextSpec, input: TextSpec = "", **kw) -> InstructFormat:
@@ -190,10 +189,10 @@ def _evaluation(row: dict) -> str:
     return _yaml(row["scores"]) + _yaml(row["critiques"])
 
 
-def _creative(preamble: str, instruction: TextSpec, output: TextSpec, needs=()) -> InstructFormat:
+def _creative(preamble: str, instruction: TextSpec, output: TextSpec) -> InstructFormat:
     # CreativePrompterBase: f"{system}\nUSER: {instruction}\nASSISTANT:" (no system line when empty)
     return InstructFormat(instruction, output, turn=CHAT_TURN_NO_INPUT, turn_no_input=CHAT_TURN_NO_INPUT,
-                          preamble=preamble, preamble_no_input=preamble, needs=needs)
+                          preamble=preamble, preamble_no_input=preamble)
 
 
 _OPEN_ORCA = InstructFormat(
@@ -222,10 +221,10 @@ INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     ),
     "explainchoice": InstructFormat("{question}", "{solution|explanation}", _choices,
                                     preamble=EXPLAIN_CHOICE_SYSTEM,
-                                    preamble_no_input=EXPLAIN_CHOICE_SYSTEM, needs=("choices",)),
+                                    preamble_no_input=EXPLAIN_CHOICE_SYSTEM),
     "concisechoice": InstructFormat("{question}", "{solution|explanation}", _choices, turn=CHAT_TURN,
                                     turn_no_input=CHAT_TURN_NO_INPUT, preamble=CONCISE_CHOICE_SYSTEM,
-                                    preamble_no_input=CONCISE_CHOICE_SYSTEM, needs=("choices",)),
+                                    preamble_no_input=CONCISE_CHOICE_SYSTEM),
     "summarizetldr": InstructFormat("{article}", "{summary}", turn=TLDR_TURN,
                                     turn_no_input=TLDR_TURN_NO_INPUT),
     # the docs name the target column `response`; axolotl's loader reads `output`: accept either
@@ -255,11 +254,11 @@ INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     "creative_acr.load_answer": _creative(CREATIVE_ANSWER_SYSTEM, "{instruction}", "{revision}"),
     "creative_acr.load_critique": _creative(
         "", lambda row: CREATIVE_CRITIQUE_PROMPT.format(question=row["instruction"], answer=row["answer"]),
-        _evaluation, needs=("instruction", "answer", "scores", "critiques")),
+        _evaluation),
     "creative_acr.load_revise": _creative(
         "", lambda row: CREATIVE_REVISE_PROMPT.format(question=row["instruction"], answer=row["answer"],
                                                       evaluation=_evaluation(row)),
-        "{revision}", needs=("instruction", "answer", "scores", "critiques")),
+        "{revision}"),
     "metharme": InstructFormat("{prompt}", "{generation}", turn="{instruction}",
                                turn_no_input="{instruction}", eos_count=3),
     "orcamini": InstructFormat(
@@ -337,12 +336,6 @@ KNOWN_INSTRUCT_TYPES: tuple[str, ...] = tuple(
 # --- row templates -------------------------------------------------------------------------------------
 
 _FORMATTER = string.Formatter()
-
-
-def _placeholders(spec: TextSpec, needs: tuple[str, ...] = ()) -> list[str]:
-    if callable(spec):
-        return list(needs)
-    return [name for _, name, _, _ in _FORMATTER.parse(spec) if name]
 
 
 class _MissingField(Exception):
@@ -679,11 +672,3 @@ def build_instruct_strategy(type_spec: str | Mapping | None, ds_cfg: Mapping, to
         fmt = _chat(fmt)
     return _instruct_rows(fmt, tok, settings, where)
 
-
-def required_fields(type_name: str) -> list[str]:
-    """The row columns an instruct type reads (for documentation and error messages)."""
-    fmt = INSTRUCT_FORMATS[type_name.partition(":")[0]]
-    names: list[str] = []
-    for spec in (fmt.instruction, fmt.input, fmt.output, fmt.system):
-        names += _placeholders(spec, fmt.needs)
-    return list(dict.fromkeys(names))

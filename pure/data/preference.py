@@ -503,20 +503,3 @@ def build_preference_strategy(kind: str, type_spec, ds_cfg: Mapping[str, Any], t
 
     return preference_row
 
-
-_COLORS = {"prompt": "\033[94m", "chosen": "\033[92m", "rejected": "\033[91m", "completion": "\033[93m"}
-_RESET = "\033[0m"
-
-
-def format_preference(example: Example, color: bool = True) -> str:
-    """The prompt / chosen / rejected (or completion and label) strings of an example, for --debug."""
-    lines = []
-    for name in ("prompt", "chosen", "rejected", "completion"):
-        if name in example:
-            text = example[name]
-            lines.append(f"{_COLORS[name]}{name}:{_RESET} {text}" if color else f"{name}: {text}")
-    if "label" in example:
-        lines.append(f"label: {example['label']}")
-    if example.get("truncated"):
-        lines.append("(truncated)")
-    return "\n".join(lines)

@@ -135,7 +135,8 @@ def _user_transform(name: str) -> Callable | None:
     return fn if callable(fn) else None
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` can be called with the keyword argument `name` (named, or through **kwargs)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -147,7 +148,7 @@ def _wrap_transform(transform: Callable, kind: str, ds_cfg: dict, tokenizer, set
                     cfg: Mapping, dataset_index: int) -> RowFn:
     """A user transform as a RowFn: the mapped row plus the columns it does not remove."""
     name = ds_cfg.get("type")
-    result = transform(cfg, dataset_idx=dataset_index) if _accepts(transform, "dataset_idx") else transform(cfg)
+    result = transform(cfg, dataset_idx=dataset_index) if accepts_keyword(transform, "dataset_idx") else transform(cfg)
     if isinstance(result, tuple):
         map_fn, map_kwargs = result[0], (result[1] if len(result) > 1 else {}) or {}
     else:
@@ -155,7 +156,7 @@ def _wrap_transform(transform: Callable, kind: str, ds_cfg: dict, tokenizer, set
     if not callable(map_fn):
         raise DataError(f"dataset transform {name!r} returned {type(map_fn).__name__}, expected a function")
     remove = map_kwargs.get("remove_columns") or []
-    pass_tokenizer = _accepts(map_fn, "tokenizer")
+    pass_tokenizer = accepts_keyword(map_fn, "tokenizer")
 
     def transformed(row: dict, index: int) -> dict:
         try:
