@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from backends.templates import read_jinja
+from backends.user_code import entry_strategy
 from pure.data.registry import accepts_keyword
 from pure.data.settings import DataError, DataSettings, Example
 
@@ -479,12 +481,10 @@ def _read_lazily(entry: dict, row_fn, shuffle: bool, seed: int) -> tuple[list[Ex
 def _prepare_entries(entries: list[dict], kind: str, tokenizer, settings: DataSettings, *,
                      config_dict: dict, num_proc: int, shuffle_each: bool, seed: int,
                      what: str, iterable: bool = False) -> tuple[list[list[Example]], list[dict]]:
-    from pure.data.registry import resolve_strategy
-
     per_dataset, stats = [], []
     for i, entry in enumerate(entries):
         label = _dataset_label(entry)
-        row_fn = resolve_strategy(kind, entry, tokenizer, settings, config=config_dict, dataset_index=i)
+        row_fn = entry_strategy(kind, entry, tokenizer, settings, config=config_dict, dataset_index=i)
         if iterable:
             examples, n_rows = _read_lazily(entry, row_fn, shuffle_each, seed)
         else:
@@ -730,6 +730,10 @@ def apply_chat_template_choice(tokenizer, config) -> str | None:
     name, jinja = _get(config, "chat_template"), _get(config, "chat_template_jinja")
     if not name and not jinja:
         return None
+    try:
+        jinja = read_jinja(jinja, "chat_template_jinja") if jinja else None
+    except ValueError as err:
+        raise DataError(str(err)) from None
     template = resolve_chat_template(name, tokenizer, jinja)
     tokenizer.chat_template = template
     return template

@@ -49,6 +49,7 @@ from backends.datasets import (
     parse_split,
     pick_split,
 )
+from backends.user_code import entry_strategy
 from pure.data.settings import DataError, DataSettings, Example
 from pure.data.stream import StreamBatching, buffered_shuffle, stream_micro_batches as _micro_batches
 
@@ -240,11 +241,9 @@ def _keep(example: Example, settings: DataSettings, label: str, row: int, counts
 
 def _entry_examples(entry: dict, index: int, kind: str, tokenizer, settings: DataSettings,
                     config_dict: dict) -> Iterator[Example]:
-    from pure.data.registry import resolve_strategy
-
     label = _dataset_label(entry)
     stream, files = _load_streaming_entry(entry)
-    row_fn = resolve_strategy(kind, entry, tokenizer, settings, config=config_dict, dataset_index=index)
+    row_fn = entry_strategy(kind, entry, tokenizer, settings, config=config_dict, dataset_index=index)
     counts: dict = {"rows": 0}
     for row_index, row in enumerate(iter_rows(stream, entry, files)):
         counts["rows"] += 1
