@@ -322,6 +322,7 @@ def _stream_local(entry: Mapping, path: Path):
     files = local_data_files(entry, path)
     return _stream_files(_ds_type(entry, files), files), files
 
+
 def stream_dataset_entry(entry: Mapping[str, Any], default_split: str = "train") -> tuple[Any, list[Path]]:
     """One entry as (a `datasets.IterableDataset`, the data files it reads), split picked and sliced.
 

@@ -64,7 +64,8 @@ def check_streaming(spec: DataSpec) -> None:
     refusals = {
         "val_set_size": (spec.val_set_size, "a held-out split needs the whole train set; use test_datasets "
                                             "(eval sets are not streamed)"),
-        "dataset_shard_num": (spec.dataset_shard_num, "sharding needs the row count of the stream; shard the files instead"),
+        "dataset_shard_num": (spec.dataset_shard_num, "sharding needs the row count of the stream; "
+                                                      "shard the files instead"),
         "dataset_exact_deduplication": (spec.dataset_exact_deduplication, "deduplicating a stream would keep every "
                                                                           "row seen; deduplicate the files"),
     }

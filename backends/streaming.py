@@ -5,14 +5,15 @@
         state, metrics = train_step(state, micro_batches)
         state = state.replace(data_cursor=cursor)
 
-Rows are read lazily (`backends.data_sources.stream_dataset_entry`) through `datasets` streaming (`IterableDataset`) from local files, folders,
-`save_to_disk` folders or Hub datasets already in the local cache; each row goes through its prompt
-strategy and the length policy as it arrives, datasets are concatenated in order, shuffled through a
-buffer when `shuffle_merged_datasets` (default true; `shuffle_before_merging_datasets` shuffles each
-dataset first), and packed `streaming_multipack_buffer_size` examples at a time (see
-`pure.data.stream`). Everything random is seeded by (seed, epoch), so an epoch's micro-batches are a
-pure function of the spec and the files, and resuming after n micro-batches re-reads the stream and
-skips n: bitwise the same batches as an uninterrupted run.
+Rows are read lazily (`backends.data_sources.stream_dataset_entry`, a `datasets` IterableDataset)
+from local files, folders, `save_to_disk` folders or Hub datasets already in the local cache; each
+row goes through its prompt strategy and the length policy as it arrives, datasets are concatenated
+in order, shuffled through a buffer when `shuffle_merged_datasets` (default true;
+`shuffle_before_merging_datasets` shuffles each dataset first), and packed
+`streaming_multipack_buffer_size` examples at a time (see `pure.data.stream`). Everything random is
+seeded by (seed, epoch), so an epoch's micro-batches are a pure function of the spec and the files,
+and resuming after n micro-batches re-reads the stream and skips n: bitwise the same batches as an
+uninterrupted run.
 
 `pretraining_dataset` entries ({path, name, split, data_files, text_column: text, type: pretrain,
 skip}) become `type: completion` datasets over `text_column` (BOS + text + EOS, split at
@@ -83,6 +84,7 @@ def _keep(example: Example, settings: DataSettings, label: str, row: int, counts
         if isinstance(value, int) and key not in ("sequence_len", "min_sample_len"):
             counts[key] = counts.get(key, 0) + value
     return kept[0] if kept else None
+
 
 def _entry_examples(entry: dict, index: int, kind: str, tokenizer, settings: DataSettings,
                     config_dict: dict) -> Iterator[Example]:
