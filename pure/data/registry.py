@@ -3,16 +3,16 @@
     row_fn = resolve_strategy("sft", {"path": "data.jsonl", "type": "alpaca"}, tokenizer, settings)
     examples = row_fn(row, index)
 
-Dispatch, in order:
+Dispatch:
+- `transform=` given -> a user dataset transform, as axolotl calls them for GRPO/EBFT:
+  `fn(cfg, dataset_idx=i) -> (map_fn(row, tokenizer=None) -> dict, {"remove_columns": [...] | "__all__"})`.
+  `backends.user_code.entry_strategy` imports it (the `module.fn` a `type:` names that no builder
+  knows) and passes the callable; nothing here imports user code;
 - SFT `type: chat_template` -> `pure.data.chat_template`;
 - SFT alpaca family, user-defined mappings, completion, input_output, stepwise_supervised, and
   pre-tokenised rows (`type:` empty) -> `pure.data.instruct`;
 - preference kinds (dpo, ipo, kto, orpo, simpo, rm) and prm (`stepwise_supervised`) ->
-  `pure.data.preference`;
-- `transform=` given -> a user dataset transform, as axolotl calls them for GRPO/EBFT:
-  `fn(cfg, dataset_idx=i) -> (map_fn(row, tokenizer=None) -> dict, {"remove_columns": [...] | "__all__"})`.
-  `backends.user_code.entry_strategy` imports it (the `module.fn` a `type:` names that no builder
-  knows); nothing here imports user code.
+  `pure.data.preference`.
 
 The builder modules are imported lazily so a missing one only matters to the datasets that need it.
 """
