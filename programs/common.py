@@ -29,7 +29,8 @@ def fail(message: str, code: int = 2):
 
 def load_model(config):
     """(params, model config, tokenizer) with the tokenizer's added tokens reflected in the embeddings."""
-    from backends.datasets import prepare_tokenizer
+    from backends.tokenizer import prepare_tokenizer
+    from programs.data import tokenizer_edits
 
     from backends.precision import cast_params, resolve_from_config
 
@@ -39,7 +40,7 @@ def load_model(config):
         from backends.hf import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
-    prepare_tokenizer(tokenizer, config)
+    prepare_tokenizer(tokenizer, **tokenizer_edits(config))
     if len(tokenizer) > model_config.vocab_size:
         params, model_config = resize_embeddings(params, model_config, len(tokenizer))
     return params, model_config, tokenizer

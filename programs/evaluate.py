@@ -13,6 +13,7 @@ def main(argv=None) -> int:
     from backends.hf import ModelLoadError
     from programs import common
     from programs.config import ConfigError, parse_cli
+    from programs.data import data_spec
     from pure.data.settings import DataError
     from pure.losses import sft
     from pure.train import make_eval_step
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
         config, _ = parse_cli(argv, __doc__.splitlines()[0])
         params, model_config, tokenizer, delta, lora_config = common.load_model_with_adapter(
             config, config.lora_model_dir)
-        data = prepare_datasets(config, tokenizer)
+        data = prepare_datasets(data_spec(config), tokenizer)
     except (ConfigError, ModelLoadError, AdapterError, DataError, ValueError) as e:
         common.fail(str(e))
     eval_step = make_eval_step(sft, common.make_bind(config, model_config, params, lora_config, neftune_alpha=None))

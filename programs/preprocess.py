@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 
-from backends.datasets import prepare_datasets, prepare_tokenizer
+from backends.data_spec import DataSpec, check_streaming, is_streaming
+from backends.datasets import prepare_datasets
 from backends.hf import ModelLoadError, load_tokenizer
-from backends.streaming import check_streaming_config, is_streaming, prepare_eval_datasets, stream_examples
+from backends.streaming import prepare_eval_datasets, stream_examples
+from backends.tokenizer import prepare_tokenizer
 from programs.config import ConfigError, parse_cli
+from programs.data import data_spec, tokenizer_edits
 from pure.data.settings import DataError
 
 DESCRIPTION = "Tokenise, mask and cache the datasets of a config (axolotl's `preprocess`)."
@@ -85,12 +89,13 @@ def run(argv: list[str] | None = None) -> int:
     if args.iterable:
         config = config.model_copy(update={"preprocess_iterable": True})
     tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
-    added = prepare_tokenizer(tokenizer, config)
+    added = prepare_tokenizer(tokenizer, **tokenizer_edits(config))
     if added:
         print(f"tokenizer: added {added} tokens (the model's embeddings grow to {len(tokenizer)})")
-    if is_streaming(config):
-        return _preview_stream(config, tokenizer, args)
-    data = prepare_datasets(config, tokenizer)
+    spec = data_spec(config)
+    if is_streaming(spec):
+        return _preview_stream(spec, tokenizer, args)
+    data = prepare_datasets(spec, tokenizer)
     if data.from_cache:
         print(f"reused the prepared data in {data.path}")
     for info in data.stats:
@@ -106,17 +111,16 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _preview_stream(config, tokenizer, args: argparse.Namespace) -> int:
+def _preview_stream(spec: DataSpec, tokenizer, args: argparse.Namespace) -> int:
     """A streamed config: cache the eval set, and show the first streamed examples with --debug."""
-    check_streaming_config(config)
-    evals = prepare_eval_datasets(config, tokenizer)
+    check_streaming(spec)
+    evals = prepare_eval_datasets(spec, tokenizer)
     n_eval = len(evals) if evals is not None else 0
     print("streaming: the train set is tokenised on the fly during training and not cached "
-          f"(micro-batches from streaming_multipack_buffer_size={config.streaming_multipack_buffer_size} "
+          f"(micro-batches from streaming_multipack_buffer_size={spec.streaming_buffer_size} "
           f"examples at a time); prepared {n_eval} eval examples")
     if args.debug or args.debug_text_only:
-        in_file_order = config.model_copy(update={"shuffle_merged_datasets": False,
-                                                  "shuffle_before_merging_datasets": False})
+        in_file_order = replace(spec, shuffle_merged_datasets=False, shuffle_before_merging_datasets=False)
         stream = stream_examples(in_file_order, tokenizer, 0)  # unshuffled: no buffer to fill first
         for i, example in enumerate(itertools.islice(stream, args.debug_num_examples)):
             print(f"--- example {i} ---")

@@ -36,8 +36,9 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
     from backends.datasets import prepare_datasets
+    from programs.data import data_spec
 
-    data = prepare_datasets(config, tokenizer)
+    data = prepare_datasets(data_spec(config), tokenizer)
     keep = ("chosen_input_ids", "rejected_input_ids") if kind == "rm" else ("input_ids", "labels")
     train_examples = [{k: r[k] for k in keep} for r in data.train]
     eval_examples = [{k: r[k] for k in keep} for r in data.eval] if data.eval else []

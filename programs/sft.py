@@ -21,21 +21,24 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
+    from backends.data_spec import is_streaming
     from backends.datasets import prepare_datasets
-    from backends.streaming import is_streaming, prepare_eval_datasets, stream_train_steps
+    from backends.streaming import prepare_eval_datasets, stream_train_steps
+    from programs.data import data_spec
 
     pad_id = common.pad_id(tokenizer)
     accumulation = config.gradient_accumulation_steps or 1
-    streamed = is_streaming(config)
+    spec = data_spec(config)
+    streamed = is_streaming(spec)
     if streamed:  # rows are read, tokenised and packed as training consumes them
         if not config.max_steps:
             from programs.config import ConfigError
 
             raise ConfigError("streaming: a streamed dataset has no known length; set max_steps")
-        train_examples, evals = [], prepare_eval_datasets(config, tokenizer)
+        train_examples, evals = [], prepare_eval_datasets(spec, tokenizer)
         total = config.max_steps
     else:
-        data = prepare_datasets(config, tokenizer)
+        data = prepare_datasets(spec, tokenizer)
         train_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.train]
         evals = data.eval
     eval_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in evals] if evals else []
@@ -61,7 +64,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         state=init_train_state(trainable, optimizer, init_key),
         train_step=make_train_step(sft, optimizer, bind),
         epoch_batches=None if streamed else epoch_batches,
-        stream=(lambda cursor: stream_train_steps(config, tokenizer, cursor, accumulation)) if streamed else None,
+        stream=(lambda cursor: stream_train_steps(spec, tokenizer, cursor, accumulation)) if streamed else None,
         schedule=schedule,
         export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
         eval_step=make_eval_step(sft, bind),

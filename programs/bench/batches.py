@@ -13,8 +13,9 @@ from programs.bench import BenchError
 
 def load_train_examples(config, tokenizer) -> list[dict]:
     from backends.datasets import prepare_datasets
+    from programs.data import data_spec
 
-    data = prepare_datasets(config, tokenizer)
+    data = prepare_datasets(data_spec(config), tokenizer)
     return [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.train]
 
 

@@ -101,14 +101,15 @@ def measure_hf(config, variant: str, steps: int, warmup: int, device: str = "cpu
     """Run `warmup + steps` optimizer steps of transformers `Trainer` on the `variant` batches."""
     from transformers import Trainer, TrainerCallback
 
-    from backends.datasets import prepare_tokenizer
     from backends.hf import load_tokenizer
+    from backends.tokenizer import prepare_tokenizer
+    from programs.data import tokenizer_edits
 
     if variant not in HF_VARIANTS:
         raise BenchError(f"unknown baseline variant {variant!r}; expected one of {HF_VARIANTS}")
     device = torch.device(device)
     tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
-    prepare_tokenizer(tokenizer, config)
+    prepare_tokenizer(tokenizer, **tokenizer_edits(config))
     tokenizer.padding_side = "right"  # training pads on the right, as axolotl does
     examples = load_train_examples(config, tokenizer)
     accumulation = config.gradient_accumulation_steps or 1
@@ -230,8 +231,9 @@ def run_bench(config, config_path: Path | None, *, steps: int = 10, warmup: int 
     the process's, shared by all variants, and the report says so. `baseline_steps` (default `steps`)
     shortens the baseline runs (tests).
     """
-    from backends.datasets import prepare_tokenizer
     from backends.hf import load_config as load_model_config, load_tokenizer, resolve_model_path
+    from backends.tokenizer import prepare_tokenizer
+    from programs.data import tokenizer_edits
 
     baseline_steps = steps if baseline_steps is None else baseline_steps
     if min(steps, baseline_steps) < 1 or warmup < 0 or repeats < 1:
@@ -242,7 +244,7 @@ def run_bench(config, config_path: Path | None, *, steps: int = 10, warmup: int 
 
     # Prepare the data once here (the runs then read the cache) and measure the packing of one epoch.
     tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
-    prepare_tokenizer(tokenizer, config)
+    prepare_tokenizer(tokenizer, **tokenizer_edits(config))
     examples = load_train_examples(config, tokenizer)
     epoch = common.epoch_micro_batches(examples, config, common.pad_id(tokenizer), 0)
     real = sum(b["num_tokens"] for b in epoch)

@@ -5,7 +5,8 @@
 `InstructFormat` entry in `INSTRUCT_FORMATS`: the text put before the turn, the turn templates with and
 without an input, and how instruction / input / output / system are read from the row. The two
 conversation-shaped legacy types (pygmalion, llama2_chat) are `ConversationFormat` entries. The
-template-free types (completion, input_output, pre-tokenised, stepwise_supervised) are small functions.
+template-free types (completion, input_output, pre-tokenised) are small functions; stepwise_supervised is
+`pure.data.preference.build_stepwise_strategy`, the one tokeniser the SFT and PRM kinds share.
 
 Tokenisation, as axolotl does it: the prompt is tokenised alone and the response alone (without special
 tokens), and the two id lists are concatenated. The concatenation can differ from tokenising the
@@ -13,7 +14,7 @@ whole text at once where a merge would span the prompt/response boundary (e.g. "
 accept that, because it keeps the prompt ids identical to what inference feeds the model and makes
 the mask boundary exact. Target = response ids + EOS (unless they already end with EOS).
 BOS is prepended to the prompt only where the tokenizer adds it by default (SmolLM2 does not).
-No truncation happens here: over-long rows are the length policy's business (`pure/data/length.py`).
+No truncation happens here (stepwise_supervised aside, which follows axolotl): over-long rows are the length policy's business (`pure/data/length.py`).
 
 Row templates (`TextSpec`) are format strings over the row's columns: `{question}` needs the column,
 `{input?}` is "" when the column is missing or null, `{response|output}` takes the first present
@@ -26,6 +27,7 @@ import string
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+from pure.data.preference import build_stepwise_strategy
 from pure.data.settings import IGNORE_INDEX, DataError, DataSettings, Example, RowFn
 
 TextSpec = str | Callable[[dict], str]
@@ -163,7 +165,6 @@ class InstructFormat:
     system: TextSpec = ""
     system_format: str = "{system}"
     eos_count: int = 1  # metharme ends every response with three EOS tokens
-    needs: tuple[str, ...] = ()  # columns a callable TextSpec reads (for the error message)
 
 
 def _alpaca(instruction: TextSpec, output: TextSpec, input: TextSpec = "", **kw) -> InstructFormat:
@@ -190,10 +191,10 @@ def _evaluation(row: dict) -> str:
     return _yaml(row["scores"]) + _yaml(row["critiques"])
 
 
-def _creative(preamble: str, instruction: TextSpec, output: TextSpec, needs=()) -> InstructFormat:
+def _creative(preamble: str, instruction: TextSpec, output: TextSpec) -> InstructFormat:
     # CreativePrompterBase: f"{system}\nUSER: {instruction}\nASSISTANT:" (no system line when empty)
     return InstructFormat(instruction, output, turn=CHAT_TURN_NO_INPUT, turn_no_input=CHAT_TURN_NO_INPUT,
-                          preamble=preamble, preamble_no_input=preamble, needs=needs)
+                          preamble=preamble, preamble_no_input=preamble)
 
 
 _OPEN_ORCA = InstructFormat(
@@ -222,10 +223,10 @@ INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     ),
     "explainchoice": InstructFormat("{question}", "{solution|explanation}", _choices,
                                     preamble=EXPLAIN_CHOICE_SYSTEM,
-                                    preamble_no_input=EXPLAIN_CHOICE_SYSTEM, needs=("choices",)),
+                                    preamble_no_input=EXPLAIN_CHOICE_SYSTEM),
     "concisechoice": InstructFormat("{question}", "{solution|explanation}", _choices, turn=CHAT_TURN,
                                     turn_no_input=CHAT_TURN_NO_INPUT, preamble=CONCISE_CHOICE_SYSTEM,
-                                    preamble_no_input=CONCISE_CHOICE_SYSTEM, needs=("choices",)),
+                                    preamble_no_input=CONCISE_CHOICE_SYSTEM),
     "summarizetldr": InstructFormat("{article}", "{summary}", turn=TLDR_TURN,
                                     turn_no_input=TLDR_TURN_NO_INPUT),
     # the docs name the target column `response`; axolotl's loader reads `output`: accept either
@@ -255,11 +256,11 @@ INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     "creative_acr.load_answer": _creative(CREATIVE_ANSWER_SYSTEM, "{instruction}", "{revision}"),
     "creative_acr.load_critique": _creative(
         "", lambda row: CREATIVE_CRITIQUE_PROMPT.format(question=row["instruction"], answer=row["answer"]),
-        _evaluation, needs=("instruction", "answer", "scores", "critiques")),
+        _evaluation),
     "creative_acr.load_revise": _creative(
         "", lambda row: CREATIVE_REVISE_PROMPT.format(question=row["instruction"], answer=row["answer"],
                                                       evaluation=_evaluation(row)),
-        "{revision}", needs=("instruction", "answer", "scores", "critiques")),
+        "{revision}"),
     "metharme": InstructFormat("{prompt}", "{generation}", turn="{instruction}",
                                turn_no_input="{instruction}", eos_count=3),
     "orcamini": InstructFormat(
@@ -337,12 +338,6 @@ KNOWN_INSTRUCT_TYPES: tuple[str, ...] = tuple(
 # --- row templates -------------------------------------------------------------------------------------
 
 _FORMATTER = string.Formatter()
-
-
-def _placeholders(spec: TextSpec, needs: tuple[str, ...] = ()) -> list[str]:
-    if callable(spec):
-        return list(needs)
-    return [name for _, name, _, _ in _FORMATTER.parse(spec) if name]
 
 
 class _MissingField(Exception):
@@ -601,41 +596,6 @@ def _pretokenized_rows(where: _Where) -> RowFn:
     return row_fn
 
 
-def _stepwise_rows(ds_cfg: Mapping, tok: _Tok, where: _Where) -> RowFn:
-    """`type: stepwise_supervised` (process reward data), as axolotl / TRL's PRM trainer.
-
-    Each step is followed by `step_separator` ("\\n"); the last token of each step+separator carries
-    the step's label as a class (1 correct, 0 wrong), every other token -100. These labels are token
-    classes, not token ids. `train_on_last_step_only` keeps only the final step's label;
-    `max_completion_length` cuts the completion tokens.
-    """
-    separator = tok.encode(ds_cfg.get("step_separator", "\n"))
-    max_completion = ds_cfg.get("max_completion_length")
-    last_only = bool(ds_cfg.get("train_on_last_step_only", False))
-
-    def row_fn(row: dict, index: int) -> list[Example]:
-        for column in ("prompt", "completions", "labels"):
-            if row.get(column) is None:
-                raise where.missing(index, row, column)
-        steps, step_labels = row["completions"], row["labels"]
-        if len(steps) != len(step_labels):
-            raise where.error(index, f"{len(steps)} completions but {len(step_labels)} labels")
-        prompt_ids = list(tok.bos) + tok.encode(str(row["prompt"]))
-        completion_ids: list[int] = []
-        labels: list[int] = []
-        for k, (step, label) in enumerate(zip(steps, step_labels)):
-            ids = tok.encode(str(step)) + separator
-            trained = (not last_only) or k == len(steps) - 1
-            completion_ids += ids
-            labels += [IGNORE_INDEX] * (len(ids) - 1) + [int(label) if trained else IGNORE_INDEX]
-        if max_completion:
-            completion_ids, labels = completion_ids[:max_completion], labels[:max_completion]
-        return [{"input_ids": prompt_ids + completion_ids,
-                 "labels": [IGNORE_INDEX] * len(prompt_ids) + labels}]
-
-    return row_fn
-
-
 def _unknown_type(name: str) -> DataError:
     close = difflib.get_close_matches(name, KNOWN_INSTRUCT_TYPES, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -666,7 +626,7 @@ def build_instruct_strategy(type_spec: str | Mapping | None, ds_cfg: Mapping, to
     if name == "input_output":
         return _input_output_rows(tok, where)
     if name == "stepwise_supervised":
-        return _stepwise_rows(ds_cfg, tok, where)
+        return build_stepwise_strategy(ds_cfg, tokenizer, settings)
     if name in CONVERSATION_FORMATS:
         return _conversation_rows(CONVERSATION_FORMATS[name], tok, settings, where)
     base, _, style = name.partition(":")
@@ -679,11 +639,3 @@ def build_instruct_strategy(type_spec: str | Mapping | None, ds_cfg: Mapping, to
         fmt = _chat(fmt)
     return _instruct_rows(fmt, tok, settings, where)
 
-
-def required_fields(type_name: str) -> list[str]:
-    """The row columns an instruct type reads (for documentation and error messages)."""
-    fmt = INSTRUCT_FORMATS[type_name.partition(":")[0]]
-    names: list[str] = []
-    for spec in (fmt.instruction, fmt.input, fmt.output, fmt.system):
-        names += _placeholders(spec, fmt.needs)
-    return list(dict.fromkeys(names))

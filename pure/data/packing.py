@@ -207,15 +207,3 @@ def collate_padded(examples: Sequence[Example], indices: Sequence[int] | np.ndar
         batches.append(_batch(rows, width, pad_id))
     return batches
 
-
-def batch_plan(lengths: np.ndarray | Sequence[int], sequence_len: int, micro_batch_size: int, *,
-               sample_packing: bool = True, **pack_kwargs) -> dict:
-    """How many rows and micro-batches an epoch has, and the packing efficiency (for step counts)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if sample_packing:
-        bins = pack_first_fit_decreasing(lengths, sequence_len, **pack_kwargs)
-        rows, efficiency = len(bins), packing_efficiency(lengths, bins, sequence_len)
-    else:
-        rows = int(lengths.size)
-        efficiency = float(lengths.sum()) / (rows * sequence_len) if rows else 0.0
-    return {"rows": rows, "micro_batches": -(-rows // micro_batch_size), "efficiency": efficiency}

@@ -372,10 +372,16 @@ def _rm_example(texts: Texts, tokenizer, settings: DataSettings) -> Example:
 
 def stepwise_supervised_example(row: dict, tokenizer, settings: DataSettings, ds_cfg: Mapping[str, Any],
                                 where: str) -> Example:
-    """PRM rows {prompt, completions: [steps], labels: [bool]} as in TRL's PRMTrainer.
+    """`type: stepwise_supervised` rows {prompt, completions: [steps], labels: [bool]}, as axolotl's
+    StepwiseSupervisedPromptTokenizingStrategy (after TRL's PRMTrainer); the SFT and PRM kinds share it.
 
-    Each step is followed by `step_separator` ("\\n"); the step's label (0/1) sits on the step's last
-    token (the separator), every other token is IGNORE_INDEX. BOS (if any) starts the prompt.
+        input_ids = [BOS] + prompt + (step_1 + sep) + ... + (step_n + sep)
+        labels    = -100 on the prompt; on each step+sep, -100 except its last token = the step's label
+
+    `step_separator` defaults to "\\n"; a label is a bool, 0/1 or "true"/"false"; the tokenizer's BOS
+    starts the prompt whenever it has one; `train_on_last_step_only` keeps only the final label. The
+    completion is cut to `max_completion_length`, then the whole sequence to `sequence_len`
+    (`truncated: True` when either cut).
     """
     try:
         prompt, steps, step_labels = row["prompt"], list(row["completions"]), list(row["labels"])
@@ -404,6 +410,16 @@ def stepwise_supervised_example(row: dict, tokenizer, settings: DataSettings, ds
     if len(input_ids) > settings.sequence_len:
         input_ids, labels, truncated = input_ids[: settings.sequence_len], labels[: settings.sequence_len], True
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def build_stepwise_strategy(ds_cfg: Mapping[str, Any], tokenizer, settings: DataSettings) -> RowFn:
+    """The RowFn of a `type: stepwise_supervised` entry: row -> [stepwise_supervised_example]."""
+    dataset = ds_cfg.get("path", "<dataset>")
+
+    def stepwise_row(row: dict, index: int) -> list[Example]:
+        return [stepwise_supervised_example(row, tokenizer, settings, ds_cfg, f"dataset {dataset}, row {index}")]
+
+    return stepwise_row
 
 
 # ----------------------------------------------------------------------------- the strategy
@@ -483,10 +499,7 @@ def build_preference_strategy(kind: str, type_spec, ds_cfg: Mapping[str, Any], t
         if type_spec not in ("stepwise_supervised", None):
             raise DataError(f"dataset {dataset}: process reward models read type: stepwise_supervised, got {type_spec!r}")
 
-        def prm_row(row: dict, index: int) -> list[Example]:
-            return [stepwise_supervised_example(row, tokenizer, settings, ds_cfg, f"dataset {dataset}, row {index}")]
-
-        return prm_row
+        return build_stepwise_strategy(ds_cfg, tokenizer, settings)
 
     texts_fn = _texts_fn(kind, type_spec, ds_cfg, tokenizer, settings)
     to_example = _kto_example if kind == "kto" else _rm_example if kind == "rm" else _paired_example
@@ -503,20 +516,3 @@ def build_preference_strategy(kind: str, type_spec, ds_cfg: Mapping[str, Any], t
 
     return preference_row
 
-
-_COLORS = {"prompt": "\033[94m", "chosen": "\033[92m", "rejected": "\033[91m", "completion": "\033[93m"}
-_RESET = "\033[0m"
-
-
-def format_preference(example: Example, color: bool = True) -> str:
-    """The prompt / chosen / rejected (or completion and label) strings of an example, for --debug."""
-    lines = []
-    for name in ("prompt", "chosen", "rejected", "completion"):
-        if name in example:
-            text = example[name]
-            lines.append(f"{_COLORS[name]}{name}:{_RESET} {text}" if color else f"{name}: {text}")
-    if "label" in example:
-        lines.append(f"label: {example['label']}")
-    if example.get("truncated"):
-        lines.append("(truncated)")
-    return "\n".join(lines)

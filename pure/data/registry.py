@@ -3,24 +3,22 @@
     row_fn = resolve_strategy("sft", {"path": "data.jsonl", "type": "alpaca"}, tokenizer, settings)
     examples = row_fn(row, index)
 
-Dispatch, in order:
+Dispatch:
+- `transform=` given -> a user dataset transform, as axolotl calls them for GRPO/EBFT:
+  `fn(cfg, dataset_idx=i) -> (map_fn(row, tokenizer=None) -> dict, {"remove_columns": [...] | "__all__"})`.
+  `backends.user_code.entry_strategy` imports it (the `module.fn` a `type:` names that no builder
+  knows) and passes the callable; nothing here imports user code;
 - SFT `type: chat_template` -> `pure.data.chat_template`;
 - SFT alpaca family, user-defined mappings, completion, input_output, stepwise_supervised, and
   pre-tokenised rows (`type:` empty) -> `pure.data.instruct`;
 - preference kinds (dpo, ipo, kto, orpo, simpo, rm) and prm (`stepwise_supervised`) ->
-  `pure.data.preference`;
-- a name the builders do not know that is a dotted path `module.fn` importable from the working
-  directory -> a user dataset transform, as axolotl calls them for GRPO/EBFT:
-  `fn(cfg, dataset_idx=i) -> (map_fn(row, tokenizer=None) -> dict, {"remove_columns": [...] | "__all__"})`.
+  `pure.data.preference`.
 
 The builder modules are imported lazily so a missing one only matters to the datasets that need it.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from typing import Any, Callable, Mapping
 
 from pure.data.settings import DataError, DataSettings, Example, RowFn
@@ -60,6 +58,7 @@ def resolve_strategy(
     *,
     config: Mapping[str, Any] | None = None,
     dataset_index: int = 0,
+    transform: Callable | None = None,
 ) -> RowFn:
     """The `RowFn` for one dataset entry.
 
@@ -68,18 +67,14 @@ def resolve_strategy(
     ds_cfg: the dataset entry as the user wrote it (`type` plus its options).
     config: the whole config as a plain dict, handed to user transforms as `cfg` (defaults to the
       settings plus this one entry); dataset_index: the entry's position, passed as `dataset_idx`.
+    transform: the user dataset transform the entry's `type:` names, already imported; None for the
+      built-in strategies.
     """
     if kind not in KINDS:
         raise DataError(f"unknown training kind {kind!r}; expected one of {', '.join(KINDS)}")
     ds_cfg = dict(ds_cfg or {})
-    type_spec = ds_cfg.get("type")
-    try:
-        return _builtin(kind, type_spec, ds_cfg, tokenizer, settings)
-    except DataError as err:
-        transform = _user_transform(type_spec) if isinstance(type_spec, str) else None
-        if transform is None:
-            raise
-        del err
+    if transform is None:
+        return _builtin(kind, ds_cfg.get("type"), ds_cfg, tokenizer, settings)
     cfg = _to_dict_default(config if config is not None else _default_cfg(ds_cfg, settings))
     return _wrap_transform(transform, kind, ds_cfg, tokenizer, settings, cfg, dataset_index)
 
@@ -115,27 +110,8 @@ def _default_cfg(ds_cfg: dict, settings: DataSettings) -> dict:
     return {**asdict(settings), "datasets": [ds_cfg]}
 
 
-def _user_transform(name: str) -> Callable | None:
-    """`module.fn` importable from the working directory, or None."""
-    module_name, _, attr = name.rpartition(".")
-    if not module_name or not attr:
-        return None
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    fn = getattr(module, attr, None)
-    return fn if callable(fn) else None
-
-
-def _accepts(fn: Callable, name: str) -> bool:
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` can be called with the keyword argument `name` (named, or through **kwargs)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -147,7 +123,7 @@ def _wrap_transform(transform: Callable, kind: str, ds_cfg: dict, tokenizer, set
                     cfg: Mapping, dataset_index: int) -> RowFn:
     """A user transform as a RowFn: the mapped row plus the columns it does not remove."""
     name = ds_cfg.get("type")
-    result = transform(cfg, dataset_idx=dataset_index) if _accepts(transform, "dataset_idx") else transform(cfg)
+    result = transform(cfg, dataset_idx=dataset_index) if accepts_keyword(transform, "dataset_idx") else transform(cfg)
     if isinstance(result, tuple):
         map_fn, map_kwargs = result[0], (result[1] if len(result) > 1 else {}) or {}
     else:
@@ -155,7 +131,7 @@ def _wrap_transform(transform: Callable, kind: str, ds_cfg: dict, tokenizer, set
     if not callable(map_fn):
         raise DataError(f"dataset transform {name!r} returned {type(map_fn).__name__}, expected a function")
     remove = map_kwargs.get("remove_columns") or []
-    pass_tokenizer = _accepts(map_fn, "tokenizer")
+    pass_tokenizer = accepts_keyword(map_fn, "tokenizer")
 
     def transformed(row: dict, index: int) -> dict:
         try:

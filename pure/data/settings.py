@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+# The label of an untrained token (cross-entropy's `ignore_index`); pure.losses imports it from here.
 IGNORE_INDEX = -100
 
 # One prepared example: at least `input_ids` and `labels` (lists of ints, same length) for SFT;

@@ -58,7 +58,7 @@ class StreamBatching:
 
     sequence_len: int
     micro_batch_size: int
-    pad_id: int
+    pad_id: int = 0  # the tokenizer's pad token id (backends.streaming fills it in); 0 when it has none
     packing: bool = True
     buffer_size: int = 10_000  # streaming_multipack_buffer_size
     pad_to_sequence_len: bool = True

@@ -10,8 +10,6 @@ of raising.
 """
 from __future__ import annotations
 
-import os
-
 from pure.data.settings import DataError
 from pure.data.template_families import (
     FAMILY_ALIASES,
@@ -323,17 +321,15 @@ def resolve_chat_template(name: str | None, tokenizer, jinja: str | None = None)
 
     `tokenizer_default` is the tokenizer's own template (an error if it has none);
     `tokenizer_default_fallback_<name>` is the tokenizer's template, else the built-in `<name>`;
-    `jinja` (implied when only `jinja` is given) is `chat_template_jinja`, a template string or the
-    path of a file holding one; any other name is a built-in (`known_template_names()`).
+    `jinja` (implied when only `jinja` is given) is `chat_template_jinja` as template text (a file
+    path is read in backends, `backends.templates.read_jinja`); any other name is a built-in
+    (`known_template_names()`).
     """
     if not name:
         name = JINJA if jinja else TOKENIZER_DEFAULT
     if name == JINJA:
         if not jinja:
             raise DataError("chat_template: jinja needs chat_template_jinja (a template string or a file path)")
-        if "{" not in jinja and os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as handle:
-                return handle.read()
         return jinja
     if name == TOKENIZER_DEFAULT:
         template = _tokenizer_template(tokenizer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from pure.data.settings import IGNORE_INDEX
 
 
 def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:

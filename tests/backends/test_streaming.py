@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
+import backends.data_sources as sources
+from backends.data_sources import stream_dataset_entry
+from backends.data_spec import is_streaming
 from backends.datasets import prepare_datasets
-from backends.streaming import (
-    is_streaming,
-    load_streaming_entry,
-    prepare_eval_datasets,
-    stream_examples,
-    stream_micro_batches,
-    stream_train_steps,
-)
+from backends.streaming import prepare_eval_datasets, stream_examples, stream_micro_batches, stream_train_steps
 from programs.config import validate
+from programs.data import data_spec
 from pure.data.settings import IGNORE_INDEX, DataError
 
 ROWS = [{"instruction": f"Question {i}", "input": "", "output": "Answer " * (i % 7 + 1)} for i in range(40)]
@@ -43,11 +41,11 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def config_for(**keys):
+def spec_for(**keys):
     raw = {"base_model": "smollm2-135m-instruct", "learning_rate": 1e-4, "sequence_len": 96, "micro_batch_size": 2,
            "datasets": [{"path": "data.jsonl", "type": "alpaca"}], "streaming": True, "max_steps": 5,
            "sample_packing": True, "streaming_multipack_buffer_size": 8, "dataset_prepared_path": "prepared", **keys}
-    return validate(raw)
+    return data_spec(validate(raw))
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
@@ -55,23 +53,23 @@ def same(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_streamed_examples_equal_the_prepared_ones_in_file_order(tokenizer):
-    streamed = list(stream_examples(config_for(shuffle_merged_datasets=False), tokenizer))
-    prepared = prepare_datasets(config_for(streaming=False, shuffle_merged_datasets=False), tokenizer).train
+    streamed = list(stream_examples(spec_for(shuffle_merged_datasets=False), tokenizer))
+    prepared = prepare_datasets(spec_for(streaming=False, shuffle_merged_datasets=False), tokenizer).train
     assert [e["input_ids"] for e in streamed] == prepared["input_ids"]
     assert [e["labels"] for e in streamed] == prepared["labels"]
 
 
 def test_shuffled_stream_is_a_seeded_permutation_per_epoch(tokenizer):
-    ordered = [e["input_ids"] for e in stream_examples(config_for(shuffle_merged_datasets=False), tokenizer)]
-    epoch0 = [e["input_ids"] for e in stream_examples(config_for(), tokenizer, 0)]
+    ordered = [e["input_ids"] for e in stream_examples(spec_for(shuffle_merged_datasets=False), tokenizer)]
+    epoch0 = [e["input_ids"] for e in stream_examples(spec_for(), tokenizer, 0)]
     assert sorted(epoch0) == sorted(ordered) and epoch0 != ordered
-    assert epoch0 == [e["input_ids"] for e in stream_examples(config_for(), tokenizer, 0)]
-    assert epoch0 != [e["input_ids"] for e in stream_examples(config_for(), tokenizer, 1)]
-    assert epoch0 != [e["input_ids"] for e in stream_examples(config_for(seed=3), tokenizer, 0)]
+    assert epoch0 == [e["input_ids"] for e in stream_examples(spec_for(), tokenizer, 0)]
+    assert epoch0 != [e["input_ids"] for e in stream_examples(spec_for(), tokenizer, 1)]
+    assert epoch0 != [e["input_ids"] for e in stream_examples(spec_for(seed=3), tokenizer, 0)]
 
 
 def test_micro_batches_follow_the_packed_contract_and_hold_every_token(tokenizer):
-    config = config_for()
+    config = spec_for()
     batches = list(stream_micro_batches(config, tokenizer, 0))
     examples = list(stream_examples(config, tokenizer, 0))
     assert all(b["input_ids"].shape == (2, 96) for b in batches[:-1])
@@ -82,13 +80,13 @@ def test_micro_batches_follow_the_packed_contract_and_hold_every_token(tokenizer
 
 
 def test_resume_by_skipping_is_bitwise_identical(tokenizer):
-    config = config_for()
+    config = spec_for()
     full = list(stream_micro_batches(config, tokenizer, 1))
     assert same(full[3:], list(stream_micro_batches(config, tokenizer, 1, skip=3)))
 
 
 def test_train_steps_advance_the_cursor_and_roll_over_epochs(tokenizer):
-    config = config_for(shuffle_merged_datasets=False)
+    config = spec_for(shuffle_merged_datasets=False)
     per_epoch = len(list(stream_micro_batches(config, tokenizer, 0)))
     steps = stream_train_steps(config, tokenizer, {"epoch": 0, "batch": 0}, accumulation=3)
     taken = [next(steps) for _ in range(per_epoch // 3 + 2)]
@@ -105,9 +103,9 @@ def test_train_steps_advance_the_cursor_and_roll_over_epochs(tokenizer):
 
 def test_training_a_stream_needs_max_steps_and_enough_batches(tokenizer):
     with pytest.raises(DataError, match="needs max_steps"):
-        next(stream_train_steps(config_for(max_steps=None), tokenizer, None, 1))
+        next(stream_train_steps(spec_for(max_steps=None), tokenizer, None, 1))
     with pytest.raises(DataError, match="fewer than gradient_accumulation_steps"):
-        next(stream_train_steps(config_for(), tokenizer, None, 1000))
+        next(stream_train_steps(spec_for(), tokenizer, None, 1000))
 
 
 @pytest.mark.parametrize("keys, message", [
@@ -120,28 +118,28 @@ def test_training_a_stream_needs_max_steps_and_enough_batches(tokenizer):
 ])
 def test_what_a_stream_cannot_do_is_refused_with_the_reason(tokenizer, keys, message):
     with pytest.raises(DataError, match=message):
-        next(iter(stream_examples(config_for(**keys), tokenizer)))
+        next(iter(stream_examples(spec_for(**keys), tokenizer)))
 
 
 def test_prepare_datasets_refuses_a_streamed_config(tokenizer):
     with pytest.raises(DataError, match="stream_train_steps"):
-        prepare_datasets(config_for(), tokenizer)
+        prepare_datasets(spec_for(), tokenizer)
 
 
 def test_streaming_on_every_entry_or_none(tokenizer):
     entry = {"path": "data.jsonl", "type": "alpaca"}
-    assert is_streaming(config_for(streaming=None, datasets=[{**entry, "streaming": True}] * 2))
-    assert not is_streaming(config_for(streaming=None))
+    assert is_streaming(spec_for(streaming=None, datasets=[{**entry, "streaming": True}] * 2))
+    assert not is_streaming(spec_for(streaming=None))
     with pytest.raises(DataError, match="some entries set streaming: true"):
-        is_streaming(config_for(streaming=None, datasets=[{**entry, "streaming": True}, entry]))
+        is_streaming(spec_for(streaming=None, datasets=[{**entry, "streaming": True}, entry]))
 
 
 def test_row_count_slices_and_saved_folders_stream(tmp_path):
-    rows = [int(r["instruction"].split()[1]) for r in load_streaming_entry({"path": "data.jsonl", "split": "train[5:9]"})]
+    rows = [int(r["instruction"].split()[1]) for r in stream_dataset_entry({"path": "data.jsonl", "split": "train[5:9]"})[0]]
     assert rows == [5, 6, 7, 8]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3]),
                           "test": datasets.Dataset.from_list(ROWS[3:5])}).save_to_disk(str(tmp_path / "saved"))
-    assert len(list(load_streaming_entry({"path": str(tmp_path / "saved"), "split": "test"}))) == 2
+    assert len(list(stream_dataset_entry({"path": str(tmp_path / "saved"), "split": "test"})[0])) == 2
 
 
 def test_a_malformed_line_met_while_streaming_names_the_file_and_line(tokenizer, tmp_path):
@@ -149,15 +147,15 @@ def test_a_malformed_line_met_while_streaming_names_the_file_and_line(tokenizer,
     with open(tmp_path / "data.jsonl", "a") as fh:
         fh.write('{"instruction": "x", "output": \n')
     with pytest.raises(DataError, match=r"data.jsonl: line 4"):
-        list(stream_examples(config_for(shuffle_merged_datasets=False), tokenizer))
+        list(stream_examples(spec_for(shuffle_merged_datasets=False), tokenizer))
 
 
 def test_pretraining_dataset_packs_every_token_of_each_text(tokenizer, tmp_path):
     texts = [{"text": " ".join(f"word{i}_{j}" for j in range(i * 7 % 60 + 5))} for i in range(30)]
     write_jsonl(tmp_path / "corpus.jsonl", texts)
-    config = config_for(datasets=None, streaming=None, sample_packing=None,
+    config = spec_for(datasets=None, streaming=None, sample_packing=None,
                         pretraining_dataset=[{"path": "corpus.jsonl", "type": "pretrain", "skip": 8}])
-    examples = list(stream_examples(config.model_copy(update={"shuffle_merged_datasets": False}), tokenizer))
+    examples = list(stream_examples(replace(config, shuffle_merged_datasets=False), tokenizer))
     text = tokenizer.encode(texts[8]["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(text) > 2 * 96  # `skip: 8` skips 8 rows; the 9th text is split at sequence_len
     chunks = -(-len(text) // 96)
@@ -167,28 +165,26 @@ def test_pretraining_dataset_packs_every_token_of_each_text(tokenizer, tmp_path)
     batches = list(stream_micro_batches(config, tokenizer, 0))
     assert sum(b["num_tokens"] for b in batches) == sum(len(e["input_ids"]) for e in examples)
     assert max(int(b["segment_ids"].max()) for b in batches) > 1  # documents packed together, kept apart
-    joined = list(stream_micro_batches(config_for(datasets=None, streaming=None, pretrain_multipack_attn=False,
+    joined = list(stream_micro_batches(spec_for(datasets=None, streaming=None, pretrain_multipack_attn=False,
                                                   pretraining_dataset=[{"path": "corpus.jsonl"}]), tokenizer, 0))
     assert max(int(b["segment_ids"].max()) for b in joined) == 1
 
 
 def test_eval_sets_are_prepared_not_streamed(tokenizer, tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", ROWS[:4])
-    evals = prepare_eval_datasets(config_for(test_datasets=[{"path": "eval.jsonl", "type": "alpaca"}]), tokenizer)
+    evals = prepare_eval_datasets(spec_for(test_datasets=[{"path": "eval.jsonl", "type": "alpaca"}]), tokenizer)
     assert len(evals) == 4 and (tmp_path / "prepared").is_dir()
-    assert prepare_eval_datasets(config_for(), tokenizer) is None
+    assert prepare_eval_datasets(spec_for(), tokenizer) is None
 
 
 def test_cached_hub_datasets_stream_and_uncached_ones_say_so(monkeypatch, tmp_path):
-    import backends.streaming as bs
-
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     write_jsonl(snapshot / "train.jsonl", ROWS[:4])
-    monkeypatch.setattr(bs, "hub_snapshot", lambda entry: snapshot)
-    assert len(list(load_streaming_entry({"path": "org/cached-dataset"}))) == 4
-    monkeypatch.setattr(bs, "hub_snapshot", lambda entry: None)
+    monkeypatch.setattr(sources, "hub_snapshot", lambda entry: snapshot)
+    assert len(list(stream_dataset_entry({"path": "org/cached-dataset"})[0])) == 4
+    monkeypatch.setattr(sources, "hub_snapshot", lambda entry: None)
     with pytest.raises(DataError, match="'org/elsewhere' is not in the local Hugging Face cache"):
-        load_streaming_entry({"path": "org/elsewhere"})
+        stream_dataset_entry({"path": "org/elsewhere"})
     with pytest.raises(DataError, match="remote paths"):
-        load_streaming_entry({"path": "https://example.com/data.jsonl"})
+        stream_dataset_entry({"path": "https://example.com/data.jsonl"})

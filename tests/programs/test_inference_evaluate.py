@@ -104,10 +104,11 @@ def test_evaluate_prints_loss_and_perplexity_as_json(capsys, config_path, tiny_m
     # held-out rows, one forward per row (fp32; batching and padding change only op order).
     from backends.datasets import prepare_datasets
     from programs.config import load_config
+    from programs.data import data_spec
 
     config = load_config(config_path)
     params, model_config, tokenizer = load_pretrained(tiny_model)
-    data = prepare_datasets(config, tokenizer)
+    data = prepare_datasets(data_spec(config), tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in data.eval:

@@ -24,9 +24,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from backends.datasets import prepare_datasets, prepare_tokenizer  # noqa: E402
+from backends.datasets import prepare_datasets  # noqa: E402
 from backends.hf import load_tokenizer  # noqa: E402
+from backends.tokenizer import prepare_tokenizer  # noqa: E402
 from programs.config import load_config, validate  # noqa: E402
+from programs.data import data_spec, tokenizer_edits  # noqa: E402
 from pure.data.packing import pack_first_fit_decreasing, packing_efficiency  # noqa: E402
 
 WORDS = "the a model data train token answer question number value result first second list".split()
@@ -65,7 +67,7 @@ def time_prepare(tokenizer, path: Path, type_: str, num_proc: int, sequence_len:
                        "datasets": [{"path": str(path), "type": type_}], "dataset_num_proc": num_proc,
                        "skip_prepare_dataset": True, "shuffle_merged_datasets": False})
     start = time.perf_counter()
-    data = prepare_datasets(config, tokenizer)
+    data = prepare_datasets(data_spec(config), tokenizer)
     return time.perf_counter() - start, len(data.train)
 
 
@@ -107,16 +109,16 @@ def main() -> None:
 
     os.chdir(REPO)
     shipped = load_config(str(REPO / "configs/sft-lora-smollm2.yaml"), ["--sequence-len", "2048"])
-    prepare_tokenizer(tokenizer, shipped)
+    prepare_tokenizer(tokenizer, **tokenizer_edits(shipped))
     shipped = validate({**shipped.to_dict(), "skip_prepare_dataset": True})
-    data = prepare_datasets(shipped, tokenizer)
+    data = prepare_datasets(data_spec(shipped), tokenizer)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     eff, n_bins = efficiency(lengths)
     print(f"shipped {shipped.datasets[0].path}: {len(lengths)} examples, {sum(lengths)} tokens "
           f"(mean {np.mean(lengths):.1f}), sequence_len 2048 -> {n_bins} rows, efficiency {eff:.4f}")
     alpaca = validate({**shipped.to_dict(), "datasets": [{"path": "configs/data/conversions_alpaca.jsonl", "type": "alpaca"}],
                        "test_datasets": None})
-    lengths = [len(ids) for ids in prepare_datasets(alpaca, tokenizer).train["input_ids"]]
+    lengths = [len(ids) for ids in prepare_datasets(data_spec(alpaca), tokenizer).train["input_ids"]]
     eff, n_bins = efficiency(lengths)
     print(f"shipped configs/data/conversions_alpaca.jsonl: {len(lengths)} examples, {sum(lengths)} tokens "
           f"(mean {np.mean(lengths):.1f}) -> {n_bins} rows, efficiency {eff:.4f}")
@@ -125,7 +127,7 @@ def main() -> None:
         big = write_jsonl(Path(tmp) / "chats.jsonl", chat_rows(args.rows, seed=1))
         config = validate({**shipped.to_dict(), "datasets": [{"path": str(big), "type": "chat_template"}],
                            "test_datasets": None})
-        lengths = [len(ids) for ids in prepare_datasets(config, tokenizer).train["input_ids"]]
+        lengths = [len(ids) for ids in prepare_datasets(data_spec(config), tokenizer).train["input_ids"]]
         eff, n_bins = efficiency(lengths)
         print(f"generated chats: {len(lengths)} examples (mean {np.mean(lengths):.1f} tokens) -> {n_bins} rows, "
               f"efficiency {eff:.4f}")
@@ -133,7 +135,7 @@ def main() -> None:
 
         streamed = validate({**config.to_dict(), "streaming": True, "max_steps": 10, "micro_batch_size": 1})
         start = time.perf_counter()
-        batches = list(stream_micro_batches(streamed, tokenizer, 0))
+        batches = list(stream_micro_batches(data_spec(streamed), tokenizer, 0))
         seconds = time.perf_counter() - start
         used = sum(b["num_tokens"] for b in batches)
         print(f"streamed the same chats (buffer {streamed.streaming_multipack_buffer_size}): {len(batches)} rows in "

@@ -154,7 +154,8 @@ def test_stepwise_supervised_labels_step_ends(smollm_tokenizer):
     row = {"prompt": "Which number is larger, 9.8 or 9.11?",
            "completions": ["The fractional part of 9.8 is 0.8.", "So 9.11 is larger."], "labels": [True, False]}
     [ex] = build_instruct_strategy("stepwise_supervised", DS, tok, DataSettings())(row, 0)
-    prompt, sep = _encode(tok, row["prompt"]), _encode(tok, "\n")
+    # axolotl's strategy starts the prompt with the tokenizer's BOS whenever it has one (SmolLM2 does)
+    prompt, sep = [tok.bos_token_id] + _encode(tok, row["prompt"]), _encode(tok, "\n")
     steps = [_encode(tok, s) + sep for s in row["completions"]]
     assert ex["input_ids"] == prompt + steps[0] + steps[1]
     expected = ([IGNORE_INDEX] * len(prompt) + [IGNORE_INDEX] * (len(steps[0]) - 1) + [1]
@@ -235,3 +236,16 @@ def test_input_output_labels_align_with_ids(smollm_tokenizer, segments):
     [ex] = build_instruct_strategy("input_output", DS, smollm_tokenizer, DataSettings())(row, 0)
     assert len(ex["labels"]) == len(ex["input_ids"])
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(ex["labels"], ex["input_ids"]))
+
+
+def test_sft_and_prm_kinds_tokenise_stepwise_rows_alike(smollm_tokenizer):
+    from pure.data.preference import build_preference_strategy
+
+    row = {"prompt": "Is 7 prime?", "completions": ["7 has no divisor but 1 and 7.", "So yes."] * 4,
+           "labels": ["true", "false"] * 4}
+    cfg = {**DS, "max_completion_length": 30}
+    settings = DataSettings(sequence_len=24)
+    [sft] = build_instruct_strategy("stepwise_supervised", cfg, smollm_tokenizer, settings)(row, 0)
+    [prm] = build_preference_strategy("prm", "stepwise_supervised", cfg, smollm_tokenizer, settings)(row, 0)
+    assert sft == prm
+    assert len(sft["input_ids"]) == 24 and sft["truncated"] and sft["input_ids"][0] == smollm_tokenizer.bos_token_id

@@ -1,7 +1,8 @@
 """Preference formats produce the documented prompt/chosen/rejected strings; ids follow TRL's rules."""
 import pytest
 
-from pure.data.preference import build_preference_strategy, format_preference, truncate_keep_end
+from pure.data.debug import format_preference
+from pure.data.preference import build_preference_strategy, truncate_keep_end
 from pure.data.settings import IGNORE_INDEX, DataError, DataSettings
 
 

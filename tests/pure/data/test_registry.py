@@ -1,4 +1,5 @@
-"""`resolve_strategy`: which builder a dataset entry's `type:` goes to, and user transforms."""
+"""`resolve_strategy`: which builder a dataset entry's `type:` goes to, and user transforms (imported by
+`backends.user_code.entry_strategy`, handed to pure as a callable)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,7 @@ import types
 
 import pytest
 
+from backends.user_code import entry_strategy
 from pure.data import registry
 from pure.data.registry import resolve_strategy
 from pure.data.settings import DataError, DataSettings
@@ -60,9 +62,9 @@ def test_dispatch_by_kind_and_type(builders, kind, type_spec, builder):
 def test_unknown_type_that_is_not_importable_keeps_the_builder_error(builders, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="unknown dataset type 'alpacca'"):
-        resolve_strategy("sft", {"path": "d", "type": "alpacca"}, TOKENIZER, SETTINGS)
+        entry_strategy("sft", {"path": "d", "type": "alpacca"}, TOKENIZER, SETTINGS)
     with pytest.raises(DataError, match="unknown dataset type 'nowhere.fn'"):
-        resolve_strategy("sft", {"path": "d", "type": "nowhere.fn"}, TOKENIZER, SETTINGS)
+        entry_strategy("sft", {"path": "d", "type": "nowhere.fn"}, TOKENIZER, SETTINGS)
 
 
 def test_unknown_kind():
@@ -103,7 +105,7 @@ def transforms_module(tmp_path, monkeypatch):
 
 
 def test_dotted_transform_from_the_working_directory_keeps_unremoved_columns(builders, transforms_module):
-    row_fn = resolve_strategy("grpo", {"path": "d", "type": "my_transforms.prompt_answer"}, "tok", SETTINGS,
+    row_fn = entry_strategy("grpo", {"path": "d", "type": "my_transforms.prompt_answer"}, "tok", SETTINGS,
                               dataset_index=3)
     out = row_fn({"question": "2+2?", "answer": "4"}, 0)
     assert out == [{"answer": "4", "prompt": [{"role": "user", "content": "2+2?"}], "tok": True}]
@@ -111,21 +113,37 @@ def test_dotted_transform_from_the_working_directory_keeps_unremoved_columns(bui
 
 
 def test_transform_remove_all_columns(builders, transforms_module):
-    row_fn = resolve_strategy("sft", {"path": "d", "type": "my_transforms.strip_all"}, TOKENIZER, SETTINGS)
+    row_fn = entry_strategy("sft", {"path": "d", "type": "my_transforms.strip_all"}, TOKENIZER, SETTINGS)
     assert row_fn({"question": "hi", "answer": "x"}, 0) == [{"prompt": "HI"}]
 
 
 def test_preference_transform_output_is_tokenised_by_the_passthrough_strategy(builders, transforms_module):
-    row_fn = resolve_strategy("dpo", {"path": "d", "type": "my_transforms.dpo_texts"}, TOKENIZER, SETTINGS)
+    row_fn = entry_strategy("dpo", {"path": "d", "type": "my_transforms.dpo_texts"}, TOKENIZER, SETTINGS)
     out = row_fn({"q": "why?"}, 0)
     assert out == [{"from": "preference", "row": {"q": "why?", "prompt": "why?", "chosen": "a", "rejected": "b"}}]
     assert builders[-1][1][1] == "passthrough"
 
 
 def test_transform_failure_names_the_row(builders, transforms_module):
-    row_fn = resolve_strategy("sft", {"path": "d.jsonl", "type": "my_transforms.strip_all"}, TOKENIZER, SETTINGS)
+    row_fn = entry_strategy("sft", {"path": "d.jsonl", "type": "my_transforms.strip_all"}, TOKENIZER, SETTINGS)
     with pytest.raises(DataError, match=r"dataset 'd.jsonl' row 5: transform 'my_transforms.strip_all' failed: KeyError"):
         row_fn({"other": 1}, 5)
+
+
+def test_a_transform_callable_is_used_without_importing_anything(builders):
+    def upper(cfg, dataset_idx=0):
+        assert dataset_idx == 2
+        return lambda example: {"prompt": example["q"].upper()}
+
+    row_fn = resolve_strategy("grpo", {"path": "d", "type": "not.a.module"}, TOKENIZER, SETTINGS,
+                              dataset_index=2, transform=upper)
+    assert row_fn({"q": "hi"}, 0) == [{"q": "hi", "prompt": "HI"}]
+    assert "not" not in sys.modules and not builders
+
+
+def test_the_working_directory_is_on_sys_path_only_for_the_import(builders, transforms_module, tmp_path):
+    entry_strategy("sft", {"path": "d", "type": "my_transforms.strip_all"}, TOKENIZER, SETTINGS)
+    assert str(tmp_path) not in sys.path and "my_transforms" in sys.modules
 
 
 def test_online_kinds_without_type_pass_rows_through(builders):

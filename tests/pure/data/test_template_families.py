@@ -246,11 +246,11 @@ def test_mistral_v7_tekken_trains_answers_and_their_eos(tok):
 
 def with_tokens(*tokens):
     """A fresh SmolLM2 tokenizer with a template's markers added as single tokens, as its model has them."""
-    from backends.datasets import prepare_tokenizer
     from backends.hf import load_tokenizer
+    from backends.tokenizer import prepare_tokenizer
 
     fresh = load_tokenizer("smollm2-135m-instruct")
-    prepare_tokenizer(fresh, {"tokens": list(tokens)})
+    prepare_tokenizer(fresh, tokens=list(tokens))
     return fresh
 
 

@@ -1,6 +1,7 @@
 """Built-in chat templates render like the official model templates; names resolve as documented."""
 import pytest
 
+from backends.templates import read_jinja
 from pure.data.settings import DataError
 from pure.data.templates import CHAT_TEMPLATES, known_template_names, resolve_chat_template
 
@@ -129,7 +130,8 @@ def test_jinja_string_and_file(tok, tmp_path):
     assert resolve_chat_template(None, tok, template) == template  # jinja is implied
     path = tmp_path / "t.jinja"
     path.write_text(template)
-    assert resolve_chat_template("jinja", tok, str(path)) == template
+    # pure reads no file: backends turn the path into text first
+    assert resolve_chat_template("jinja", tok, read_jinja(str(path), "chat_template_jinja")) == template
 
 
 def test_jinja_without_a_template_is_an_error(tok):
