@@ -16,10 +16,11 @@ import torch
 
 from pure import rng
 from pure.linear_ce import TokenLogprobFn, TokenLogprobs, reference_token_logprobs
-from pure.losses.common import IGNORE_INDEX, next_token_targets
+from pure.losses.core import Loss
 from pure.lora import LoraConfig
 from pure.models.config import ModelConfig
 from pure.models.llama import ModelOutput, forward, lm_head_weight, sdpa_attention
+from pure.optim import apply_updates, grad_norm_from_state
 from pure.tree import global_norm, tree_leaves, tree_map
 
 
@@ -175,29 +176,18 @@ def make_apply(
     return bind
 
 
-def count_targets(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Normalisers of the whole accumulated batch: trained target tokens and rows."""
-    tokens = sum(
-        int((next_token_targets(mb["labels"], mb.get("segment_ids")) != IGNORE_INDEX).sum())
-        for mb in micro_batches if "labels" in mb
-    )
-    rows = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches if "input_ids" in mb)
-    return {"total_target_tokens": torch.tensor(max(tokens, 1)), "total_rows": torch.tensor(max(rows, 1))}
-
-
-def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stats_fn=None):
+def make_train_step(loss: Loss, optimizer, bind):
     """Build `train_step(state, micro_batches) -> (state, metrics)`.
 
     Each micro-batch's gradient comes from `torch.func.grad_and_value` over the trainable subtree;
-    losses are normalised by counts of the whole accumulated batch (`count_fn`), so the summed
-    gradient is the gradient of the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1).
+    losses are normalised by totals of the whole accumulated batch (the loss's own `count_fn`:
+    target tokens for SFT, pairs for the DPO family, ...), so the summed gradient is the gradient of
+    the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1). Statistics of the whole
+    batch that no gradient flows through (the loss's `batch_stats_fn`: KTO's KL baseline) are
+    computed once, before the gradients; like the totals they are merged into every micro-batch.
     Then one optimizer update. Metrics are floats-as-tensors with stable names.
-
-    `batch_stats_fn(apply, micro_batches) -> dict` computes statistics of the whole accumulated
-    batch that no gradient flows through (KTO's KL baseline) once, before the gradients; like the
-    counts they are merged into every micro-batch.
     """
-    from pure.optim import apply_updates, grad_norm_from_state
+    _check_is_loss(loss, "make_train_step")
 
     def micro_loss(trainable, batch, key, scale):
         value, metrics = loss(bind(trainable), batch, key)
@@ -209,10 +199,7 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)
-        counts = count_fn(micro_batches)
-        if batch_stats_fn is not None:
-            with torch.no_grad():
-                counts = {**counts, **batch_stats_fn(bind(state.trainable), micro_batches)}
+        counts = loss.totals(bind(state.trainable), micro_batches)
         scaler = state.loss_scale
         # The scale on the trainable params' device, moved once per step.
         scale = scaler["scale"].to(tree_leaves(state.trainable)[0].device) if scaler is not None else None
@@ -246,17 +233,16 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
     return train_step
 
 
-def make_eval_step(loss, bind, *, count_fn=count_targets, batch_stats_fn=None):
+def make_eval_step(loss: Loss, bind):
     """`eval_step(trainable, micro_batches) -> metrics` without gradients or randomness; the
     micro-batches are one accumulated batch (normalised together, see `make_train_step`)."""
+    _check_is_loss(loss, "make_eval_step")
 
     def eval_step(trainable, micro_batches):
-        counts = count_fn(micro_batches)
         total, aux = torch.zeros(()), {}
         with torch.no_grad():
             apply = bind(trainable)
-            if batch_stats_fn is not None:
-                counts = {**counts, **batch_stats_fn(apply, micro_batches)}
+            counts = loss.totals(apply, micro_batches)
             for mb in micro_batches:
                 value, metrics = loss(apply, {**mb, **counts}, None)
                 total = total + value
@@ -265,3 +251,9 @@ def make_eval_step(loss, bind, *, count_fn=count_targets, batch_stats_fn=None):
         return {"eval/loss": total, **{f"eval/{name}": v for name, v in aux.items()}}
 
     return eval_step
+
+
+def _check_is_loss(loss, where: str) -> None:
+    if not isinstance(loss, Loss):
+        raise TypeError(f"{where} takes a pure.losses.Loss, which carries the totals its values are divided by; "
+                        f"got {type(loss).__name__} (wrap a function as Loss(fn, name, count_fn=...))")

@@ -98,7 +98,7 @@ def test_losses_compose_by_addition_and_scaling():
     ids, labels = batch_rows(4)
     mb = micro_batches(ids, labels, 4)[0]
     apply = bind(state.trainable)
-    single, _ = sft(apply, mb)
-    combined, metrics = (sft + 0.5 * sft)(apply, mb)
+    single, _ = sft.on_batch(apply, mb)
+    combined, metrics = (sft + 0.5 * sft).on_batch(apply, mb)
     assert torch.allclose(combined, 1.5 * single)
     assert isinstance(0.5 * sft, Loss) and "loss/sft" in metrics
