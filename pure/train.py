@@ -24,10 +24,13 @@ from pure.optim import apply_updates, grad_norm_from_state
 from pure.tree import global_norm, tree_leaves, tree_map
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainState:
     """step: optimizer steps taken. trainable: `{"params": {...}, "lora": {...}}` (either may be
-    empty). data_cursor: where the data stream stands (epoch, batch index), plain ints."""
+    empty). data_cursor: where the data stream stands (epoch, batch index), plain ints.
+
+    Frozen: a step returns a new state. Every field is checkpointed (`backends.checkpoint` walks
+    `dataclasses.fields`), so a field added here is saved and restored with no other change."""
 
     step: int
     trainable: dict
@@ -35,7 +38,6 @@ class TrainState:
     rng_key: torch.Tensor
     data_cursor: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
     loss_scale: dict | None = None  # `LossScaling.init()` for fp16 mixed precision, else None
-
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
