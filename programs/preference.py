@@ -13,8 +13,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
-
 from programs import common, loop
 from pure import rng
 from pure.train import init_train_state, make_eval_step, make_train_step
@@ -70,31 +68,16 @@ def micro_batches(examples, config, kind: str, pad_id: int, epoch: int, shuffle:
 def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None) -> list[dict]:
     """`precompute_ref_log_probs`: the reference log-probs of every pair, computed once (no grad) and
     kept next to the prepared data (`cache`), so training runs no reference forward."""
+    from backends.reference_cache import load_reference_logps, save_reference_logps
     from pure.data.pair_batch import collate_pairs
-    from pure.losses import completion_logps
+    from pure.losses import pair_reference_logps
 
-    values = None
-    if cache is not None and cache.is_file():
-        from safetensors.torch import load_file
-
-        values = load_file(str(cache))["ref_logps"]
-        if values.shape != (len(examples), 2):
-            values = None
+    values = load_reference_logps(cache, len(examples)) if cache is not None else None
     if values is None:
-        apply = bind({})
         size = config.eval_batch_size or config.micro_batch_size
-        rows = []
-        for batch in collate_pairs(examples, list(range(len(examples))), size, pad_id):
-            lp = completion_logps(apply, batch, reference=True)["logps"]
-            b = batch["num_pairs"]
-            rows.append(torch.stack([lp[:b], lp[b:]], dim=1))
-        values = torch.cat(rows).float()
+        values = pair_reference_logps(bind({}), collate_pairs(examples, list(range(len(examples))), size, pad_id))
         if cache is not None:
-            from safetensors.torch import save_file
-
-            tmp = cache.with_suffix(".tmp")
-            save_file({"ref_logps": values.contiguous()}, str(tmp))
-            tmp.replace(cache)
+            save_reference_logps(cache, values)
         print(f"precomputed reference log-probs of {len(examples)} pairs", flush=True)
     return [{**ex, "ref_chosen_logps": float(v[0]), "ref_rejected_logps": float(v[1])}
             for ex, v in zip(examples, values)]

@@ -9,7 +9,7 @@ carries its own normaliser (`count_fn`: count_targets, count_pairs, count_kto, .
 """
 from pure.losses.common import completion_logps, count_targets, next_token_targets, sequence_logprobs, token_logprobs
 from pure.losses.core import Loss
-from pure.losses.dpo import build_dpo_loss, dpo_losses, make_dpo, pair_nll
+from pure.losses.dpo import build_dpo_loss, dpo_losses, make_dpo, pair_nll, pair_reference_logps
 from pure.losses.kto import count_kto, kto, kto_batch_stats, kto_kl_baseline, make_kto
 from pure.losses.orpo import make_orpo, orpo
 from pure.losses.pairs import count_pairs, pair_logps
@@ -24,8 +24,7 @@ ipo = build_dpo_loss(rl="ipo")
 __all__ = [
     "Loss", "bradley_terry", "build_dpo_loss", "center_rewards", "completion_logps", "count_kto", "count_pairs",
     "count_reward_pairs", "count_targets", "count_token_labels", "cpo", "dpo", "dpo_losses", "ipo", "kto",
-    "kto_batch_stats", "kto_kl_baseline",
-    "make_bradley_terry", "make_cpo", "make_dpo", "make_kto", "make_orpo", "make_prm", "make_simpo",
-    "next_token_targets", "nll", "orpo", "pair_logps", "pair_nll", "prm", "sequence_logprobs", "sft", "sft_loss",
-    "simpo", "token_logprobs",
+    "kto_batch_stats", "kto_kl_baseline", "make_bradley_terry", "make_cpo", "make_dpo", "make_kto", "make_orpo",
+    "make_prm", "make_simpo", "next_token_targets", "nll", "orpo", "pair_logps", "pair_nll", "pair_reference_logps",
+    "prm", "sequence_logprobs", "sft", "sft_loss", "simpo", "token_logprobs",
 ]

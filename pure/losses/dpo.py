@@ -394,6 +394,20 @@ def pair_nll_loss(apply, batch, key=None):
 pair_nll = Loss(pair_nll_loss, "pair_nll", count_fn=count_pairs)
 
 
+def pair_reference_logps(apply, batches: Sequence[dict]) -> torch.Tensor:
+    """[P, 2] float32: log π_ref(y_w|x) and log π_ref(y_l|x) (summed over each completion) of every
+    pair of the pair micro-batches `batches`, in their order, under `apply.reference` (no gradient).
+
+    What `precompute_ref_log_probs` computes once before training: the batches then carry these as
+    `ref_logps` and `make_dpo` runs no reference forward."""
+    rows = []
+    for batch in batches:
+        logps = completion_logps(apply, batch, reference=True)["logps"]
+        pairs = num_pairs(batch, "pair_reference_logps")
+        rows.append(torch.stack([logps[:pairs], logps[pairs:]], dim=1))
+    return torch.cat(rows).float()
+
+
 def build_dpo_loss(
     loss_type: str | Sequence[str] | None = None,
     beta: float = 0.1,

@@ -11,7 +11,7 @@ from pure.losses import dpo
 from pure.losses.common import completion_logps
 from pure.losses.core import Loss
 from pure.losses.dpo import (LOSS_TYPES, PAIR_LOSSES, build_dpo_loss, dpo_losses, make_dpo, pair_nll,
-                             wpo_log_weights)
+                             pair_reference_logps, wpo_log_weights)
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, forward, init
 from pure.optim import sgd
@@ -369,3 +369,17 @@ def test_the_plain_step_of_dpo_is_the_pair_mean_for_any_micro_batching():
         _, metrics = step(init_train_state(trainable, optimizer, rng.key(3)), collate_pairs(exs, range(4), size, 0))
         assert metrics["train/loss"].item() == pytest.approx(want, rel=1e-6), size  # fp32 vs float64 tail
         assert metrics["rewards/accuracies"].item() <= 1.0
+
+
+def test_pair_reference_logps_are_the_reference_logps_of_each_pair_in_order():
+    _, trainable, bind, _ = setup()
+    exs = make_examples(5, 10)
+    apply = bind(trainable)
+    got = pair_reference_logps(apply, collate_pairs(exs, range(5), 2, 0))  # batches of 2, 2 and 1 pairs
+    whole = collate_pairs(exs, range(5), 5, 0)[0]
+    ref = completion_logps(apply, whole, reference=True)["logps"]
+    assert got.shape == (5, 2) and got.dtype == torch.float32
+    # the same fp32 forward over rows padded to other widths: op order only
+    torch.testing.assert_close(got, torch.stack([ref[:5], ref[5:]], dim=1), atol=1e-5, rtol=0)
+    policy = completion_logps(apply, whole)["logps"]
+    assert (policy[:5] - got[:, 0]).abs().max() > 1e-3  # the reference, not the policy with its adapter
