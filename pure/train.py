@@ -113,6 +113,26 @@ def neftune_embed(alpha: float, key: torch.Tensor) -> Callable[[torch.Tensor], t
     return embed_fn
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A model with its params bound, as losses see it: `policy(tokens, key=None, **forward_kwargs)
+    -> ModelOutput` runs `forward`.
+
+    token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs: the lm_head and log-softmax on final
+    hidden states (`forward(..., compute_logits=False).hidden[mask]`), never the [N, vocab] logits
+    when a fused kernel is injected. params: the bound params (heads outside the forward read them:
+    reward models' `score.weight`). reference: the reference policy, run without gradient (None on
+    the reference itself)."""
+
+    forward: Callable[..., ModelOutput]
+    token_logprobs: Callable[[torch.Tensor, torch.Tensor], TokenLogprobs]
+    params: dict[str, torch.Tensor]
+    reference: "Policy | None" = None
+
+    def __call__(self, tokens, **kwargs) -> ModelOutput:
+        return self.forward(tokens, **kwargs)
+
+
 def make_apply(
     config: ModelConfig,
     frozen: dict[str, torch.Tensor],
@@ -126,26 +146,25 @@ def make_apply(
     rms_norm_fn: Callable | None = None,
     swiglu_fn: Callable | None = None,
     lora_linear_fn: Callable | None = None,
-) -> Callable[[dict], Callable[..., ModelOutput]]:
-    """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
+) -> Callable[[dict], Policy]:
+    """`bind(trainable) -> Policy` whose forward `(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
-    `apply.reference` is the reference policy: `reference_params` (the initial weights: with
-    LoRA the same tensors as the frozen ones, so no copy) with no adapter; by default the bound
-    params with the adapter disabled.
+    Its `reference` is the reference policy: `reference_params` (the initial weights: with LoRA the
+    same tensors as the frozen ones, so no copy) with no adapter; by default the bound params with
+    the adapter disabled.
 
-    `apply.token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs` (and the same on
-    `apply.reference`, without gradient) runs the lm_head and log-softmax on final hidden states
-    (`forward(..., compute_logits=False).hidden[mask]`) through `token_logprob_fn`, e.g.
-    `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never materialises the logits.
-    attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot ops (`kernels/` dispatchers);
-    None keeps the reference of `pure.models.llama`."""
+    `token_logprobs` (on the policy and on its reference, there without gradient) goes through
+    `token_logprob_fn`, e.g. `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never
+    materialises the logits. attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot
+    ops (`kernels/` dispatchers); None keeps the reference of `pure.models.llama`."""
     ops = {"attention_fn": attention_fn}
     ops.update({name: fn for name, fn in (("rms_norm_fn", rms_norm_fn), ("swiglu_fn", swiglu_fn),
                                           ("lora_linear_fn", lora_linear_fn)) if fn is not None})
 
-    def bind(trainable: dict):
+    def bind(trainable: dict) -> Policy:
         params = {**frozen, **trainable.get("params", {})}
         lora = trainable.get("lora") or None
+        ref_params = params if reference_params is None else reference_params
 
         def apply(tokens, key=None, **kwargs) -> ModelOutput:
             dropout_key = embed_fn = None
@@ -158,22 +177,17 @@ def make_apply(
 
         def reference(tokens, **kwargs) -> ModelOutput:
             with torch.no_grad():
-                return forward(params if reference_params is None else reference_params, tokens, config,
-                               **ops, **kwargs)
+                return forward(ref_params, tokens, config, **ops, **kwargs)
 
         def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
             return token_logprob_fn(hidden, lm_head_weight(params, config), targets)
 
         def reference_policy_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
             with torch.no_grad():
-                head = lm_head_weight(params if reference_params is None else reference_params, config)
-                return token_logprob_fn(hidden, head, targets)
+                return token_logprob_fn(hidden, lm_head_weight(ref_params, config), targets)
 
-        apply.token_logprobs = token_logprobs
-        reference.token_logprobs = reference_policy_token_logprobs
-        apply.reference = reference
-        apply.params = params  # heads outside the forward (reward models' `score.weight`) read it
-        return apply
+        return Policy(apply, token_logprobs, params,
+                      reference=Policy(reference, reference_policy_token_logprobs, ref_params))
 
     return bind
 

@@ -1,8 +1,10 @@
 """Composable losses.
 
-A loss is `fn(apply, batch, key) -> (scalar, metrics)`: `apply(tokens, **forward_kwargs)` runs the
-model with the trainable params bound (and `apply.reference` runs the reference policy when the
-objective needs one); `batch` is one micro-batch; `key` drives its randomness.
+A loss is `fn(apply, batch, key) -> (scalar, metrics)`: `apply` is a `pure.train.Policy`, whose
+call `apply(tokens, **forward_kwargs)` runs the model with the trainable params bound (its
+`token_logprobs` runs the lm_head, its `reference` the reference policy when the objective needs
+one, its `params` holds heads outside the forward); `batch` is one micro-batch; `key` drives its
+randomness.
 
 A micro-batch's loss is a *sum* over its rows or tokens divided by a total of the whole accumulated
 batch (target tokens, pairs, KTO rows, ...), so the micro-batch losses add up to the batch mean

@@ -43,6 +43,7 @@ unlike TRL the weights do not multiply the `rpo`/`sft` NLL term, which stays a s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -270,20 +271,15 @@ def wpo_pair_weights(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def _recording(apply):
-    """`apply` that also keeps what its lm_head was asked (final hidden states [N, D] and targets [N]),
-    so WPO reuses the policy forward of `completion_logps` instead of running another one."""
+    """The policy `apply`, but also keeping what its lm_head was asked (final hidden states [N, D] and
+    targets [N]), so WPO reuses the policy forward of `completion_logps` instead of running another."""
     calls = []
-
-    def run(tokens, **kwargs):
-        return apply(tokens, **kwargs)
 
     def token_logprobs(hidden, targets):
         calls.append((hidden, targets))
         return apply.token_logprobs(hidden, targets)
 
-    run.__dict__.update(apply.__dict__)  # reference, params, ...
-    run.token_logprobs = token_logprobs
-    return run, calls
+    return dataclasses.replace(apply, token_logprobs=token_logprobs), calls
 
 
 def _sharpened_row_logps(apply, calls: list, batch: dict, like: torch.Tensor) -> torch.Tensor:

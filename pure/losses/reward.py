@@ -25,9 +25,7 @@ from pure.models.heads import sequence_scores, token_scores
 
 
 def _head(apply, name: str, required: bool = True) -> torch.Tensor | None:
-    params = getattr(apply, "params", None)
-    if params is None:
-        raise TypeError("reward losses need `apply.params` (the bound params, as pure.train.make_apply sets)")
+    params = apply.params
     if name not in params:
         if not required:
             return None

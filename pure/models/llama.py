@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pure import rng
 from pure.lora import LoraConfig, lora_linear
 from pure.remat import remat
-from pure.models.config import ModelConfig
+from pure.models.config import ModelConfig, expected_param_shapes
 
 
 class KVCache(NamedTuple):
@@ -290,8 +290,6 @@ def lm_head_weight(params, config: ModelConfig) -> torch.Tensor:
 def init(config: ModelConfig, key: torch.Tensor, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Random params of any size, as transformers initialises them: N(0, initializer_range) for
     matrices and embeddings, ones for norms, zeros for biases."""
-    from pure.models.config import expected_param_shapes
-
     shapes = expected_param_shapes(config)
     keys = rng.split(key, len(shapes))
     params = {}

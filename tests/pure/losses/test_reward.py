@@ -16,7 +16,7 @@ from pure.models.config import ModelConfig, config_to_hf
 from pure.models.heads import init_score_head, last_non_pad_index, sequence_scores, token_scores
 from pure.models.llama import ModelOutput, init
 from pure.optim import sgd
-from pure.train import init_train_state, make_apply, make_train_step
+from pure.train import Policy, init_train_state, make_apply, make_train_step
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -26,14 +26,16 @@ FP32 = 1e-5  # float32 forwards of the same weights (ours vs transformers, accum
 
 
 def fixed_apply(hidden, head):
-    """An `apply` that returns given hidden states: the losses' math without a model."""
+    """A `Policy` that returns given hidden states: the losses' math without a model."""
 
     def apply(tokens, key=None, **kwargs):
         assert kwargs.get("compute_logits") is False  # reward losses never run lm_head
         return ModelOutput(None, hidden, {}, None)
 
-    apply.params = head
-    return apply
+    def no_lm_head(hidden, targets):
+        raise AssertionError("reward losses never run lm_head")
+
+    return Policy(apply, no_lm_head, head)
 
 
 def sigmoid(x):
