@@ -43,7 +43,7 @@ def _merged(first: Callable | None, second: Callable | None, what: str, names: t
         for key in sorted(a.keys() & b.keys()):
             if not torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])):
                 raise ValueError(f"the loss terms {names[0]!r} and {names[1]!r} disagree on {what} {key!r}: "
-                                 f"{a[key]} vs {b[key]}; summed terms must divide by the same totals")
+                                 f"{a[key]} vs {b[key]}; summed terms must see the same values of the whole batch")
         return {**a, **b}
 
     return merged
