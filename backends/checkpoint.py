@@ -7,6 +7,7 @@ place: a kill during a save leaves the previous checkpoint as the latest one, ne
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,8 +42,9 @@ def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def _state_tree(state: TrainState) -> dict:
-    return {"trainable": state.trainable, "opt_state": state.opt_state, "rng_key": state.rng_key,
-            "loss_scale": state.loss_scale}
+    """Every field of the state by name: its tensor leaves go to the safetensors file, the other
+    leaves (step, data cursor, hyperparameters in the optimizer state) to `values` in the JSON."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dict | None = None,
@@ -102,11 +104,13 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
                 raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, expected {list(leaf.shape)}")
             restored.append(t.to(device=leaf.device, dtype=leaf.dtype))
         else:
-            restored.append(meta["values"].get(name, leaf))
+            if name not in meta["values"]:
+                raise CheckpointError(f"{path}: value {name!r} is missing from {STATE_JSON}; the checkpoint is "
+                                      "from a different run setup or an older puretune")
+            restored.append(meta["values"][name])
     unexpected = set(tensors) - {name for name, _ in named}
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a different run setup")
     tree = replace_leaves(template, restored, none_is_leaf=True)
-    state = like.replace(step=meta["step"], trainable=tree["trainable"], opt_state=tree["opt_state"],
-                         rng_key=tree["rng_key"], loss_scale=tree["loss_scale"], data_cursor=meta["data_cursor"])
+    state = like.replace(**tree)
     return state, meta.get("extra", {})

@@ -13,7 +13,7 @@ What stops Dynamo from tracing the step as written, and what this module does ab
   (`torch.compiler.substitute_in_graph`) for opaque custom ops (`puretune::rng_*`) whose
   implementation *is* the eager function, so compiled and eager runs draw the same bits and a
   compiled run resumes bitwise onto an eager checkpoint's key. Eager code is untouched.
-- **Token counts.** `pure.train.count_targets` turns tensor sums into Python ints; in graphs a
+- **Token counts.** `pure.losses.common.count_targets` turns tensor sums into Python ints; in graphs a
   tensor-only version with the same values is traced instead.
 - **`torch.func.grad_and_value(has_aux=True)`** traces as one higher-order op as long as nothing
   inside it breaks the graph; a break inside it sends the whole gradient back to eager, which is
@@ -140,7 +140,7 @@ def _register_polyfills() -> None:
         return
     from torch.compiler import substitute_in_graph
 
-    from pure import train
+    from pure.losses import common
 
     @substitute_in_graph(rng.split)
     def split(key, n=2):
@@ -164,7 +164,7 @@ def _register_polyfills() -> None:
     def dropout_mask(key, rate, shape, device="cpu"):
         return torch.ops.puretune.rng_dropout_mask(key, float(rate), _as_shape(shape), torch.device(device))
 
-    @substitute_in_graph(train.count_targets)
+    @substitute_in_graph(common.count_targets)
     def count_targets(micro_batches):
         # Same values and dtypes as the eager version, without leaving tensor land.
         tokens = torch.zeros((), dtype=torch.int64)

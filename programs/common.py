@@ -17,6 +17,7 @@ from pure import rng
 from pure.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing
 from pure.lora import LoraConfig, init_lora
 from programs.optimizers import build_optimizer
+from pure.models import resize_embeddings
 from pure.optim import make_param_groups
 from pure.schedules import build_schedule
 
@@ -44,17 +45,6 @@ def load_model(config):
     if len(tokenizer) > model_config.vocab_size:
         params, model_config = resize_embeddings(params, model_config, len(tokenizer))
     return params, model_config, tokenizer
-
-
-def resize_embeddings(params, model_config, vocab_size: int):
-    """Grow the embedding (and untied head) to `vocab_size`; new rows are the mean of the old ones."""
-    params = dict(params)
-    names = ["model.embed_tokens.weight"] + ([] if model_config.tie_word_embeddings else ["lm_head.weight"])
-    for name in names:
-        w = params[name]
-        extra = w.mean(0, keepdim=True).expand(vocab_size - w.shape[0], -1)
-        params[name] = torch.cat([w, extra], dim=0)
-    return params, model_config.replace(vocab_size=vocab_size)
 
 
 def lora_config_of(config) -> LoraConfig:

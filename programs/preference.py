@@ -13,8 +13,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
-
 from programs import common, loop
 from pure import rng
 from pure.train import init_train_state, make_eval_step, make_train_step
@@ -25,7 +23,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 
 def objective(config, kind: str):
-    """(loss, count_fn, batch_stats_fn) of the config's `rl:` and its keys."""
+    """The `Loss` of the config's `rl:` and its keys (it carries its own normaliser)."""
     from pure import losses
 
     beta = config.rl_beta if config.rl_beta is not None else (config.trl.beta if config.trl else None)
@@ -35,21 +33,20 @@ def objective(config, kind: str):
             trl.loss_type if trl else None, 0.1 if beta is None else beta, rl=kind,
             loss_weights=trl.loss_weights if trl else None, label_smoothing=config.dpo_label_smoothing or 0.0,
             use_weighting=bool(config.dpo_use_weighting), rpo_alpha=config.rpo_alpha)
-        return loss, losses.count_pairs, None
+        return loss
     if kind == "simpo":
         kwargs = {k: v for k, v in (("beta", beta), ("simpo_gamma", config.simpo_gamma),
                                     ("cpo_alpha", config.cpo_alpha),
                                     ("label_smoothing", config.dpo_label_smoothing)) if v is not None}
-        return losses.make_simpo(**kwargs), losses.count_pairs, None
+        return losses.make_simpo(**kwargs)
     if kind == "orpo":
         alpha = config.orpo_alpha if config.orpo_alpha is not None else beta
-        return losses.make_orpo(0.1 if alpha is None else alpha), losses.count_pairs, None
+        return losses.make_orpo(0.1 if alpha is None else alpha)
     if kind == "kto":
-        loss = losses.make_kto(0.1 if beta is None else beta,
+        return losses.make_kto(0.1 if beta is None else beta,
                                desirable_weight=1.0 if config.kto_desirable_weight is None else config.kto_desirable_weight,
                                undesirable_weight=1.0 if config.kto_undesirable_weight is None
                                else config.kto_undesirable_weight)
-        return loss, losses.count_kto, lambda apply, mbs: {"kto_kl": losses.kto_kl_baseline(apply, mbs)}
     raise ValueError(f"programs.preference trains rl: {', '.join((*PAIRED, 'kto'))}; got {kind!r}")
 
 
@@ -71,31 +68,16 @@ def micro_batches(examples, config, kind: str, pad_id: int, epoch: int, shuffle:
 def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None) -> list[dict]:
     """`precompute_ref_log_probs`: the reference log-probs of every pair, computed once (no grad) and
     kept next to the prepared data (`cache`), so training runs no reference forward."""
+    from backends.reference_cache import load_reference_logps, save_reference_logps
     from pure.data.pair_batch import collate_pairs
-    from pure.losses import completion_logps
+    from pure.losses import pair_reference_logps
 
-    values = None
-    if cache is not None and cache.is_file():
-        from safetensors.torch import load_file
-
-        values = load_file(str(cache))["ref_logps"]
-        if values.shape != (len(examples), 2):
-            values = None
+    values = load_reference_logps(cache, len(examples)) if cache is not None else None
     if values is None:
-        apply = bind({})
         size = config.eval_batch_size or config.micro_batch_size
-        rows = []
-        for batch in collate_pairs(examples, list(range(len(examples))), size, pad_id):
-            lp = completion_logps(apply, batch, reference=True)["logps"]
-            b = batch["num_pairs"]
-            rows.append(torch.stack([lp[:b], lp[b:]], dim=1))
-        values = torch.cat(rows).float()
+        values = pair_reference_logps(bind({}), collate_pairs(examples, list(range(len(examples))), size, pad_id))
         if cache is not None:
-            from safetensors.torch import save_file
-
-            tmp = cache.with_suffix(".tmp")
-            save_file({"ref_logps": values.contiguous()}, str(tmp))
-            tmp.replace(cache)
+            save_reference_logps(cache, values)
         print(f"precomputed reference log-probs of {len(examples)} pairs", flush=True)
     return [{**ex, "ref_chosen_logps": float(v[0]), "ref_rejected_logps": float(v[1])}
             for ex, v in zip(examples, values)]
@@ -132,7 +114,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         train_examples = precompute_reference(train_examples, bind, config, pad_id, where("train"))
         if eval_examples:
             eval_examples = precompute_reference(eval_examples, bind, config, pad_id, where("eval"))
-    loss, count_fn, stats_fn = objective(config, kind)
+    loss = objective(config, kind)
 
     def epoch_batches(epoch: int) -> list[dict]:
         return micro_batches(train_examples, config, kind, pad_id, epoch)
@@ -147,11 +129,11 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
 
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
-        train_step=make_train_step(loss, optimizer, bind, count_fn=count_fn, batch_stats_fn=stats_fn),
+        train_step=make_train_step(loss, optimizer, bind),
         epoch_batches=epoch_batches,
         schedule=schedule,
         export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-        eval_step=make_eval_step(loss, bind, count_fn=count_fn, batch_stats_fn=stats_fn),
+        eval_step=make_eval_step(loss, bind),
         eval_batches=eval_batches,
         num_examples=(len(train_examples), len(eval_examples)),
         summary=lambda before, after: summary(len(eval_examples), before, after),

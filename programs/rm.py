@@ -20,7 +20,7 @@ DESCRIPTION = "Reward-model training (Bradley-Terry outcome RM, process RM) with
 
 def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
     from pure.data.reward_batch import collate_reward_pairs, collate_token_labels, epoch_order
-    from pure.losses import count_reward_pairs, count_token_labels, make_bradley_terry, make_prm
+    from pure.losses import make_bradley_terry, make_prm
     from pure.models.heads import init_score_head
 
     kind = config.training_kind()
@@ -58,10 +58,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     head = init_score_head(model_config, num_labels, head_key, kind=head_kind)
     trainable = {**trainable, "params": {**trainable.get("params", {}), **head}}
-    if kind == "rm":
-        loss, count_fn = make_bradley_terry(config.center_rewards_coefficient), count_reward_pairs
-    else:
-        loss, count_fn = make_prm(num_labels), count_token_labels
+    loss = make_bradley_terry(config.center_rewards_coefficient) if kind == "rm" else make_prm(num_labels)
     bind = common.make_bind(config, model_config, frozen, lora_config, neftune_alpha=None)
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
                                                               config.gradient_accumulation_steps or 1))
@@ -90,11 +87,11 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     eval_size = config.eval_batch_size or config.micro_batch_size
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
-        train_step=make_train_step(loss, optimizer, bind, count_fn=count_fn),
+        train_step=make_train_step(loss, optimizer, bind),
         epoch_batches=epoch_batches,
         schedule=schedule,
         export=export,
-        eval_step=make_eval_step(loss, bind, count_fn=count_fn),
+        eval_step=make_eval_step(loss, bind),
         eval_batches=collate(eval_examples, list(range(len(eval_examples))), eval_size) if eval_examples else [],
         num_examples=(len(train_examples), len(eval_examples)),
         summary=summary,

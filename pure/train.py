@@ -16,17 +16,21 @@ import torch
 
 from pure import rng
 from pure.linear_ce import TokenLogprobFn, TokenLogprobs, reference_token_logprobs
-from pure.losses.common import IGNORE_INDEX, next_token_targets
+from pure.losses.core import Loss
 from pure.lora import LoraConfig
 from pure.models.config import ModelConfig
 from pure.models.llama import ModelOutput, forward, lm_head_weight, sdpa_attention
+from pure.optim import apply_updates, grad_norm_from_state
 from pure.tree import global_norm, tree_leaves, tree_map
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainState:
     """step: optimizer steps taken. trainable: `{"params": {...}, "lora": {...}}` (either may be
-    empty). data_cursor: where the data stream stands (epoch, batch index), plain ints."""
+    empty). data_cursor: where the data stream stands (epoch, batch index), plain ints.
+
+    Frozen: a step returns a new state. Every field is checkpointed (`backends.checkpoint` walks
+    `dataclasses.fields`), so a field added here is saved and restored with no other change."""
 
     step: int
     trainable: dict
@@ -34,7 +38,6 @@ class TrainState:
     rng_key: torch.Tensor
     data_cursor: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
     loss_scale: dict | None = None  # `LossScaling.init()` for fp16 mixed precision, else None
-
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
@@ -110,6 +113,26 @@ def neftune_embed(alpha: float, key: torch.Tensor) -> Callable[[torch.Tensor], t
     return embed_fn
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A model with its params bound, as losses see it: `policy(tokens, key=None, **forward_kwargs)
+    -> ModelOutput` runs `forward`.
+
+    token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs: the lm_head and log-softmax on final
+    hidden states (`forward(..., compute_logits=False).hidden[mask]`), never the [N, vocab] logits
+    when a fused kernel is injected. params: the bound params (heads outside the forward read them:
+    reward models' `score.weight`). reference: the reference policy, run without gradient (None on
+    the reference itself)."""
+
+    forward: Callable[..., ModelOutput]
+    token_logprobs: Callable[[torch.Tensor, torch.Tensor], TokenLogprobs]
+    params: dict[str, torch.Tensor]
+    reference: "Policy | None" = None
+
+    def __call__(self, tokens, **kwargs) -> ModelOutput:
+        return self.forward(tokens, **kwargs)
+
+
 def make_apply(
     config: ModelConfig,
     frozen: dict[str, torch.Tensor],
@@ -123,26 +146,25 @@ def make_apply(
     rms_norm_fn: Callable | None = None,
     swiglu_fn: Callable | None = None,
     lora_linear_fn: Callable | None = None,
-) -> Callable[[dict], Callable[..., ModelOutput]]:
-    """`bind(trainable) -> apply`, where `apply(tokens, key=None, **forward_kwargs)` runs the model
+) -> Callable[[dict], Policy]:
+    """`bind(trainable) -> Policy` whose forward `(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
-    `apply.reference` is the reference policy: `reference_params` (the initial weights: with
-    LoRA the same tensors as the frozen ones, so no copy) with no adapter; by default the bound
-    params with the adapter disabled.
+    Its `reference` is the reference policy: `reference_params` (the initial weights: with LoRA the
+    same tensors as the frozen ones, so no copy) with no adapter; by default the bound params with
+    the adapter disabled.
 
-    `apply.token_logprobs(hidden [N, D], targets [N]) -> TokenLogprobs` (and the same on
-    `apply.reference`, without gradient) runs the lm_head and log-softmax on final hidden states
-    (`forward(..., compute_logits=False).hidden[mask]`) through `token_logprob_fn`, e.g.
-    `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never materialises the logits.
-    attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot ops (`kernels/` dispatchers);
-    None keeps the reference of `pure.models.llama`."""
+    `token_logprobs` (on the policy and on its reference, there without gradient) goes through
+    `token_logprob_fn`, e.g. `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never
+    materialises the logits. attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot
+    ops (`kernels/` dispatchers); None keeps the reference of `pure.models.llama`."""
     ops = {"attention_fn": attention_fn}
     ops.update({name: fn for name, fn in (("rms_norm_fn", rms_norm_fn), ("swiglu_fn", swiglu_fn),
                                           ("lora_linear_fn", lora_linear_fn)) if fn is not None})
 
-    def bind(trainable: dict):
+    def bind(trainable: dict) -> Policy:
         params = {**frozen, **trainable.get("params", {})}
         lora = trainable.get("lora") or None
+        ref_params = params if reference_params is None else reference_params
 
         def apply(tokens, key=None, **kwargs) -> ModelOutput:
             dropout_key = embed_fn = None
@@ -155,49 +177,33 @@ def make_apply(
 
         def reference(tokens, **kwargs) -> ModelOutput:
             with torch.no_grad():
-                return forward(params if reference_params is None else reference_params, tokens, config,
-                               **ops, **kwargs)
+                return forward(ref_params, tokens, config, **ops, **kwargs)
 
         def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
             return token_logprob_fn(hidden, lm_head_weight(params, config), targets)
 
         def reference_policy_token_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
             with torch.no_grad():
-                head = lm_head_weight(params if reference_params is None else reference_params, config)
-                return token_logprob_fn(hidden, head, targets)
+                return token_logprob_fn(hidden, lm_head_weight(ref_params, config), targets)
 
-        apply.token_logprobs = token_logprobs
-        reference.token_logprobs = reference_policy_token_logprobs
-        apply.reference = reference
-        apply.params = params  # heads outside the forward (reward models' `score.weight`) read it
-        return apply
+        return Policy(apply, token_logprobs, params,
+                      reference=Policy(reference, reference_policy_token_logprobs, ref_params))
 
     return bind
 
 
-def count_targets(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Normalisers of the whole accumulated batch: trained target tokens and rows."""
-    tokens = sum(
-        int((next_token_targets(mb["labels"], mb.get("segment_ids")) != IGNORE_INDEX).sum())
-        for mb in micro_batches if "labels" in mb
-    )
-    rows = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches if "input_ids" in mb)
-    return {"total_target_tokens": torch.tensor(max(tokens, 1)), "total_rows": torch.tensor(max(rows, 1))}
-
-
-def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stats_fn=None):
+def make_train_step(loss: Loss, optimizer, bind):
     """Build `train_step(state, micro_batches) -> (state, metrics)`.
 
     Each micro-batch's gradient comes from `torch.func.grad_and_value` over the trainable subtree;
-    losses are normalised by counts of the whole accumulated batch (`count_fn`), so the summed
-    gradient is the gradient of the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1).
+    losses are normalised by totals of the whole accumulated batch (the loss's own `count_fn`:
+    target tokens for SFT, pairs for the DPO family, ...), so the summed gradient is the gradient of
+    the full-batch mean whatever the micro-batching (1x8 = 2x4 = 8x1). Statistics of the whole
+    batch that no gradient flows through (the loss's `batch_stats_fn`: KTO's KL baseline) are
+    computed once, before the gradients; like the totals they are merged into every micro-batch.
     Then one optimizer update. Metrics are floats-as-tensors with stable names.
-
-    `batch_stats_fn(apply, micro_batches) -> dict` computes statistics of the whole accumulated
-    batch that no gradient flows through (KTO's KL baseline) once, before the gradients; like the
-    counts they are merged into every micro-batch.
     """
-    from pure.optim import apply_updates, grad_norm_from_state
+    _check_is_loss(loss, "make_train_step")
 
     def micro_loss(trainable, batch, key, scale):
         value, metrics = loss(bind(trainable), batch, key)
@@ -209,10 +215,7 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)
-        counts = count_fn(micro_batches)
-        if batch_stats_fn is not None:
-            with torch.no_grad():
-                counts = {**counts, **batch_stats_fn(bind(state.trainable), micro_batches)}
+        counts = loss.totals(bind(state.trainable), micro_batches)
         scaler = state.loss_scale
         # The scale on the trainable params' device, moved once per step.
         scale = scaler["scale"].to(tree_leaves(state.trainable)[0].device) if scaler is not None else None
@@ -246,17 +249,16 @@ def make_train_step(loss, optimizer, bind, *, count_fn=count_targets, batch_stat
     return train_step
 
 
-def make_eval_step(loss, bind, *, count_fn=count_targets, batch_stats_fn=None):
+def make_eval_step(loss: Loss, bind):
     """`eval_step(trainable, micro_batches) -> metrics` without gradients or randomness; the
     micro-batches are one accumulated batch (normalised together, see `make_train_step`)."""
+    _check_is_loss(loss, "make_eval_step")
 
     def eval_step(trainable, micro_batches):
-        counts = count_fn(micro_batches)
         total, aux = torch.zeros(()), {}
         with torch.no_grad():
             apply = bind(trainable)
-            if batch_stats_fn is not None:
-                counts = {**counts, **batch_stats_fn(apply, micro_batches)}
+            counts = loss.totals(apply, micro_batches)
             for mb in micro_batches:
                 value, metrics = loss(apply, {**mb, **counts}, None)
                 total = total + value
@@ -265,3 +267,9 @@ def make_eval_step(loss, bind, *, count_fn=count_targets, batch_stats_fn=None):
         return {"eval/loss": total, **{f"eval/{name}": v for name, v in aux.items()}}
 
     return eval_step
+
+
+def _check_is_loss(loss, where: str) -> None:
+    if not isinstance(loss, Loss):
+        raise TypeError(f"{where} takes a pure.losses.Loss, which carries the totals its values are divided by; "
+                        f"got {type(loss).__name__} (wrap a function as Loss(fn, name, count_fn=...))")

@@ -1,10 +1,13 @@
 """The research API as a notebook uses it: load the embedded model, write a new loss from the
-pure pieces, build a step and train ten steps (under thirty lines)."""
+pure pieces, build a step and train ten steps (under thirty lines); and a preference loss through
+the same `make_train_step(loss, optimizer, bind)`, with no other argument."""
+import pytest
 import torch
 
 from backends.hf import load_pretrained
 from pure import rng
-from pure.losses import Loss, next_token_targets, sft, token_logprobs
+from pure.data.pair_batch import collate_pairs
+from pure.losses import Loss, dpo, next_token_targets, pair_nll, sft
 from pure.lora import LoraConfig, init_lora
 from pure.optim import adamw
 from pure.train import init_train_state, make_apply, make_train_step
@@ -33,3 +36,27 @@ def test_notebook_trains_the_embedded_model_with_a_custom_loss_in_ten_steps():
         losses.append(metrics["train/loss"].item())
     assert state.step == 10 and "entropy" in metrics and "loss/sft" in metrics
     assert losses[-1] < losses[0]
+
+
+def test_notebook_trains_dpo_with_the_plain_step_whatever_the_micro_batching():
+    params, config, tokenizer = load_pretrained("smollm2-135m-instruct")
+    def ids(text):
+        return tokenizer(text)["input_ids"]
+
+    pairs = [{"prompt_ids": ids(f"What is {a} + {a}? "), "chosen_ids": ids(f"{2 * a}."),
+              "rejected_ids": ids(f"{2 * a + 1}.")} for a in (3, 7, 12, 20)]
+    lora_config = LoraConfig(r=8, alpha=16)
+    delta = init_lora(params, lora_config, rng.key(0), target_modules=["q_proj", "v_proj"])
+    bind = make_apply(config, params, lora_config=lora_config)
+    first_losses = []
+    for size in (4, 2):  # one micro-batch of 4 pairs, two of 2: the loss counts pairs itself
+        optimizer = adamw(1e-3)
+        step = make_train_step(dpo + 0.1 * pair_nll, optimizer, bind)  # RPO, as a notebook writes it
+        state = init_train_state({"lora": delta}, optimizer, rng.key(1))
+        state, metrics = step(state, collate_pairs(pairs, range(4), size, tokenizer.pad_token_id))
+        first_losses.append(metrics["loss/dpo"].item())
+    # LoRA B = 0: policy == reference, so DPO's first loss is -log sigmoid(0) = log 2 (fp32)
+    assert first_losses == pytest.approx([0.6931472] * 2, rel=1e-6)
+    for _ in range(3):
+        state, metrics = step(state, collate_pairs(pairs, range(4), 2, tokenizer.pad_token_id))
+    assert metrics["rewards/margins"].item() > 0  # chosen pulled above rejected

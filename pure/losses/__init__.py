@@ -1,4 +1,5 @@
-"""One module per objective and the shared helpers; every objective is a composable `Loss`.
+"""One module per objective and the shared helpers; every objective is a composable `Loss` that
+carries its own normaliser (`count_fn`: count_targets, count_pairs, count_kto, ...).
 
     sft, nll                 next-token cross-entropy (pure.losses.sft)
     dpo family               make_dpo / build_dpo_loss (sigmoid, ipo, hinge, ...), pair_nll (RPO)
@@ -6,10 +7,10 @@
     orpo, simpo, cpo         reference-free pair objectives
     bradley_terry, prm       reward models (scalar head, token head)
 """
-from pure.losses.common import completion_logps, next_token_targets, sequence_logprobs, token_logprobs
+from pure.losses.common import completion_logps, count_targets, next_token_targets, sequence_logprobs, token_logprobs
 from pure.losses.core import Loss
-from pure.losses.dpo import build_dpo_loss, dpo_losses, make_dpo, pair_nll
-from pure.losses.kto import count_kto, kto, kto_kl_baseline, make_kto
+from pure.losses.dpo import build_dpo_loss, dpo_losses, make_dpo, pair_nll, pair_reference_logps
+from pure.losses.kto import count_kto, kto, kto_batch_stats, kto_kl_baseline, make_kto
 from pure.losses.orpo import make_orpo, orpo
 from pure.losses.pairs import count_pairs, pair_logps
 from pure.losses.reward import (bradley_terry, center_rewards, count_reward_pairs, count_token_labels,
@@ -22,8 +23,8 @@ ipo = build_dpo_loss(rl="ipo")
 
 __all__ = [
     "Loss", "bradley_terry", "build_dpo_loss", "center_rewards", "completion_logps", "count_kto", "count_pairs",
-    "count_reward_pairs", "count_token_labels", "cpo", "dpo", "dpo_losses", "ipo", "kto", "kto_kl_baseline",
-    "make_bradley_terry", "make_cpo", "make_dpo", "make_kto", "make_orpo", "make_prm", "make_simpo",
-    "next_token_targets", "nll", "orpo", "pair_logps", "pair_nll", "prm", "sequence_logprobs", "sft", "sft_loss",
-    "simpo", "token_logprobs",
+    "count_reward_pairs", "count_targets", "count_token_labels", "cpo", "dpo", "dpo_losses", "ipo", "kto",
+    "kto_batch_stats", "kto_kl_baseline", "make_bradley_terry", "make_cpo", "make_dpo", "make_kto", "make_orpo",
+    "make_prm", "make_simpo", "next_token_targets", "nll", "orpo", "pair_logps", "pair_nll", "pair_reference_logps",
+    "prm", "sequence_logprobs", "sft", "sft_loss", "simpo", "token_logprobs",
 ]

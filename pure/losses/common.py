@@ -1,5 +1,8 @@
-"""Helpers every token-level objective shares: next-token targets and their log-probs."""
+"""Helpers every token-level objective shares: next-token targets and their log-probs, the target
+token count, and reading a total of the accumulated batch."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,29 @@ def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = 
         crosses = segment_ids[:, 1:] != segment_ids[:, :-1]
         targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
     return targets
+
+
+def count_targets(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Totals of the whole accumulated batch for token-level losses (SFT): trained target tokens and rows."""
+    tokens = sum(
+        int((next_token_targets(mb["labels"], mb.get("segment_ids")) != IGNORE_INDEX).sum())
+        for mb in micro_batches if "labels" in mb
+    )
+    rows = sum(int(mb["input_ids"].shape[0]) for mb in micro_batches if "input_ids" in mb)
+    return {"total_target_tokens": torch.tensor(max(tokens, 1)), "total_rows": torch.tensor(max(rows, 1))}
+
+
+def batch_total(batch: dict, key: str, loss: str) -> torch.Tensor:
+    """`batch[key]`: a value of the whole accumulated batch (a total the loss divides by, or a batch
+    statistic), which the step sets from the loss's `count_fn` / `batch_stats_fn`.
+
+    There is no fallback to the micro-batch's own count: it would silently scale the loss by the
+    number of micro-batches."""
+    if key not in batch:
+        raise ValueError(f"{loss}: the micro-batch has no {key!r}, a value of the whole accumulated batch that "
+                         f"make_train_step / make_eval_step set from the loss's count_fn / batch_stats_fn "
+                         f"(on a lone batch: loss.on_batch(apply, batch))")
+    return batch[key]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

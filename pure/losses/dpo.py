@@ -43,6 +43,7 @@ unlike TRL the weights do not multiply the `rpo`/`sft` NLL term, which stays a s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -50,9 +51,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pure.losses.common import IGNORE_INDEX, completion_logps, next_token_targets
+from pure.losses.common import IGNORE_INDEX, batch_total, completion_logps, next_token_targets
 from pure.losses.core import Loss
-from pure.losses.pairs import count_pairs, num_pairs  # noqa: F401  (count_pairs: this family's count_fn)
+from pure.losses.pairs import count_pairs, num_pairs
 
 EXO_DEFAULT_EPSILON = 1e-3  # TRL replaces label_smoothing = 0 by this for exo_pair (log ε must be finite)
 
@@ -270,20 +271,15 @@ def wpo_pair_weights(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def _recording(apply):
-    """`apply` that also keeps what its lm_head was asked (final hidden states [N, D] and targets [N]),
-    so WPO reuses the policy forward of `completion_logps` instead of running another one."""
+    """The policy `apply`, but also keeping what its lm_head was asked (final hidden states [N, D] and
+    targets [N]), so WPO reuses the policy forward of `completion_logps` instead of running another."""
     calls = []
-
-    def run(tokens, **kwargs):
-        return apply(tokens, **kwargs)
 
     def token_logprobs(hidden, targets):
         calls.append((hidden, targets))
         return apply.token_logprobs(hidden, targets)
 
-    run.__dict__.update(apply.__dict__)  # reference, params, ...
-    run.token_logprobs = token_logprobs
-    return run, calls
+    return dataclasses.replace(apply, token_logprobs=token_logprobs), calls
 
 
 def _sharpened_row_logps(apply, calls: list, batch: dict, like: torch.Tensor) -> torch.Tensor:
@@ -315,8 +311,9 @@ def make_dpo(
     One policy forward over the 2B rows (chosen rows first) and one reference forward
     (`apply.reference`: the adapter disabled) unless the batch carries precomputed `ref_logps` [2B].
     The micro-batch loss is Σ_pairs loss_i / `total_pairs` (the pairs of the whole accumulated batch,
-    from `count_pairs`), so summed over micro-batches it is the batch mean. Metrics (TRL's names) are
-    emitted the same way, so the train step's sum over micro-batches is the batch mean:
+    from `count_pairs`, the loss's `count_fn`), so summed over micro-batches it is the batch mean.
+    Metrics (TRL's names) are emitted the same way, so the train step's sum over micro-batches is the
+    batch mean:
     `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected` and `logits/chosen|rejected`
     (mean logit over the vocabulary and the completion tokens, per token as in TRL). An `sft` entry
     in `loss_type` adds `weight * pair_nll`.
@@ -351,11 +348,11 @@ def make_dpo(
         if use_weighting:
             sharpened = _sharpened_row_logps(apply, calls, batch, logps)
             losses = losses * wpo_pair_weights(wpo_log_weights(logps, sharpened, tokens))
-        total_pairs = batch.get("total_pairs", pairs)
+        total_pairs = batch_total(batch, "total_pairs", name)
         shown = (logps / tokens.clamp(min=1) if average else logps).detach()
         logit_sums = policy["logits_mean"] * tokens
-        chosen_tokens = batch.get("total_chosen_tokens", tokens[:pairs].sum().clamp(min=1))
-        rejected_tokens = batch.get("total_rejected_tokens", tokens[pairs:].sum().clamp(min=1))
+        chosen_tokens = batch_total(batch, "total_chosen_tokens", name)
+        rejected_tokens = batch_total(batch, "total_rejected_tokens", name)
         metrics = {
             "rewards/chosen": chosen_rewards.sum() / total_pairs,
             "rewards/rejected": rejected_rewards.sum() / total_pairs,
@@ -368,7 +365,7 @@ def make_dpo(
         }
         return losses.sum() / total_pairs, metrics
 
-    loss = Loss(dpo_loss, name) if preference else None
+    loss = Loss(dpo_loss, name, count_fn=count_pairs) if preference else None
     if sft_weight:
         nll_term = sft_weight * pair_nll
         loss = nll_term if loss is None else loss + nll_term
@@ -385,12 +382,26 @@ def pair_nll_loss(apply, batch, key=None):
     chosen = {k: batch[k][:pairs] for k in ("input_ids", "labels", "positions", "segment_ids")
               if batch.get(k) is not None}
     out = completion_logps(apply, chosen, key)
-    normaliser = batch.get("total_chosen_tokens", out["tokens"].sum().clamp(min=1))
+    normaliser = batch_total(batch, "total_chosen_tokens", "pair_nll")
     value = -out["logps"].sum() / normaliser
     return value, {"nll_loss": value.detach()}
 
 
-pair_nll = Loss(pair_nll_loss, "pair_nll")
+pair_nll = Loss(pair_nll_loss, "pair_nll", count_fn=count_pairs)
+
+
+def pair_reference_logps(apply, batches: Sequence[dict]) -> torch.Tensor:
+    """[P, 2] float32: log π_ref(y_w|x) and log π_ref(y_l|x) (summed over each completion) of every
+    pair of the pair micro-batches `batches`, in their order, under `apply.reference` (no gradient).
+
+    What `precompute_ref_log_probs` computes once before training: the batches then carry these as
+    `ref_logps` and `make_dpo` runs no reference forward."""
+    rows = []
+    for batch in batches:
+        logps = completion_logps(apply, batch, reference=True)["logps"]
+        pairs = num_pairs(batch, "pair_reference_logps")
+        rows.append(torch.stack([logps[:pairs], logps[pairs:]], dim=1))
+    return torch.cat(rows).float()
 
 
 def build_dpo_loss(

@@ -17,11 +17,11 @@ averaged over all rows of the accumulated batch. lambda_D, lambda_U are `kto_des
 The baseline z0 is a statistic of the whole accumulated batch, not of a micro-batch. Because it is
 detached, it needs no gradient pass: `kto_kl_baseline(apply, micro_batches)` runs the KL rows of all
 micro-batches through the policy and the reference under `no_grad` before the gradient passes, and
-every micro-batch then carries the same value under `batch["kto_kl"]` (`attach_kl_baseline`). So
-1x4 = 2x2 = 4x1 micro-batching gives the same z0, update and metrics. (TRL estimates z0 per device
-batch, and gathers across processes; with gradient accumulation its z0 changes with the
-micro-batching.) When `kto_kl` is absent the loss estimates z0 from its own micro-batch's KL rows,
-which is the same number only when the accumulated batch is that one micro-batch. The KL pass runs
+every micro-batch then carries the same value under `batch["kto_kl"]` (`kto_batch_stats`, the
+loss's `batch_stats_fn`, which the train and eval steps run). So 1x4 = 2x2 = 4x1 micro-batching
+gives the same z0, update and metrics. (TRL estimates z0 per device batch, and
+gathers across processes; with gradient accumulation its z0 changes with the micro-batching.) A
+micro-batch without `kto_kl`, or without the totals of `count_kto`, is an error. The KL pass runs
 without dropout (no key), so it is a deterministic function of the params; TRL runs it in train mode.
 
 The mismatched pairs come from `pure.data.kto_batch`: row j's KL row is the prompt of example j
@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from pure.losses.common import completion_logps
+from pure.losses.common import batch_total, completion_logps
 from pure.losses.core import Loss
 
 KL_KEY = "kto_kl"
@@ -86,18 +86,14 @@ def kto_kl_baseline(apply, micro_batches: Sequence[dict]) -> torch.Tensor:
     return kl_estimate(torch.cat(policy), torch.cat(reference))
 
 
-def attach_kl_baseline(apply, micro_batches: Sequence[dict]) -> list[dict]:
-    """The micro-batches with the accumulated batch's z0 under `kto_kl`:
-    `step(state, attach_kl_baseline(bind(state.trainable), micro_batches))`."""
-    z0 = kto_kl_baseline(apply, micro_batches)
-    return [{**mb, KL_KEY: z0} for mb in micro_batches]
+def kto_batch_stats(apply, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The KTO loss's `batch_stats_fn`: z0 of the accumulated batch under `kto_kl`."""
+    return {KL_KEY: kto_kl_baseline(apply, micro_batches)}
 
 
 def count_kto(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Totals of the accumulated batch: `total_kto_rows`, `total_desirable`, `total_undesirable`,
-    `total_kl_rows`, plus `pure.train.count_targets`' keys so `+ nll` terms normalise right too."""
-    from pure.train import count_targets  # lazy: pure.train imports pure.losses
-
+    """Totals of the accumulated batch (the KTO loss's `count_fn`): `total_kto_rows`,
+    `total_desirable`, `total_undesirable`, `total_kl_rows`."""
     desirable = undesirable = kl_rows = 0
     for i, mb in enumerate(micro_batches):
         if "kto_label" not in mb:
@@ -106,7 +102,7 @@ def count_kto(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
         desirable += int(labels.sum())
         undesirable += int((~labels).sum())
         kl_rows += int(_kl_rows(mb, f"count_kto: micro-batch {i}")["input_ids"].shape[0])
-    return {**count_targets(micro_batches), "total_kto_rows": torch.tensor(max(desirable + undesirable, 1)),
+    return {"total_kto_rows": torch.tensor(max(desirable + undesirable, 1)),
             "total_desirable": torch.tensor(max(desirable, 1)), "total_undesirable": torch.tensor(max(undesirable, 1)),
             "total_kl_rows": torch.tensor(max(kl_rows, 1))}
 
@@ -125,14 +121,14 @@ def make_kto(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weigh
         desirable = batch["kto_label"].bool()
         policy = completion_logps(apply, batch, key)
         reference = completion_logps(apply, batch, reference=True)
-        z0 = torch.as_tensor(batch[KL_KEY]) if KL_KEY in batch else kto_kl_baseline(apply, [batch])
+        z0 = torch.as_tensor(batch_total(batch, KL_KEY, "kto"))
         losses, rewards = kto_terms(policy["logps"], reference["logps"], desirable, z0, beta,
                                     desirable_weight, undesirable_weight)
         d = desirable.to(rewards.dtype)
         u = 1 - d
-        rows = batch.get("total_kto_rows", desirable.numel())
-        n_d = batch.get("total_desirable", d.sum().clamp(min=1))
-        n_u = batch.get("total_undesirable", u.sum().clamp(min=1))
+        rows = batch_total(batch, "total_kto_rows", "kto")
+        n_d = batch_total(batch, "total_desirable", "kto")
+        n_u = batch_total(batch, "total_undesirable", "kto")
         logps, logits = policy["logps"].detach(), policy["logits_mean"]
         chosen, rejected = (rewards * d).sum() / n_d, (rewards * u).sum() / n_u
         metrics = {
@@ -145,7 +141,7 @@ def make_kto(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weigh
         }
         return losses.sum() / rows, metrics
 
-    return Loss(fn, "kto")
+    return Loss(fn, "kto", count_fn=count_kto, batch_stats_fn=kto_batch_stats)
 
 
 kto = make_kto()

@@ -7,10 +7,10 @@ prompt and padding. One forward over the 2B rows scores both completions with th
 reference model), and the NLL of the chosen completions comes from the same per-row sums.
 
 Accumulation: a micro-batch's loss and metrics are its *sums* divided by totals of the whole
-accumulated batch, `total_pairs` and `total_chosen_tokens` (`count_pairs`; the train step
-merges them into every micro-batch and sums losses and metrics over micro-batches), so 1x4 = 2x2 = 4x1
-gives the same update and the same logged numbers. Called on one batch without the totals, the batch
-is its own total.
+accumulated batch, `total_pairs` and `total_chosen_tokens` (`count_pairs`, the `count_fn` these
+losses carry; the train step merges them into every micro-batch and sums losses and metrics over
+micro-batches), so 1x4 = 2x2 = 4x1 gives the same update and the same logged numbers. A micro-batch
+without the totals is an error.
 
 Metrics use TRL's names (CPOTrainer / ORPOTrainer.get_batch_loss_metrics), each the mean over the
 pairs of the accumulated batch: `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pure.losses.common import IGNORE_INDEX, completion_logps, next_token_targets
+from pure.losses.common import IGNORE_INDEX, batch_total, completion_logps, next_token_targets
 from pure.losses.core import Loss
 
 # formula(chosen_logps [B], rejected_logps [B]) -> (per-pair loss [B], chosen rewards [B],
@@ -46,11 +46,8 @@ def num_pairs(batch: dict, where: str = "pair micro-batch") -> int:
 
 
 def count_pairs(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Totals of the accumulated batch (`count_fn` of `make_train_step`): `total_pairs`, the trained
-    target tokens of the chosen and of the rejected rows, plus `pure.train.count_targets`' keys so
-    `+ nll` terms normalise right too."""
-    from pure.train import count_targets  # lazy: pure.train imports pure.losses
-
+    """Totals of the accumulated batch (the `count_fn` of the pair losses): `total_pairs` and the
+    trained target tokens of the chosen and of the rejected rows."""
     pairs = chosen = rejected = 0
     for i, mb in enumerate(micro_batches):
         half = num_pairs(mb, f"count_pairs: micro-batch {i}")
@@ -58,7 +55,7 @@ def count_pairs(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
         pairs += half
         chosen += int(trained[:half].sum())
         rejected += int(trained[half:].sum())
-    return {**count_targets(micro_batches), "total_pairs": torch.tensor(max(pairs, 1)),
+    return {"total_pairs": torch.tensor(max(pairs, 1)),
             "total_chosen_tokens": torch.tensor(max(chosen, 1)),
             "total_rejected_tokens": torch.tensor(max(rejected, 1))}
 
@@ -99,8 +96,8 @@ def pair_loss(formula: PairFormula, name: str, *, average: bool, nll_weight: flo
         if average:
             chosen, rejected = chosen / lp["chosen_tokens"], rejected / lp["rejected_tokens"]
         losses, chosen_rewards, rejected_rewards, extra = formula(chosen, rejected)
-        pairs = batch.get("total_pairs", chosen.shape[0])
-        chosen_tokens = batch.get("total_chosen_tokens", lp["chosen_tokens"].sum().clamp(min=1))
+        pairs = batch_total(batch, "total_pairs", name)
+        chosen_tokens = batch_total(batch, "total_chosen_tokens", name)
         nll = -lp["chosen"].sum() / chosen_tokens
         loss = losses.sum() / pairs + nll_weight * nll if nll_weight else losses.sum() / pairs
         per_pair = {
@@ -114,4 +111,4 @@ def pair_loss(formula: PairFormula, name: str, *, average: bool, nll_weight: flo
         metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    return Loss(fn, name)
+    return Loss(fn, name, count_fn=count_pairs)

@@ -5,8 +5,8 @@ lm_head) and a score head in the bound params (`apply.params["score.weight"]`, s
 `pure/models/heads.py`).
 
 Normalisation follows the train step's contract: a micro-batch loss is a *sum* over its rows divided
-by the count of the whole accumulated batch (`count_reward_pairs` -> `total_pairs`,
-`count_token_labels` -> `total_labelled_tokens`), so the summed micro-batch losses are the
+by the count of the whole accumulated batch (the losses' `count_fn`: `count_reward_pairs` ->
+`total_pairs`, `count_token_labels` -> `total_labelled_tokens`), so the summed micro-batch losses are the
 full-batch mean whatever the micro-batching. Metrics are emitted the same way (sums / totals), so the
 step's sum over micro-batches is the full-batch mean.
 """
@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from pure import rng
-from pure.losses.common import IGNORE_INDEX
+from pure.losses.common import IGNORE_INDEX, batch_total
 from pure.losses.core import Loss
 from pure.losses.pairs import num_pairs
 from pure.models.heads import sequence_scores, token_scores
 
 
 def _head(apply, name: str, required: bool = True) -> torch.Tensor | None:
-    params = getattr(apply, "params", None)
-    if params is None:
-        raise TypeError("reward losses need `apply.params` (the bound params, as pure.train.make_apply sets)")
+    params = apply.params
     if name not in params:
         if not required:
             return None
@@ -58,10 +56,6 @@ def pair_rewards(apply, batch: dict, key=None) -> tuple[torch.Tensor, torch.Tens
     return scores[:B], scores[B:]
 
 
-def _total_pairs(batch: dict, local: int):
-    return batch.get("total_pairs", max(local, 1))
-
-
 def bradley_terry_loss(apply, batch: dict, key=None, center_rewards_coefficient: float | None = None):
     """L = -(1/N) sum_i log sigmoid(r_c,i - r_r,i - m_i) + c (1/N) sum_i (r_c,i + r_r,i)^2.
 
@@ -79,7 +73,7 @@ def bradley_terry_loss(apply, batch: dict, key=None, center_rewards_coefficient:
     chosen, rejected = pair_rewards(apply, batch, key)
     diff = chosen - rejected
     logits = diff - batch["margin"].to(diff) if "margin" in batch else diff
-    total = _total_pairs(batch, chosen.shape[0])
+    total = batch_total(batch, "total_pairs", "bradley_terry")
     loss = -F.logsigmoid(logits).sum() / total
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * (chosen + rejected).pow(2).sum() / total
@@ -104,7 +98,7 @@ def center_rewards_loss(apply, batch: dict, key=None):
     (`make_bradley_terry() + 0.01 * center_rewards` equals `make_bradley_terry(0.01)`, at the cost of a
     second forward)."""
     chosen, rejected = pair_rewards(apply, batch, key)
-    return (chosen + rejected).pow(2).sum() / _total_pairs(batch, chosen.shape[0]), {}
+    return (chosen + rejected).pow(2).sum() / batch_total(batch, "total_pairs", "center_rewards"), {}
 
 
 def make_bradley_terry(center_rewards_coefficient: float | None = None) -> Loss:
@@ -115,7 +109,7 @@ def make_bradley_terry(center_rewards_coefficient: float | None = None) -> Loss:
     def fn(apply, batch, key=None):
         return bradley_terry_loss(apply, batch, key, center_rewards_coefficient)
 
-    return Loss(fn, "bradley_terry")
+    return Loss(fn, "bradley_terry", count_fn=count_reward_pairs)
 
 
 def prm_loss(apply, batch: dict, key=None, num_labels: int = 2, classifier_dropout: float = 0.0):
@@ -144,7 +138,7 @@ def prm_loss(apply, batch: dict, key=None, num_labels: int = 2, classifier_dropo
                 compute_logits=False, key=apply_key)
     logits = _at_least_fp32(token_scores(out.hidden[mask], weight, bias, dropout=classifier_dropout, key=head_key))
     wanted = labels[mask]
-    total = batch.get("total_labelled_tokens", mask.sum().clamp(min=1))
+    total = batch_total(batch, "total_labelled_tokens", "prm")
     loss = F.cross_entropy(logits, wanted, reduction="sum") / total
     correct = (logits.detach().argmax(-1) == wanted).to(logits.dtype).sum()
     return loss, {"accuracy": correct / total, "num_labelled_tokens": mask.sum()}
@@ -160,21 +154,21 @@ def make_prm(num_labels: int = 2, classifier_dropout: float = 0.0) -> Loss:
     def fn(apply, batch, key=None):
         return prm_loss(apply, batch, key, num_labels, classifier_dropout)
 
-    return Loss(fn, "prm")
+    return Loss(fn, "prm", count_fn=count_token_labels)
 
 
 def count_reward_pairs(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """`total_pairs`: the pairs of the whole accumulated batch (the `count_fn` of Bradley-Terry steps)."""
+    """`total_pairs`: the pairs of the whole accumulated batch (the Bradley-Terry loss's `count_fn`)."""
     pairs = sum(int(mb["num_pairs"]) if "num_pairs" in mb else num_pairs(mb) for mb in micro_batches)
     return {"total_pairs": torch.tensor(max(pairs, 1))}
 
 
 def count_token_labels(micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """`total_labelled_tokens`: labels that are not -100 in the whole accumulated batch (PRM steps)."""
+    """`total_labelled_tokens`: labels that are not -100 in the whole accumulated batch (the PRM loss's `count_fn`)."""
     tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     return {"total_labelled_tokens": torch.tensor(max(tokens, 1))}
 
 
 bradley_terry = make_bradley_terry()
-center_rewards = Loss(center_rewards_loss, "center_rewards")
+center_rewards = Loss(center_rewards_loss, "center_rewards", count_fn=count_reward_pairs)
 prm = make_prm()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pure import rng
 from pure.lora import LoraConfig, lora_linear
 from pure.remat import remat
-from pure.models.config import ModelConfig
+from pure.models.config import ModelConfig, expected_param_shapes
 
 
 class KVCache(NamedTuple):
@@ -290,8 +290,6 @@ def lm_head_weight(params, config: ModelConfig) -> torch.Tensor:
 def init(config: ModelConfig, key: torch.Tensor, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Random params of any size, as transformers initialises them: N(0, initializer_range) for
     matrices and embeddings, ones for norms, zeros for biases."""
-    from pure.models.config import expected_param_shapes
-
     shapes = expected_param_shapes(config)
     keys = rng.split(key, len(shapes))
     params = {}
@@ -303,3 +301,21 @@ def init(config: ModelConfig, key: torch.Tensor, dtype=torch.float32, device="cp
         else:
             params[name] = rng.normal(k, shape, dtype=dtype, device=device, std=config.initializer_range)
     return params
+
+
+def resize_embeddings(params: dict[str, torch.Tensor], config: ModelConfig,
+                      vocab_size: int) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(params, config) with the embedding (and an untied lm_head) grown to `vocab_size` rows.
+
+    Each new row is the mean of the existing rows, E_new = (1/V) sum_v E_v (Hewitt 2021, "Initializing
+    new word embeddings for pretrained language models"): a new token's logit is then the mean of the
+    old tokens' logits, h . E_new = (1/V) sum_v h . E_v, so until it trains it takes little probability
+    and the model's distributions over the old vocabulary barely move.
+    """
+    params = dict(params)
+    names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+    for name in names:
+        w = params[name]
+        extra = w.mean(0, keepdim=True).expand(vocab_size - w.shape[0], -1)
+        params[name] = torch.cat([w, extra], dim=0)
+    return params, config.replace(vocab_size=vocab_size)

@@ -1,4 +1,5 @@
 """Checkpoints of the train state: bit-exact round trip, atomic writes, pruning, clear errors."""
+import dataclasses
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from pure import rng
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, init
 from pure.optim import adamw
-from pure.train import init_train_state
+from pure.train import LossScaling, TrainState, init_train_state
 from pure.tree import tree_leaves
 
 CONFIG = ModelConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -36,6 +37,48 @@ def test_round_trip_is_bit_exact(tmp_path):
     restored, extra = ckpt.load_checkpoint(path, fresh_state(seed=5))
     assert_states_equal(state, restored)
     assert extra == {"note": "x"} and path.name == "checkpoint-7"
+
+
+@dataclasses.dataclass(frozen=True)
+class StateWithEma(TrainState):
+    """A state with one more field, as a future TrainState might have: checkpoint.py is not told."""
+
+    ema: dict | None = None
+    ema_decay: float = 0.0
+
+
+def assert_every_field_equal(a, b):
+    for f in dataclasses.fields(a):
+        la, lb = tree_leaves(getattr(a, f.name), none_is_leaf=True), tree_leaves(getattr(b, f.name), none_is_leaf=True)
+        assert len(la) == len(lb), f.name
+        for x, y in zip(la, lb):
+            same = (torch.equal(x, y) and x.dtype == y.dtype) if isinstance(x, torch.Tensor) else x == y
+            assert same, f.name
+
+
+def test_every_field_of_the_state_round_trips(tmp_path):
+    state = fresh_state().replace(step=7, data_cursor={"epoch": 1, "batch": 3},
+                                  loss_scale={**LossScaling(init_scale=8.0).init(), "good_steps": torch.tensor(5)})
+    like = fresh_state(seed=5).replace(loss_scale=LossScaling().init())
+    restored, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(state, tmp_path), like)
+    assert_every_field_equal(state, restored)
+    assert restored.loss_scale["scale"].item() == 8.0 and restored.loss_scale["good_steps"].item() == 5
+
+
+def test_a_field_added_to_the_state_is_checkpointed_without_telling_checkpoint_py(tmp_path):
+    base = fresh_state().replace(step=3)
+    ema = {path: {k: v + 1 for k, v in entry.items()} for path, entry in base.trainable["lora"].items()}
+    state = StateWithEma(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, ema=ema, ema_decay=0.9)
+    like = StateWithEma(**{f.name: getattr(fresh_state(seed=5), f.name) for f in dataclasses.fields(base)},
+                        ema={p: {k: torch.zeros_like(v) for k, v in e.items()} for p, e in ema.items()})
+    restored, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(state, tmp_path), like)
+    assert isinstance(restored, StateWithEma) and restored.ema_decay == 0.9
+    assert_every_field_equal(state, restored)
+
+
+def test_the_state_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fresh_state().step = 1
 
 
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

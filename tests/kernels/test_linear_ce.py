@@ -224,7 +224,7 @@ def test_sft_loss_and_grads_are_the_same_with_the_kernel_injected(use_lora):
 
     def grads(token_logprob_fn):
         bind = make_apply(CONFIG, frozen, lora_config=lora_config, token_logprob_fn=token_logprob_fn)
-        return torch.func.grad_and_value(lambda t: sft(bind(t), batch), has_aux=True)(trainable)
+        return torch.func.grad_and_value(lambda t: sft.on_batch(bind(t), batch), has_aux=True)(trainable)
 
     want_grads, (want_loss, want_metrics) = grads(reference_token_logprobs)
     got_grads, (got_loss, got_metrics) = grads(chunked(3))

@@ -1,4 +1,7 @@
 """The pure train step: token-weighted accumulation, determinism, composition, checkpoints."""
+import dataclasses
+
+import pytest
 import torch
 
 from pure import rng
@@ -98,7 +101,19 @@ def test_losses_compose_by_addition_and_scaling():
     ids, labels = batch_rows(4)
     mb = micro_batches(ids, labels, 4)[0]
     apply = bind(state.trainable)
-    single, _ = sft(apply, mb)
-    combined, metrics = (sft + 0.5 * sft)(apply, mb)
+    single, _ = sft.on_batch(apply, mb)
+    combined, metrics = (sft + 0.5 * sft).on_batch(apply, mb)
     assert torch.allclose(combined, 1.5 * single)
     assert isinstance(0.5 * sft, Loss) and "loss/sft" in metrics
+
+
+def test_bind_gives_a_frozen_policy_whose_reference_is_the_base_model():
+    state, _, bind = setup()
+    policy = bind(state.trainable)
+    ids, _ = batch_rows(2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.params = {}
+    assert policy.reference.reference is None and policy.reference.params is policy.params  # LoRA: no copy
+    base = forward(init(CONFIG, rng.key(0)), ids, CONFIG).logits
+    assert torch.equal(policy.reference(ids).logits, base)  # the adapter disabled
+    assert not torch.allclose(policy(ids).logits, base)

@@ -28,9 +28,9 @@ def test_hf_packed_rows_are_our_packed_batches_and_give_our_loss(bench_config, t
     with torch.no_grad():
         theirs = model(input_ids=hf_batch["input_ids"], labels=hf_batch["labels"],
                        position_ids=hf_batch["position_ids"]).loss
-        mine, _ = sft(make_apply(model_config, params)({}), common.tensors_only(ours))
+        mine, _ = sft.on_batch(make_apply(model_config, params)({}), common.tensors_only(ours))
         # Without segment-aware attention (one causal row) the loss must differ: the check can fail.
-        unpacked, _ = sft(make_apply(model_config, params)({}),
-                          {"input_ids": ours["input_ids"], "labels": ours["labels"], "positions": ours["positions"]})
+        one_row = {"input_ids": ours["input_ids"], "labels": ours["labels"], "positions": ours["positions"]}
+        unpacked, _ = sft.on_batch(make_apply(model_config, params)({}), one_row)
     assert abs(theirs.item() - mine.item()) <= 1e-5  # fp32, same math, different kernels' op order
     assert abs(unpacked.item() - mine.item()) > 1e-4

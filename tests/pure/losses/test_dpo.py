@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from pure import rng
 from pure.data.pair_batch import collate_pairs
+from pure.losses import dpo
 from pure.losses.common import completion_logps
 from pure.losses.core import Loss
-from pure.losses.dpo import (LOSS_TYPES, PAIR_LOSSES, build_dpo_loss, count_pairs, dpo_losses, make_dpo, pair_nll,
-                             wpo_log_weights)
+from pure.losses.dpo import (LOSS_TYPES, PAIR_LOSSES, build_dpo_loss, dpo_losses, make_dpo, pair_nll,
+                             pair_reference_logps, wpo_log_weights)
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, forward, init
 from pure.optim import sgd
@@ -213,7 +214,7 @@ def test_reference_by_disabling_lora_equals_the_base_model():
 def test_loss_and_metrics_on_a_model_follow_trl():
     params, trainable, bind, lcfg = setup()
     mb = collate_pairs(make_examples(3, 1), range(3), 3, pad_id=0)[0]
-    loss, metrics = make_dpo(beta=0.2)(bind(trainable), mb)
+    loss, metrics = make_dpo(beta=0.2).on_batch(bind(trainable), mb)
     # Independent computation from full [2B, T, V] logits.
     targets = mb["labels"][:, 1:]
     mask = targets != -100
@@ -241,7 +242,7 @@ def test_loss_and_metrics_on_a_model_follow_trl():
 def test_pair_nll_is_the_per_token_cross_entropy_of_the_chosen_rows():
     params, trainable, bind, lcfg = setup()
     mb = collate_pairs(make_examples(3, 2), range(3), 3, pad_id=0)[0]
-    value, metrics = pair_nll(bind(trainable), mb)
+    value, metrics = pair_nll.on_batch(bind(trainable), mb)
     logits = full_logits(params, trainable["lora"], lcfg, mb["input_ids"][:3])
     want = F.cross_entropy(logits[:, :-1].reshape(-1, CONFIG.vocab_size), mb["labels"][:3, 1:].reshape(-1))
     assert abs(value.item() - want.item()) < 1e-5  # fp32, another summation order
@@ -255,23 +256,24 @@ def test_losses_compose_and_rpo_is_that_composition():
     dpo = make_dpo(beta=0.1)
     composed = dpo + 0.2 * pair_nll
     assert isinstance(composed, Loss) and isinstance(build_dpo_loss(rpo_alpha=0.2), Loss)
-    dpo_value, _ = dpo(apply, mb)
-    nll_value, _ = pair_nll(apply, mb)
-    total, metrics = composed(apply, mb)
+    dpo_value, _ = dpo.on_batch(apply, mb)
+    nll_value, _ = pair_nll.on_batch(apply, mb)
+    total, metrics = composed.on_batch(apply, mb)
     assert torch.allclose(total, dpo_value + 0.2 * nll_value, atol=1e-6, rtol=0)  # fp32 sum of two terms
     for loss in (build_dpo_loss("sigmoid", 0.1, rpo_alpha=0.2),
                  make_dpo(0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])):
-        value, other = loss(apply, mb)
+        value, other = loss.on_batch(apply, mb)
         assert value.item() == total.item()
         assert other["nll_loss"].item() == metrics["nll_loss"].item() and "loss/dpo" in other
-    assert build_dpo_loss(rl="ipo")(apply, mb)[0].item() == make_dpo(loss_type="ipo")(apply, mb)[0].item()
+    ipo = build_dpo_loss(rl="ipo").on_batch(apply, mb)[0]
+    assert ipo.item() == make_dpo(loss_type="ipo").on_batch(apply, mb)[0].item()
 
 
 def test_ipo_on_a_model_uses_per_token_logps_everywhere():
     _, trainable, bind, _ = setup()
     mb = collate_pairs(make_examples(3, 4), range(3), 3, pad_id=0)[0]
     apply = bind(trainable)
-    loss, metrics = make_dpo(beta=0.5, loss_type="ipo")(apply, mb)
+    loss, metrics = make_dpo(beta=0.5, loss_type="ipo").on_batch(apply, mb)
     pol, ref = completion_logps(apply, mb), completion_logps(apply, mb, reference=True)["logps"]
     n = pol["tokens"].double()
     avg, ref_avg = pol["logps"].double() / n, ref.double() / n
@@ -287,17 +289,17 @@ def test_precomputed_reference_logps_replace_the_reference_forward():
     apply = bind(trainable)
     ref = completion_logps(apply, mb, reference=True)["logps"]
     loss = make_dpo()
-    assert loss(apply, {**mb, "ref_logps": ref})[0].item() == loss(apply, mb)[0].item()
+    assert loss.on_batch(apply, {**mb, "ref_logps": ref})[0].item() == loss.on_batch(apply, mb)[0].item()
     shifted = ref + torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # a worse reference for the chosen rows
-    assert loss(apply, {**mb, "ref_logps": shifted})[0].item() > loss(apply, mb)[0].item()
+    assert loss.on_batch(apply, {**mb, "ref_logps": shifted})[0].item() > loss.on_batch(apply, mb)[0].item()
     with pytest.raises(ValueError, match=r"ref_logps'\] must have shape \[6\]"):
-        loss(apply, {**mb, "ref_logps": ref[:3]})
+        loss.on_batch(apply, {**mb, "ref_logps": ref[:3]})
 
 
 def test_identical_chosen_and_rejected_on_a_model():
     _, trainable, bind, _ = setup()
     mb = collate_pairs(make_examples(3, 6, same=True), range(3), 3, pad_id=0)[0]
-    loss, metrics = make_dpo(beta=0.1)(bind(trainable), mb)
+    loss, metrics = make_dpo(beta=0.1).on_batch(bind(trainable), mb)
     # identical rows of one fp32 batch: equal up to summation noise
     assert abs(loss.item() - math.log(2)) < 1e-6 and abs(metrics["rewards/margins"].item()) < 1e-6
 
@@ -306,8 +308,8 @@ def test_wpo_weights_follow_trl():
     params, trainable, bind, lcfg = setup()
     mb = collate_pairs(make_examples(3, 7), range(3), 3, pad_id=0)[0]
     apply = bind(trainable)
-    loss, _ = make_dpo(beta=0.1, use_weighting=True)(apply, mb)
-    plain, _ = make_dpo(beta=0.1)(apply, mb)
+    loss, _ = make_dpo(beta=0.1, use_weighting=True).on_batch(apply, mb)
+    plain, _ = make_dpo(beta=0.1).on_batch(apply, mb)
     targets = mb["labels"][:, 1:]
     mask = targets != -100
     lp = torch.log_softmax(full_logits(params, trainable["lora"], lcfg, mb["input_ids"])[:, :-1].double(), -1)
@@ -336,7 +338,7 @@ def test_micro_batching_does_not_change_the_update():
     results = []
     for size in (4, 2, 1):
         optimizer = sgd(0.5)
-        step = make_train_step(loss, optimizer, bind, count_fn=count_pairs)
+        step = make_train_step(loss, optimizer, bind)
         new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)), collate_pairs(exs, range(4), size, 0))
         results.append((new.trainable["lora"], metrics))
     first, first_metrics = results[0]
@@ -349,3 +351,35 @@ def test_micro_batching_does_not_change_the_update():
             for part in ("A", "B"):
                 assert torch.allclose(delta[path][part], first[path][part], atol=1e-6, rtol=1e-5)
     assert any((first[p]["B"] - trainable["lora"][p]["B"]).abs().max() > 1e-4 for p in first)  # it did move
+
+
+def test_the_plain_step_of_dpo_is_the_pair_mean_for_any_micro_batching():
+    """`make_train_step(dpo, optimizer, bind)` with no other argument: the loss carries its pair count.
+    (Counting target tokens instead gave 0.69516 for 1x4 pairs and 1.39033 for 2x2: review 4.6.)"""
+    exs = make_examples(4, 9)
+    _, trainable, bind, _ = setup()
+    apply = bind(trainable)
+    pairs = collate_pairs(exs, range(4), 4, 0)[0]
+    policy, ref = completion_logps(apply, pairs)["logps"], completion_logps(apply, pairs, reference=True)["logps"]
+    h = (policy[:4] - ref[:4]) - (policy[4:] - ref[4:])
+    want = -F.logsigmoid(0.1 * h.double()).mean().item()  # DPO's sigmoid loss, beta 0.1, per pair
+    for size in (4, 2, 1):
+        optimizer = sgd(0.5)
+        step = make_train_step(dpo, optimizer, bind)
+        _, metrics = step(init_train_state(trainable, optimizer, rng.key(3)), collate_pairs(exs, range(4), size, 0))
+        assert metrics["train/loss"].item() == pytest.approx(want, rel=1e-6), size  # fp32 vs float64 tail
+        assert metrics["rewards/accuracies"].item() <= 1.0
+
+
+def test_pair_reference_logps_are_the_reference_logps_of_each_pair_in_order():
+    _, trainable, bind, _ = setup()
+    exs = make_examples(5, 10)
+    apply = bind(trainable)
+    got = pair_reference_logps(apply, collate_pairs(exs, range(5), 2, 0))  # batches of 2, 2 and 1 pairs
+    whole = collate_pairs(exs, range(5), 5, 0)[0]
+    ref = completion_logps(apply, whole, reference=True)["logps"]
+    assert got.shape == (5, 2) and got.dtype == torch.float32
+    # the same fp32 forward over rows padded to other widths: op order only
+    torch.testing.assert_close(got, torch.stack([ref[:5], ref[5:]], dim=1), atol=1e-5, rtol=0)
+    policy = completion_logps(apply, whole)["logps"]
+    assert (policy[:5] - got[:, 0]).abs().max() > 1e-3  # the reference, not the policy with its adapter

@@ -9,8 +9,7 @@ from pure import rng
 from pure.data.kto_batch import collate_kto
 from pure.losses import nll
 from pure.losses.core import Loss
-from pure.losses.kto import (KL_KEY, attach_kl_baseline, count_kto, kl_estimate, kto_kl_baseline, kto_terms,
-                             make_kto)
+from pure.losses.kto import KL_KEY, count_kto, kl_estimate, kto_kl_baseline, kto_terms, make_kto
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, forward, init
 from pure.optim import sgd
@@ -89,7 +88,7 @@ def float64_row_logps(params, lora, ids, labels):
 def test_kto_loss_and_metrics_equal_the_formula_on_model_log_probs():
     params, trainable, bind = lora_setup()
     batch = collate_kto(examples(), range(4), 4, pad_id=0)[0]
-    value, metrics = make_kto(0.3, 1.5, 0.7)(bind(trainable), batch)
+    value, metrics = make_kto(0.3, 1.5, 0.7).on_batch(bind(trainable), batch)
     lora = trainable["lora"]
     r = (float64_row_logps(params, lora, batch["input_ids"], batch["labels"])
          - float64_row_logps(params, None, batch["input_ids"], batch["labels"])).tolist()
@@ -111,7 +110,7 @@ def test_kto_loss_and_metrics_equal_the_formula_on_model_log_probs():
 def test_policy_equal_to_reference_costs_half_the_weights():
     _, trainable, bind = lora_setup(std=0.0)  # B = 0: the adapter is the identity
     batch = collate_kto(examples(), range(4), 4, pad_id=0)[0]
-    value, metrics = make_kto(0.1, 1.5, 0.7)(bind(trainable), batch)
+    value, metrics = make_kto(0.1, 1.5, 0.7).on_batch(bind(trainable), batch)
     assert abs(value.item() - (2 * 0.75 + 2 * 0.35) / 4) < 1e-6  # fp32 sigmoid(0) = 0.5
     assert metrics["kl"].item() == 0.0 and abs(metrics["rewards/margins"].item()) < 1e-6
 
@@ -120,10 +119,9 @@ def test_policy_equal_to_reference_costs_half_the_weights():
 def test_edge_batches_give_finite_loss_gradients_and_metrics(labels):
     _, trainable, bind = lora_setup()
     optimizer = sgd(0.5)
-    step = make_train_step(make_kto(), optimizer, bind, count_fn=count_kto)
+    step = make_train_step(make_kto(), optimizer, bind)
     batches = collate_kto(examples(labels), range(len(labels)), 1, pad_id=0)
-    new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)),
-                        attach_kl_baseline(bind(trainable), batches))
+    new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)), batches)
     assert all(torch.isfinite(v).all() for v in metrics.values())
     assert metrics["train/grad_norm"].item() > 0
     assert all(torch.isfinite(e[part]).all() for e in new.trainable["lora"].values() for part in ("A", "B"))
@@ -136,7 +134,7 @@ def test_count_kto_totals_the_accumulated_batch():
     counts = count_kto(batches)
     assert (counts["total_kto_rows"].item(), counts["total_desirable"].item(), counts["total_undesirable"].item(),
             counts["total_kl_rows"].item()) == (3, 2, 1, 3)
-    assert "total_target_tokens" in counts
+    assert "total_target_tokens" in (make_kto() + nll).count_fn(batches)  # so `+ nll` terms normalise right
 
 
 def test_kl_baseline_of_the_accumulated_batch_is_the_one_micro_batch_estimate():
@@ -147,9 +145,9 @@ def test_kl_baseline_of_the_accumulated_batch_is_the_one_micro_batch_estimate():
     z_whole, z_split = kto_kl_baseline(apply, whole), kto_kl_baseline(apply, split)
     assert abs(z_whole.item() - z_split.item()) < 1e-6  # fp32 mean in another order
     # Without the attached baseline, a one-row micro-batch estimates z0 from its own KL row.
-    _, alone = make_kto()(apply, split[0])
+    _, alone = make_kto().on_batch(apply, split[0])
     assert abs(alone["kl"].item() * 4 - z_whole.item()) > 1e-3
-    _, attached = make_kto()(apply, {**split[0], KL_KEY: z_whole})
+    _, attached = make_kto()(apply, {**split[0], **count_kto(split[:1]), KL_KEY: z_whole})
     assert abs(attached["kl"].item() - z_whole.item()) < 1e-7  # one row is its own total here
 
 
@@ -159,15 +157,10 @@ def test_micro_batching_does_not_change_the_kto_update():
     for size in (4, 2, 1):
         _, trainable, bind = lora_setup()
         optimizer = sgd(0.5)
-        step = make_train_step(make_kto(0.5), optimizer, bind, count_fn=count_kto)
+        step = make_train_step(make_kto(0.5), optimizer, bind)
         state = init_train_state(trainable, optimizer, rng.key(3))
-        new, metrics = step(state, attach_kl_baseline(bind(state.trainable), collate_kto(data, range(4), size, 0)))
+        new, metrics = step(state, collate_kto(data, range(4), size, 0))  # z0: the loss's batch_stats_fn
         results.append((new.trainable["lora"], metrics))
-    # One micro-batch without the attached baseline estimates z0 itself (inside the gradient pass).
-    _, trainable, bind = lora_setup()
-    step = make_train_step(make_kto(0.5), optimizer, bind, count_fn=count_kto)
-    new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)), collate_kto(data, range(4), 4, 0))
-    results.append((new.trainable["lora"], metrics))
     base_lora, base_metrics = results[0]
     assert base_metrics["kl"].item() > 0.1
     for lora, metrics in results[1:]:
@@ -185,9 +178,9 @@ def test_kto_composes_with_nll():
     apply = bind(trainable)
     combined = make_kto() + 0.2 * nll
     assert isinstance(combined, Loss)
-    value, metrics = combined(apply, batch)
-    kto_value, _ = make_kto()(apply, batch)
-    nll_value, _ = nll(apply, batch)
+    value, metrics = combined.on_batch(apply, batch)
+    kto_value, _ = make_kto().on_batch(apply, batch)
+    nll_value, _ = nll.on_batch(apply, batch)
     assert abs(value.item() - (kto_value.item() + 0.2 * nll_value.item())) < 1e-6  # fp32 add
     assert "loss/kto" in metrics and "kl" in metrics
 
@@ -196,8 +189,8 @@ def test_missing_fields_are_named():
     _, trainable, bind = lora_setup()
     batch = collate_kto(examples(), range(4), 4, pad_id=0)[0]
     with pytest.raises(ValueError, match="kto_label"):
-        make_kto()(bind(trainable), {k: v for k, v in batch.items() if k != "kto_label"})
+        make_kto().on_batch(bind(trainable), {k: v for k, v in batch.items() if k != "kto_label"})
     with pytest.raises(ValueError, match="kl_input_ids"):
-        make_kto()(bind(trainable), {k: v for k, v in batch.items() if k != "kl_input_ids"})
+        make_kto().on_batch(bind(trainable), {k: v for k, v in batch.items() if k != "kl_input_ids"})
     with pytest.raises(ValueError, match="kto_undesirable_weight"):
         make_kto(undesirable_weight=-1)

@@ -10,8 +10,7 @@ from pure.data.pair_batch import collate_pairs
 from pure.losses import nll
 from pure.losses.core import Loss
 from pure.losses.orpo import log1m_exp, log_odds, make_orpo, orpo_terms
-from pure.losses.pairs import count_pairs
-from pure.losses.sft import sft_loss
+from pure.losses.sft import sft
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, forward, init
 from pure.optim import sgd
@@ -91,7 +90,7 @@ def float64_row_logps(params, trainable, batch):
 def test_orpo_loss_and_metrics_equal_the_formula_on_model_log_probs():
     params, trainable, bind = lora_setup()
     batch = collate_pairs(examples(), range(4), 4, pad_id=0)[0]
-    value, metrics = make_orpo(0.2)(bind(trainable), batch)
+    value, metrics = make_orpo(0.2).on_batch(bind(trainable), batch)
     sums, counts = float64_row_logps(params, trainable, batch)
     avg = (sums / counts).tolist()
     nll_want = -sums[:4].sum().item() / counts[:4].sum().item()
@@ -113,8 +112,8 @@ def test_orpo_with_alpha_zero_is_sft_on_the_chosen_completions():
     apply = bind(trainable)
     only_chosen = dict(batch, labels=batch["labels"].clone())
     only_chosen["labels"][4:] = -100
-    got, _ = make_orpo(0.0)(apply, batch)
-    want, _ = sft_loss(apply, only_chosen)
+    got, _ = make_orpo(0.0).on_batch(apply, batch)
+    want, _ = sft.on_batch(apply, only_chosen)
     assert abs(got.item() - want.item()) < 1e-6  # fp32: the same log-probs summed in another order
 
 
@@ -124,9 +123,9 @@ def test_orpo_composes_with_nll():
     apply = bind(trainable)
     combined = make_orpo(0.1) + 0.2 * nll
     assert isinstance(combined, Loss)
-    value, metrics = combined(apply, batch)
-    orpo_value, _ = make_orpo(0.1)(apply, batch)
-    nll_value, _ = nll(apply, batch)
+    value, metrics = combined.on_batch(apply, batch)
+    orpo_value, _ = make_orpo(0.1).on_batch(apply, batch)
+    nll_value, _ = nll.on_batch(apply, batch)
     assert abs(value.item() - (orpo_value.item() + 0.2 * nll_value.item())) < 1e-6  # fp32 add
     assert "loss/orpo" in metrics and "log_odds_chosen" in metrics
 
@@ -137,7 +136,7 @@ def test_micro_batching_does_not_change_the_orpo_update():
     for size in (4, 2, 1):
         _, trainable, bind = lora_setup()
         optimizer = sgd(0.5)
-        step = make_train_step(make_orpo(0.3), optimizer, bind, count_fn=count_pairs)
+        step = make_train_step(make_orpo(0.3), optimizer, bind)
         new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)),
                             collate_pairs(data, range(4), size, pad_id=0))
         results.append((new.trainable["lora"], metrics))
@@ -157,10 +156,10 @@ def test_pair_batches_must_have_an_even_row_count_and_trained_rows():
     batch = collate_pairs(examples(), range(2), 2, pad_id=0)[0]
     odd = {k: batch[k][:3] for k in ("input_ids", "labels")}
     with pytest.raises(ValueError, match="2B rows"):
-        make_orpo()(bind(trainable), odd)
+        make_orpo().on_batch(bind(trainable), odd)
     empty = dict(batch, labels=batch["labels"].clone())
     empty["labels"][3] = -100
     with pytest.raises(ValueError, match=r"rows \[3\]"):
-        make_orpo()(bind(trainable), empty)
+        make_orpo().on_batch(bind(trainable), empty)
     with pytest.raises(ValueError, match="orpo_alpha"):
         make_orpo(-1.0)

@@ -9,8 +9,6 @@ from pure import rng
 from pure.data.reward_batch import collate_reward_pairs, collate_token_labels
 from pure.losses.reward import (
     center_rewards,
-    count_reward_pairs,
-    count_token_labels,
     make_bradley_terry,
     make_prm,
 )
@@ -18,7 +16,7 @@ from pure.models.config import ModelConfig, config_to_hf
 from pure.models.heads import init_score_head, last_non_pad_index, sequence_scores, token_scores
 from pure.models.llama import ModelOutput, init
 from pure.optim import sgd
-from pure.train import init_train_state, make_apply, make_train_step
+from pure.train import Policy, init_train_state, make_apply, make_train_step
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -28,14 +26,16 @@ FP32 = 1e-5  # float32 forwards of the same weights (ours vs transformers, accum
 
 
 def fixed_apply(hidden, head):
-    """An `apply` that returns given hidden states: the losses' math without a model."""
+    """A `Policy` that returns given hidden states: the losses' math without a model."""
 
     def apply(tokens, key=None, **kwargs):
         assert kwargs.get("compute_logits") is False  # reward losses never run lm_head
         return ModelOutput(None, hidden, {}, None)
 
-    apply.params = head
-    return apply
+    def no_lm_head(hidden, targets):
+        raise AssertionError("reward losses never run lm_head")
+
+    return Policy(apply, no_lm_head, head)
 
 
 def sigmoid(x):
@@ -99,10 +99,10 @@ def test_bradley_terry_plus_center_term_is_the_centred_loss():
                 {"chosen_input_ids": [7, 8], "rejected_input_ids": [7, 8, 10, 11, 12]}]
     batch = {**collate_reward_pairs(examples, [0, 1], 2, PAD)[0], "total_pairs": torch.tensor(2)}
     composed = make_bradley_terry() + 0.25 * center_rewards
-    value, metrics = composed(apply, batch)
-    direct, _ = make_bradley_terry(0.25)(apply, batch)
+    value, metrics = composed.on_batch(apply, batch)
+    direct, _ = make_bradley_terry(0.25).on_batch(apply, batch)
     assert abs(value.item() - direct.item()) <= FP32
-    plain, _ = make_bradley_terry()(apply, batch)
+    plain, _ = make_bradley_terry().on_batch(apply, batch)
     assert abs(metrics["loss/bradley_terry"].item() - plain.item()) <= FP32
     assert metrics["loss/0.25*center_rewards"].item() > 0
 
@@ -151,7 +151,7 @@ def test_prm_gradients_match_finite_differences():
     batch = {"input_ids": torch.zeros_like(labels), "labels": labels}
 
     def f(h, w, b):
-        return make_prm(num_labels=3)(fixed_apply(h, {"score.weight": w, "score.bias": b}), batch)[0]
+        return make_prm(num_labels=3).on_batch(fixed_apply(h, {"score.weight": w, "score.bias": b}), batch)[0]
 
     assert torch.autograd.gradcheck(f, (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
 
@@ -160,23 +160,23 @@ def test_prm_head_dropout_only_with_a_key():
     hidden, weight, bias, labels = prm_setup()
     apply = fixed_apply(hidden, {"score.weight": weight, "score.bias": bias})
     batch = {"input_ids": torch.zeros_like(labels), "labels": labels}
-    plain = make_prm()(apply, batch)[0]
+    plain = make_prm().on_batch(apply, batch)[0]
     dropped = make_prm(classifier_dropout=0.5)
-    assert torch.equal(dropped(apply, batch)[0], plain)  # no key: evaluation, no dropout
-    a, b = dropped(apply, batch, rng.key(3))[0], dropped(apply, batch, rng.key(3))[0]
+    assert torch.equal(dropped.on_batch(apply, batch)[0], plain)  # no key: evaluation, no dropout
+    a, b = dropped.on_batch(apply, batch, rng.key(3))[0], dropped.on_batch(apply, batch, rng.key(3))[0]
     assert torch.equal(a, b) and not torch.equal(a, plain)
     with pytest.raises(ValueError, match="num_labels=3"):
-        make_prm(num_labels=3)(apply, batch)
+        make_prm(num_labels=3).on_batch(apply, batch)
 
 
 # ----------------------------------------------------------------------------- the train step
 
 
-def one_step(loss, count_fn, micro_batches, head_kind, num_labels):
+def one_step(loss, micro_batches, head_kind, num_labels):
     params = init(CONFIG, rng.key(0))
     head = init_score_head(CONFIG, num_labels, rng.key(1), kind=head_kind)
     optimizer = sgd(0.1)
-    step = make_train_step(loss, optimizer, make_apply(CONFIG, {}), count_fn=count_fn)
+    step = make_train_step(loss, optimizer, make_apply(CONFIG, {}))
     state = init_train_state({"params": {**params, **head}}, optimizer, rng.key(2))
     return step(state, micro_batches)
 
@@ -197,8 +197,8 @@ def test_bradley_terry_step_is_the_same_for_any_micro_batching():
     examples = [{"chosen_input_ids": list(range(1, c + 1)), "rejected_input_ids": list(range(10, 10 + r))}
                 for c, r in lengths]
     loss = make_bradley_terry(0.01)
-    whole = one_step(loss, count_reward_pairs, collate_reward_pairs(examples, [2, 0, 3, 1], 4, PAD), "sequence", 1)
-    split = one_step(loss, count_reward_pairs, collate_reward_pairs(examples, [2, 0, 3, 1], 3, PAD), "sequence", 1)
+    whole = one_step(loss, collate_reward_pairs(examples, [2, 0, 3, 1], 4, PAD), "sequence", 1)
+    split = one_step(loss, collate_reward_pairs(examples, [2, 0, 3, 1], 3, PAD), "sequence", 1)
     assert_same_step(whole, split, ["train/loss", "accuracy", "rewards/margins", "mean_reward"])
     assert whole[1]["num_tokens"].item() == sum(c + r for c, r in lengths)
     assert whole[1]["train/loss"].item() > 0
@@ -209,8 +209,8 @@ def test_prm_step_is_the_same_for_any_micro_batching():
                 {"input_ids": [11, 12, 13], "labels": [-100, -100, 1]},
                 {"input_ids": [14, 15, 16, 17, 18, 19, 20], "labels": [-100, 0, -100, 1, -100, -100, 1]}]
     loss = make_prm()
-    whole = one_step(loss, count_token_labels, collate_token_labels(examples, [0, 1, 2], 3, PAD), "token", 2)
-    split = one_step(loss, count_token_labels, collate_token_labels(examples, [0, 1, 2], 1, PAD), "token", 2)
+    whole = one_step(loss, collate_token_labels(examples, [0, 1, 2], 3, PAD), "token", 2)
+    split = one_step(loss, collate_token_labels(examples, [0, 1, 2], 1, PAD), "token", 2)
     assert_same_step(whole, split, ["train/loss", "accuracy", "num_labelled_tokens"])
     assert whole[1]["num_labelled_tokens"].item() == 6
     # an untrained 2-way head starts near chance: CE close to log 2

@@ -9,7 +9,6 @@ from pure import rng
 from pure.data.pair_batch import collate_pairs
 from pure.losses import nll
 from pure.losses.core import Loss
-from pure.losses.pairs import count_pairs
 from pure.losses.simpo import cpo_terms, make_cpo, make_simpo
 from pure.lora import LoraConfig, init_lora
 from pure.models import ModelConfig, forward, init
@@ -99,7 +98,7 @@ def test_loss_and_metrics_equal_the_formula_on_model_log_probs(kind):
     else:
         loss, gamma = make_cpo(beta=0.2, cpo_alpha=0.7), 0.0
     beta = 2.0 if kind == "simpo" else 0.2
-    value, metrics = loss(bind(trainable), batch)
+    value, metrics = loss.on_batch(bind(trainable), batch)
     sums, counts = float64_row_logps(params, trainable, batch)
     used = (sums / counts if kind == "simpo" else sums).tolist()
     nll_want = -sums[:4].sum().item() / counts[:4].sum().item()
@@ -118,8 +117,8 @@ def test_cpo_alpha_adds_exactly_alpha_times_the_chosen_nll():
     batch = collate_pairs(examples(), range(4), 4, pad_id=0)[0]
     apply = bind(trainable)
     for make in (make_simpo, make_cpo):
-        without, metrics = make(cpo_alpha=0.0)(apply, batch)
-        with_nll, _ = make(cpo_alpha=1.5)(apply, batch)
+        without, metrics = make(cpo_alpha=0.0).on_batch(apply, batch)
+        with_nll, _ = make(cpo_alpha=1.5).on_batch(apply, batch)
         assert abs(with_nll.item() - (without.item() + 1.5 * metrics["nll_loss"].item())) < 1e-6  # fp32 add
 
 
@@ -129,9 +128,9 @@ def test_simpo_composes_with_nll():
     apply = bind(trainable)
     combined = make_simpo() + 0.2 * nll
     assert isinstance(combined, Loss) and isinstance(0.5 * make_cpo(), Loss)
-    value, metrics = combined(apply, batch)
-    simpo_value, _ = make_simpo()(apply, batch)
-    nll_value, _ = nll(apply, batch)
+    value, metrics = combined.on_batch(apply, batch)
+    simpo_value, _ = make_simpo().on_batch(apply, batch)
+    nll_value, _ = nll.on_batch(apply, batch)
     assert abs(value.item() - (simpo_value.item() + 0.2 * nll_value.item())) < 1e-6  # fp32 add
     assert "loss/simpo" in metrics and "loss/0.2*nll" in metrics
 
@@ -143,7 +142,7 @@ def test_micro_batching_does_not_change_the_update(make):
     for size in (4, 2, 1):
         _, trainable, bind = lora_setup()
         optimizer = sgd(0.5)
-        step = make_train_step(make(), optimizer, bind, count_fn=count_pairs)
+        step = make_train_step(make(), optimizer, bind)
         new, metrics = step(init_train_state(trainable, optimizer, rng.key(3)),
                             collate_pairs(data, range(4), size, pad_id=0))
         results.append((new.trainable["lora"], metrics))
