@@ -42,9 +42,18 @@ def load_model(config):
 
         tokenizer = load_tokenizer(config.tokenizer_config or config.base_model)
     prepare_tokenizer(tokenizer, **tokenizer_edits(config))
-    if len(tokenizer) > model_config.vocab_size:
-        params, model_config = resize_embeddings(params, model_config, len(tokenizer))
+    vocab = len(tokenizer)
+    if config.resize_token_embeddings_to_32x:
+        vocab = math.ceil(vocab / 32) * 32
+    if vocab > model_config.vocab_size:
+        # axolotl's default: new rows drawn like transformers' init; mean_resizing_embeddings: mean rows
+        key = None if config.mean_resizing_embeddings else rng.fold_in(rng.key(config.seed), RESIZE_STREAM)
+        params, model_config = resize_embeddings(params, model_config, vocab, key=key)
     return params, model_config, tokenizer
+
+
+# fold_in data for the key of new embedding rows (split keys of the seed draw the LoRA init)
+RESIZE_STREAM = 0x7E51
 
 
 def lora_config_of(config) -> LoraConfig:

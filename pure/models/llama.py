@@ -303,19 +303,24 @@ def init(config: ModelConfig, key: torch.Tensor, dtype=torch.float32, device="cp
     return params
 
 
-def resize_embeddings(params: dict[str, torch.Tensor], config: ModelConfig,
-                      vocab_size: int) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def resize_embeddings(params: dict[str, torch.Tensor], config: ModelConfig, vocab_size: int, *,
+                      key: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(params, config) with the embedding (and an untied lm_head) grown to `vocab_size` rows.
 
-    Each new row is the mean of the existing rows, E_new = (1/V) sum_v E_v (Hewitt 2021, "Initializing
-    new word embeddings for pretrained language models"): a new token's logit is then the mean of the
-    old tokens' logits, h . E_new = (1/V) sum_v h . E_v, so until it trains it takes little probability
-    and the model's distributions over the old vocabulary barely move.
+    Without `key` each new row is the mean of the existing rows, E_new = (1/V) sum_v E_v (Hewitt
+    2021, "Initializing new word embeddings for pretrained language models"): a new token's logit is
+    then the mean of the old tokens' logits, h . E_new = (1/V) sum_v h . E_v, so until it trains it
+    takes little probability and the model's distributions over the old vocabulary barely move.
+    (transformers' `mean_resizing` samples around this mean with 1e-9 times the rows' covariance.)
+    With `key` the new rows are drawn N(0, initializer_range^2), transformers' `_init_weights`.
     """
     params = dict(params)
     names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-    for name in names:
+    keys = rng.split(key, len(names)) if key is not None else [None] * len(names)
+    for name, k in zip(names, keys):
         w = params[name]
-        extra = w.mean(0, keepdim=True).expand(vocab_size - w.shape[0], -1)
+        shape = (vocab_size - w.shape[0], w.shape[1])
+        extra = w.mean(0, keepdim=True).expand(*shape) if k is None else \
+            (rng.normal(k, shape, dtype=torch.float32) * config.initializer_range).to(w.device, w.dtype)
         params[name] = torch.cat([w, extra], dim=0)
     return params, config.replace(vocab_size=vocab_size)

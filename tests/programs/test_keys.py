@@ -211,3 +211,24 @@ def test_a_key_only_an_unbuilt_feature_reads_is_refused_by_name(tmp_path, tiny_m
                                                                   "prompt_format": "{prompt}"}]))
     # at its default the same key is fine
     assert load_config(config_file(tmp_path, tiny_model, trl={"scale_rewards": True})).trl.scale_rewards
+
+
+# --- model and tokenizer ----------------------------------------------------------------------------
+
+
+def test_added_tokens_grow_the_embeddings_as_the_resize_keys_say(tmp_path, tiny_model):
+    import math
+
+    import torch
+
+    base = common.load_model(load_config(config_file(tmp_path, tiny_model)))[0]["model.embed_tokens.weight"]
+    drawn, config, tokenizer = common.load_model(load_config(config_file(tmp_path, tiny_model, tokens=["<a>", "<b>"])))
+    rows = drawn["model.embed_tokens.weight"]
+    assert rows.shape[0] == config.vocab_size == len(tokenizer) == base.shape[0] + 2
+    assert abs(rows[-2:].std().item() - 0.02) < 0.01  # axolotl's default: drawn like a fresh init
+    mean = common.load_model(load_config(config_file(tmp_path, tiny_model, tokens=["<a>", "<b>"],
+                                                     mean_resizing_embeddings=True)))[0]["model.embed_tokens.weight"]
+    torch.testing.assert_close(mean[-2:], base.mean(0).expand(2, -1))
+    padded, config, _ = common.load_model(load_config(config_file(tmp_path, tiny_model, tokens=["<a>", "<b>"],
+                                                                  resize_token_embeddings_to_32x=True)))
+    assert config.vocab_size == padded["model.embed_tokens.weight"].shape[0] == math.ceil((base.shape[0] + 2) / 32) * 32
