@@ -24,7 +24,7 @@ Semantics (axolotl's config reference and mixed-precision page):
 a timing, so the same config on the same machine always trains the same numbers. Measured on this
 project's CPU (Xeon with avx512_bf16, no AMX; 1 thread, 512x576 @ 576x1536): F.linear fp32
 17.5 GFLOP/s, bf16 45.9, bf16 autocast from fp32 inputs 42.3, fp16 0.4. So `bf16: true` is
-worth trying on such CPUs (see `cpu_supports_fast_bf16`), while fp16 on CPU is not.
+worth trying on such CPUs, while fp16 on CPU is not.
 
 `fp16: true` (fp16 autocast) trains with dynamic loss scaling (`pure.train.LossScaling`: the
 loss is scaled before `grad_and_value`, the gradient unscaled after, and a step whose gradient is
@@ -81,15 +81,6 @@ def cuda_supports_tf32(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def cpu_supports_fast_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (avx512_bf16 or AMX); informational:
-    `bf16: auto` does not use it (see the module docstring)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(*, bf16: Any = "auto", fp16: Any = None, tf32: Any = "auto", bfloat16: Any = None,
                       float16: Any = None, float32: Any = None,
                       device: str | torch.device = "cpu") -> PrecisionPlan:
@@ -134,12 +125,6 @@ def resolve_precision(*, bf16: Any = "auto", fp16: Any = None, tf32: Any = "auto
                              reason=f"bf16: auto: {dev} supports bf16, so fp32 master weights, bf16 autocast")
     why = "bf16: auto: fp32 on a device without CUDA bf16" if bf16 == "auto" and not float32 else "fp32"
     return PrecisionPlan(tf32=use_tf32, reason=why + (", tf32 matmuls" if use_tf32 else ""))
-
-
-def resolve_from_config(config, device: str | torch.device = "cpu") -> PrecisionPlan:
-    """`resolve_precision` over a validated config's keys."""
-    return resolve_precision(bf16=config.bf16, fp16=config.fp16, tf32=config.tf32, bfloat16=config.bfloat16,
-                             float16=config.float16, float32=config.float32, device=device)
 
 
 def cast_params(params, plan: PrecisionPlan, *, for_eval: bool = False):

@@ -33,10 +33,11 @@ def load_model(config):
     from backends.tokenizer import prepare_tokenizer
     from programs.data import tokenizer_edits
 
-    from backends.precision import cast_params, resolve_from_config
+    from backends.precision import cast_params
+    from programs.config.derived import precision_plan
 
     params, model_config, tokenizer = load_pretrained(config.base_model)
-    params = cast_params(params, resolve_from_config(config))  # bfloat16: true stores params in bf16
+    params = cast_params(params, precision_plan(config))  # bfloat16: true stores params in bf16
     if tokenizer is None:
         from backends.hf import load_tokenizer
 

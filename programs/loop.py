@@ -313,11 +313,12 @@ def wrap_steps(config, train_step, eval_step, state):
     plan's autocast (fp16 adds the dynamic loss scaler to the state), and the train step compiled
     with a persistent cache when `torch_compile: true` (`auto` leaves it eager: on CPU a cold
     compile costs minutes, more than the short runs it would speed up)."""
-    from backends.precision import autocast_context, resolve_from_config
+    from backends.precision import autocast_context
+    from programs.config.derived import precision_plan
     from pure.train import LossScaling
 
     device = next(iter(tree_leaves(state.trainable))).device
-    plan = resolve_from_config(config, device)
+    plan = precision_plan(config, device)
     if plan.loss_scaling and state.loss_scale is None:
         state = state.replace(loss_scale=LossScaling().init())
     if config.torch_compile is True:

@@ -105,3 +105,11 @@ def optimizer_options(config: Config) -> dict:
         raise ConfigError(f"optim_args: optimizer {config.optimizer} takes no option {', '.join(map(repr, unknown))}; "
                           f"it takes {', '.join(accepted) or 'none'}")
     return options
+
+
+def precision_plan(config: Config, device="cpu"):
+    """`backends.precision.resolve_precision` over the config's precision keys, for `device`."""
+    from backends.precision import resolve_precision
+
+    return resolve_precision(bf16=config.bf16, fp16=config.fp16, tf32=config.tf32, bfloat16=config.bfloat16,
+                             float16=config.float16, float32=config.float32, device=device)

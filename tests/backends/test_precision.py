@@ -96,14 +96,14 @@ def test_train_step_under_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp3
 
 
 def test_config_keys_resolve_through_the_validated_config():
-    from backends.precision import resolve_from_config
+    from programs.config.derived import precision_plan
     from programs.config import ConfigError, validate
 
     base = {"base_model": "x", "learning_rate": 1e-4, "datasets": [{"path": "a.jsonl", "type": "alpaca"}]}
-    assert resolve_from_config(validate(base)).is_fp32  # bf16: auto by default, fp32 on CPU
-    assert resolve_from_config(validate({**base, "bf16": True})).autocast_dtype == torch.bfloat16
-    assert resolve_from_config(validate({**base, "bfloat16": True})).param_dtype == torch.bfloat16
-    fp16 = resolve_from_config(validate({**base, "fp16": True}))
+    assert precision_plan(validate(base)).is_fp32  # bf16: auto by default, fp32 on CPU
+    assert precision_plan(validate({**base, "bf16": True})).autocast_dtype == torch.bfloat16
+    assert precision_plan(validate({**base, "bfloat16": True})).param_dtype == torch.bfloat16
+    fp16 = precision_plan(validate({**base, "fp16": True}))
     assert fp16.autocast_dtype == torch.float16 and fp16.loss_scaling and fp16.param_dtype == torch.float32
     with pytest.raises(ConfigError, match="float32: true cannot be combined"):
         validate({**base, "float32": True, "bf16": "full"})

@@ -33,7 +33,7 @@ def _sources(*folders: str) -> str:
 
 # derived.py is where the config becomes plain values: its key tables (`SCHEDULE_KEYS`) read too.
 DERIVED = (REPO / "programs/config/derived.py").read_text(encoding="utf-8")
-EDGE = _sources("programs", "backends")
+EDGE = _sources("programs")  # backends take plain values: only programs/ reads the config
 EVERYWHERE = _sources("programs", "backends", "pure")
 
 
