@@ -15,15 +15,14 @@ from backends.compile import MIN_TORCH, cache_dir_for, compile_step
 from pure import rng
 from pure.lora import LoraConfig, init_lora
 from pure.losses import sft
-from pure.models import ModelConfig
 from pure.models.llama import init
 from programs.optimizers import build_optimizer
 from pure.schedules import build_schedule
 from pure.train import init_train_state, make_apply, make_train_step
 from pure.tree import tree_leaves
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY.replace(num_hidden_layers=1)
 
 compilable = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH,
                                 reason=f"torch_compile needs torch >= {MIN_TORCH} (refused below, see the test of that)")

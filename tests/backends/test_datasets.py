@@ -17,6 +17,7 @@ from backends.tokenizer import prepare_tokenizer
 from programs.config import validate
 from programs.data import data_spec, tokenizer_edits
 from pure.data.settings import DataError
+from tests.tiny import TINY
 
 ROWS = [{"instruction": f"Question {i}", "input": "" if i % 2 else f"context {i}", "output": f"Answer {i}"}
         for i in range(20)]
@@ -376,12 +377,10 @@ def test_exported_tokenizer_carries_the_training_template(tmp_path):
     from pure import rng
     from pure.data.templates import CHAT_TEMPLATES
     from pure.models import llama
-    from pure.models.config import ModelConfig
 
     tok = load_tokenizer("smollm2-135m-instruct")
     prepare_tokenizer(tok, **tokenizer_edits(validate({"base_model": "m", "learning_rate": 1, "chat_template": "gemma3"})))
-    config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = TINY
     folder = save_pretrained(llama.init(config, rng.key(0)), config, tok, tmp_path / "export")
     reloaded = load_tokenizer(folder)
     assert reloaded.chat_template == CHAT_TEMPLATES["gemma3"]

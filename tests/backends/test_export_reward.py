@@ -10,13 +10,12 @@ from backends.hf import save_pretrained
 from pure import rng
 from pure.data.reward_batch import collate_reward_pairs
 from pure.lora import LoraConfig, init_lora
-from pure.models.config import ModelConfig
 from pure.models.heads import init_score_head, sequence_scores, token_scores
 from pure.models.llama import forward, init
+from tests.tiny import TINY
 
 transformers = pytest.importorskip("transformers")
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 PAD = 0
 FP32 = 1e-5  # the same fp32 weights through our forward and transformers'
 

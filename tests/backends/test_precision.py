@@ -7,13 +7,12 @@ from backends.precision import PrecisionError, autocast_context, cast_params, re
 from pure import rng
 from pure.lora import LoraConfig, init_lora
 from pure.losses import sft
-from pure.models import ModelConfig
 from pure.models.llama import forward, init
 from pure.optim import adamw
 from pure.train import init_train_state, make_apply, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 
 
 def test_defaults_and_auto_train_in_fp32_on_cpu():

@@ -7,13 +7,12 @@ from pure.linear_ce import reference_token_logprobs
 from pure.lora import LoraConfig, init_lora
 from pure.losses import sft
 from pure.losses.common import IGNORE_INDEX, completion_logps
-from pure.models.config import ModelConfig
 from pure.models.llama import init
 from pure.train import make_apply
 from pure.tree import tree_leaves
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 
 # (tokens N, hidden D, vocab V, chunk): chunk not dividing N, chunk = N, chunk > N, one token per chunk.
 SHAPES = [(7, 16, 29, 3), (32, 8, 50, 32), (5, 12, 40, 64), (9, 4, 17, 1)]

@@ -14,6 +14,7 @@ from kernels.measure import measure_formulations
 from kernels.triton_jit import triton_installed
 from pure import rng
 from pure.lora import LoraConfig, lora_linear
+from tests.tiny import TINY
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 needs_triton = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
@@ -159,12 +160,11 @@ def test_a_lora_train_step_on_the_triton_kernels_matches_the_reference_step(monk
     from kernels.rmsnorm import rms_norm_triton
     from pure.losses import sft
     from pure.lora import init_lora
-    from pure.models import ModelConfig, init
+    from pure.models import init
     from pure.optim import sgd
     from pure.train import init_train_state, make_apply, make_train_step
 
-    config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = TINY
     params = init(config, rng.key(0))
     lora_config = LoraConfig(r=4, alpha=8, dropout=0.1)
     delta = {path: dict(entry, B=rng.normal(rng.fold_in(rng.key(2), i), entry["B"].shape, std=0.02))

@@ -3,7 +3,6 @@ the run (learning rates, batches, records, files), so a key that is accepted and
 fails here. tests/programs/config/test_accounting.py checks every key is read at all."""
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path

@@ -7,12 +7,12 @@ import torch
 from pure import rng
 from pure.losses import Loss, sft, token_logprobs
 from pure.lora import LoraConfig, init_lora
-from pure.models import ModelConfig, forward, init
+from pure.models import forward, init
 from pure.optim import adamw, sgd
 from pure.train import init_train_state, make_apply, make_eval_step, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 
 
 def batch_rows(n, length=10, seed=0):

@@ -2,12 +2,11 @@ import torch
 
 from pure import rng
 from pure.losses.common import completion_logps
-from pure.models.config import ModelConfig
 from pure.models.llama import forward, init
 from pure.train import make_apply
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 
 
 def test_completion_logps_equals_full_logits_gather():

@@ -6,11 +6,11 @@ import torch
 from pure import rng
 from pure.data.pair_batch import collate_pairs
 from pure.losses import Loss, count_pairs, count_targets, dpo, kto, kto_batch_stats, nll, pair_nll, sft
-from pure.models import ModelConfig, init
+from pure.models import init
 from pure.train import make_apply
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY.replace(num_hidden_layers=1)
 
 
 def pair_batches(sizes=(2, 1)):

@@ -13,12 +13,12 @@ from pure.losses.core import Loss
 from pure.losses.dpo import (LOSS_TYPES, PAIR_LOSSES, build_dpo_loss, dpo_losses, make_dpo, pair_nll,
                              pair_reference_logps, wpo_log_weights)
 from pure.lora import LoraConfig, init_lora
-from pure.models import ModelConfig, forward, init
+from pure.models import forward, init
 from pure.optim import sgd
 from pure.train import init_train_state, make_apply, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 
 # Three pairs of summed completion log-probs; no ties among the sorted quantities (aot).
 PC, PR = [-12.5, -30.25, -7.0], [-14.0, -28.0, -9.5]

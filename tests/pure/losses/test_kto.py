@@ -11,12 +11,12 @@ from pure.losses import nll
 from pure.losses.core import Loss
 from pure.losses.kto import KL_KEY, count_kto, kl_estimate, kto_kl_baseline, kto_terms, make_kto
 from pure.lora import LoraConfig, init_lora
-from pure.models import ModelConfig, forward, init
+from pure.models import forward, init
 from pure.optim import sgd
 from pure.train import init_train_state, make_apply, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 LORA = LoraConfig(r=4, alpha=8)
 POLICY = torch.tensor([-3.0, -5.5, -1.2, -8.0, -2.0], dtype=torch.float64)
 REFERENCE = torch.tensor([-3.4, -5.0, -1.2, -7.1, -2.6], dtype=torch.float64)

@@ -12,14 +12,14 @@ from pure.losses.reward import (
     make_bradley_terry,
     make_prm,
 )
-from pure.models.config import ModelConfig, config_to_hf
+from pure.models.config import config_to_hf
 from pure.models.heads import init_score_head, last_non_pad_index, sequence_scores, token_scores
 from pure.models.llama import ModelOutput, init
 from pure.optim import sgd
 from pure.train import Policy, init_train_state, make_apply, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 PAD = 0
 EXACT = 1e-10  # float64 against hand-computed float64 formulas
 FP32 = 1e-5  # float32 forwards of the same weights (ours vs transformers, accumulation orders)

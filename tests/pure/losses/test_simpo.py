@@ -11,12 +11,12 @@ from pure.losses import nll
 from pure.losses.core import Loss
 from pure.losses.simpo import cpo_terms, make_cpo, make_simpo
 from pure.lora import LoraConfig, init_lora
-from pure.models import ModelConfig, forward, init
+from pure.models import forward, init
 from pure.optim import sgd
 from pure.train import init_train_state, make_apply, make_train_step
+from tests.tiny import TINY
 
-CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = TINY
 LORA = LoraConfig(r=4, alpha=8)
 CHOSEN = torch.tensor([-0.3, -1.2, -2.5, -7.0], dtype=torch.float64)
 REJECTED = torch.tensor([-0.9, -0.4, -2.5, -3.0], dtype=torch.float64)

@@ -3,10 +3,9 @@ import torch
 
 from programs.bench.gpu.cases import hf_labels, kernel_cases, packed_batch, supervised_tokens
 from pure import rng
-from pure.models.config import ModelConfig
+from tests.tiny import TINY
 
-TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+TINY = TINY
 
 
 def test_packed_batch_restarts_positions_per_document():

@@ -17,11 +17,8 @@ import torch
 from kernels import select_model_ops
 from programs.bench.gpu import checks, suite
 from programs.bench.gpu.suite import Budget, run_gpu_suite, run_section
-from pure.models.config import ModelConfig
 from pure.models.llama import sdpa_attention
-
-TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+from tests.tiny import TINY
 
 
 def test_sections_are_skipped_on_budget_and_failures_recorded():
@@ -105,6 +102,7 @@ except SystemExit as exit:
     print("exit", exit.code)
 from programs.bench.gpu.suite import run_gpu_suite
 from pure.models.config import ModelConfig
+# the unit tests' tests.tiny.TINY, spelled out: this runs in a child process without the tests folder
 tiny = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 report = run_gpu_suite(device="cpu", config=tiny, document_lengths=(5, 7, 4), lora_rank=2, steps=1, warmup=1,
