@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
+from backends.atomic import atomic_folder
 from backends.data_sources import entry_data_files, hub_snapshot, looks_like_hub_id
 from backends.data_spec import DataSpec
+
 
 DEFAULT_PREPARED_PATH = "last_run_prepared"
 # Bump when the cached layout or the preparation order changes.
@@ -123,19 +122,11 @@ def read_cache(target: Path) -> tuple[Any, Any | None, list[dict]] | None:
 
 
 def write_cache(target: Path, train, evals, meta: dict) -> None:
-    """Save train (and eval) and meta.json into `target`: written into a temporary sibling folder, then
-    renamed into place, so a reader never sees it half-written."""
+    """Save train (and eval) and meta.json into `target` through `backends.atomic.atomic_folder`, so
+    a reader never sees it half-written and a crash keeps the previous cache."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         train.save_to_disk(str(tmp / "train"))
         if evals is not None:
             evals.save_to_disk(str(tmp / "eval"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
-            os.rename(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from programs import common, loop
+from programs.config.derived import training_kind
 from pure import rng
 from pure.train import init_train_state, make_eval_step, make_train_step
 
@@ -84,7 +85,7 @@ def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None
 
 
 def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
-    kind = config.training_kind()
+    kind = training_kind(config)
     out, resume_from = loop.start(config, overwrite)
 
     # ---- model and data
@@ -151,7 +152,7 @@ def summary(rows: int, before: dict, after: dict) -> str:
 
 def main(argv=None, kinds: tuple[str, ...] = (*PAIRED, "kto"), program: str = "programs.preference") -> int:
     def checked_run(config, overwrite=False):
-        kind = config.training_kind()
+        kind = training_kind(config)
         if kind not in kinds:
             from programs.config import ConfigError
 

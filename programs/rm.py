@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from programs import common, loop
+from programs.config.derived import training_kind
 from pure import rng
 from pure.train import init_train_state, make_eval_step, make_train_step
 
@@ -23,7 +24,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     from pure.losses import make_bradley_terry, make_prm
     from pure.models.heads import init_score_head
 
-    kind = config.training_kind()
+    kind = training_kind(config)
     if kind not in ("rm", "prm"):
         from programs.config import ConfigError
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from programs.config.schema import Config, ConfigError
 from pure.data.settings import DataSettings
@@ -18,15 +17,15 @@ def training_kind(config: Config) -> str:
 
 
 def _read_jinja(value: str | None) -> str | None:
-    """`chat_template_jinja` is a template string or a path to a .jinja file."""
+    """`chat_template_jinja`: a template string or a path to a .jinja file (`backends.templates`)."""
+    from backends.templates import read_jinja
+
     if not value:
         return value
-    if "{" not in value and len(value) < 4096:
-        path = Path(value).expanduser()
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-        raise ConfigError(f"chat_template_jinja: {value!r} is neither a Jinja template nor an existing file")
-    return value
+    try:
+        return read_jinja(value, "chat_template_jinja")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def data_settings(config: Config) -> DataSettings:

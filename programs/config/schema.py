@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pure.data.settings import DataSettings
 from programs.optimizers import OPTIMIZERS
 from pure.schedules import SCHEDULES
 
@@ -741,17 +740,3 @@ class Config(
     def to_dict(self) -> dict[str, Any]:
         """Every key with its resolved value (defaults filled), as plain YAML-friendly data."""
         return self.model_dump(mode="json")
-
-    def data_settings(self) -> DataSettings:
-        """`data_settings(self)`; a method so `backends/` can ask without importing `programs/`."""
-        from programs.config.derived import data_settings
-
-        return data_settings(self)
-
-    def training_kind(self) -> str:
-        """`training_kind(self)`: "sft", an `rl:` value, "rm" or "prm"."""
-        from programs.config.derived import training_kind
-
-        return training_kind(self)
-
-
