@@ -58,7 +58,7 @@ RESIZE_STREAM = 0x7E51
 
 
 def lora_config_of(config) -> LoraConfig:
-    return LoraConfig(r=config.lora_r or 8, alpha=config.lora_alpha or 16, dropout=config.lora_dropout or 0.0,
+    return LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                       use_rslora=bool(config.peft_use_rslora), use_dora=bool(config.peft_use_dora))
 
 
@@ -149,9 +149,9 @@ def eval_micro_batches(examples, config, pad_id: int) -> list[dict]:
     if packing:
         lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
         bins = pack_first_fit_decreasing(lengths, config.sequence_len, sequential=True)
-        return collate_packed(examples, bins, config.eval_batch_size or config.micro_batch_size,
+        return collate_packed(examples, bins, config.eval_batch_size,
                               config.sequence_len, pad_id)
-    return collate_padded(examples, range(len(examples)), config.eval_batch_size or config.micro_batch_size, pad_id)
+    return collate_padded(examples, range(len(examples)), config.eval_batch_size, pad_id)
 
 
 def steps_per_epoch(num_micro_batches: int, accumulation: int) -> int:

@@ -27,11 +27,11 @@ def stream_batching(config) -> StreamBatching:
     buffer = config.pretrain_multipack_buffer_size if pretraining else None
     return StreamBatching(
         sequence_len=int(config.sequence_len),
-        micro_batch_size=int(config.micro_batch_size or 1),
+        micro_batch_size=config.micro_batch_size,
         packing=packing,
-        buffer_size=int(buffer or config.streaming_multipack_buffer_size or 10_000),
+        buffer_size=int(buffer or config.streaming_multipack_buffer_size),
         pad_to_sequence_len=(config.pad_to_sequence_len is not False) if packing else bool(config.pad_to_sequence_len),
-        max_per_bin=int(config.sample_packing_bin_size or 200),
+        max_per_bin=config.sample_packing_bin_size,
         sequential=bool(config.sample_packing_sequentially),
         bucket_by_length=bool(config.group_by_length),
         isolate_documents=not pretraining or config.pretrain_multipack_attn is not False,

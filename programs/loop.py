@@ -144,7 +144,7 @@ def epoch_steps(epoch_batches: Callable[[int], list[dict]], cursor: dict, accumu
 
 
 def check_enough_batches(num_micro_batches: int, config) -> None:
-    accumulation = config.gradient_accumulation_steps or 1
+    accumulation = config.gradient_accumulation_steps
     if num_micro_batches < accumulation:
         raise ValueError(
             f"the training data makes {num_micro_batches} micro-batch(es) of micro_batch_size "
@@ -159,7 +159,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     `stop_after_step` stops like a signal would (checkpoint, clean exit) once that step is done:
     the resume tests use it."""
     out = Path(config.output_dir)
-    accumulation = config.gradient_accumulation_steps or 1
+    accumulation = config.gradient_accumulation_steps
     state = run.state
     train_step, eval_step, state = wrap_steps(config, run.train_step, run.eval_step, state)
     if resume_from is not None:

@@ -75,7 +75,7 @@ def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None
 
     values = load_reference_logps(cache, len(examples)) if cache is not None else None
     if values is None:
-        size = config.eval_batch_size or config.micro_batch_size
+        size = config.eval_batch_size
         values = pair_reference_logps(bind({}), collate_pairs(examples, list(range(len(examples))), size, pad_id))
         if cache is not None:
             save_reference_logps(cache, values)
@@ -121,11 +121,11 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         return micro_batches(train_examples, config, kind, pad_id, epoch)
 
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
-                                                              config.gradient_accumulation_steps or 1))
+                                                              config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
     eval_batches = []
     if eval_examples:
-        eval_config = config.model_copy(update={"micro_batch_size": config.eval_batch_size or config.micro_batch_size})
+        eval_config = config.model_copy(update={"micro_batch_size": config.eval_batch_size})
         eval_batches = micro_batches(eval_examples, eval_config, kind, pad_id, epoch=0, shuffle=False)
 
     return loop.fit(config, loop.Run(

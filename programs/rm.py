@@ -62,7 +62,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     loss = make_bradley_terry(config.center_rewards_coefficient) if kind == "rm" else make_prm(num_labels)
     bind = common.make_bind(config, model_config, frozen, lora_config, neftune_alpha=None)
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
-                                                              config.gradient_accumulation_steps or 1))
+                                                              config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
 
     def export(state) -> Path:
@@ -85,7 +85,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
             parts.append(f"rewards/margins {before['eval/rewards/margins']:.3f} -> {after['eval/rewards/margins']:.3f}")
         return f"held-out ({len(eval_examples)} rows): " + ", ".join(parts)
 
-    eval_size = config.eval_batch_size or config.micro_batch_size
+    eval_size = config.eval_batch_size
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
         train_step=make_train_step(loss, optimizer, bind),

@@ -27,7 +27,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     from programs.data import data_spec
 
     pad_id = common.pad_id(tokenizer)
-    accumulation = config.gradient_accumulation_steps or 1
+    accumulation = config.gradient_accumulation_steps
     spec = data_spec(config)
     streamed = is_streaming(spec)
     if streamed:  # rows are read, tokenised and packed as training consumes them

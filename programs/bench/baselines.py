@@ -85,9 +85,9 @@ def hf_training_arguments(config, total: int, output_dir: str, device: torch.dev
 
     kwargs = dict(
         output_dir=output_dir, max_steps=total, per_device_train_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps or 1,
-        optim=config.optimizer or "adamw_torch_fused", learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler or "cosine", weight_decay=config.weight_decay or 0.0,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        optim=config.optimizer, learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
         seed=common.seed_of(config), data_seed=common.seed_of(config),
         dataloader_drop_last=True, dataloader_num_workers=0,

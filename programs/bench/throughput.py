@@ -68,7 +68,7 @@ def measure_ours(config, steps: int, warmup: int, device: str = "cpu") -> dict:
     device = torch.device(device)
     params, model_config, tokenizer = common.load_model(config)
     examples = load_train_examples(config, tokenizer)
-    accumulation = config.gradient_accumulation_steps or 1
+    accumulation = config.gradient_accumulation_steps
     total = warmup + steps
     batches = plan_micro_batches(examples, config, common.pad_id(tokenizer), total * accumulation)
     init_key, lora_key = rng.split(rng.key(common.seed_of(config)), 2)
@@ -112,7 +112,7 @@ def measure_hf(config, variant: str, steps: int, warmup: int, device: str = "cpu
     prepare_tokenizer(tokenizer, **tokenizer_edits(config))
     tokenizer.padding_side = "right"  # training pads on the right, as axolotl does
     examples = load_train_examples(config, tokenizer)
-    accumulation = config.gradient_accumulation_steps or 1
+    accumulation = config.gradient_accumulation_steps
     total = warmup + steps
     pad_id = common.pad_id(tokenizer)
     if variant == "hf-packed":
@@ -294,7 +294,7 @@ def run_bench(config, config_path: Path | None, *, steps: int = 10, warmup: int 
         "device": device, "threads": torch.get_num_threads(), "steps": steps, "baseline_steps": baseline_steps,
         "warmup": warmup, "repeats": repeats,
         "order": order, "sequence_len": config.sequence_len, "micro_batch_size": config.micro_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps or 1,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "sample_packing": bool(config.sample_packing), "packing_efficiency": packing_efficiency,
         "packing_rows": rows, "examples": len(examples), "model": model_config.__dict__ | {"extra": None},
         "peak": peak, "flop_formula": counter.formula(), "load_average": os.getloadavg(),
