@@ -3,6 +3,7 @@ the run (learning rates, batches, records, files), so a key that is accepted and
 fails here. tests/programs/config/test_accounting.py checks every key is read at all."""
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -231,3 +232,21 @@ def test_added_tokens_grow_the_embeddings_as_the_resize_keys_say(tmp_path, tiny_
     padded, config, _ = common.load_model(load_config(config_file(tmp_path, tiny_model, tokens=["<a>", "<b>"],
                                                                   resize_token_embeddings_to_32x=True)))
     assert config.vocab_size == padded["model.embed_tokens.weight"].shape[0] == math.ceil((base.shape[0] + 2) / 32) * 32
+
+
+# --- LoRA and packing ------------------------------------------------------------------------------
+
+
+def test_lora_target_modules_choose_the_adapted_linears(tmp_path, tiny_model):
+    result = train(tmp_path, tiny_model, max_steps=1, lora_target_linear=False, lora_target_modules=["q_proj", "v_proj"])
+    adapted = {path.rsplit(".", 1)[-1] for path in result["state"].trainable["lora"]}
+    assert adapted == {"q_proj", "v_proj"}
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_sample_packing_bin_size_caps_the_documents_per_row(tmp_path, tiny_model, monkeypatch):
+    _, packed = batches_of(tmp_path, tiny_model, monkeypatch, sample_packing=True)
+    _, single = batches_of(tmp_path, tiny_model, monkeypatch, sample_packing=True, sample_packing_bin_size=1)
+    assert max(int(b["segment_ids"].max()) for b in packed) > 1
+    assert max(int(b["segment_ids"].max()) for b in single) == 1
