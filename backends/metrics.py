@@ -18,8 +18,8 @@ def _scalar(value):
 
 class MetricsLogger:
     def __init__(self, output_dir, *, use_tensorboard=False, wandb_project=None, wandb_name=None,
-                 wandb_mode=None, wandb_entity=None, wandb_run_id=None, config_dict=None, resume=False, use_mlflow=None, mlflow_tracking_uri=None,
-                 mlflow_experiment_name=None, mlflow_run_name=None):
+                 wandb_mode=None, wandb_entity=None, wandb_run_id=None, config_dict=None, resume=False,
+                 use_mlflow=None, mlflow_tracking_uri=None, mlflow_experiment_name=None, mlflow_run_name=None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"

@@ -196,10 +196,6 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def seed_of(config) -> int:
-    return config.seed
-
-
 def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -> Path:
     """LoRA: the PEFT adapter (and tokenizer) in output_dir; full: an HF model folder output_dir/model."""
     out = Path(config.output_dir)

@@ -225,13 +225,15 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     while state.step < total:
         cursor, micro, epoch_progress = next(steps)
         new_state, metrics = train_step(state, [common.tensors_only(b) for b in micro])
-        if not math.isfinite(metrics["train/loss"].item()):
+        loss = metrics["train/loss"].item()
+        if not math.isfinite(loss):
             where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
             stop.close()
-            raise FloatingPointError(f"train/loss is {metrics['train/loss'].item()} at step {state.step + 1}; {where}")
+            raise FloatingPointError(f"train/loss is {loss} at step {state.step + 1}; {where}")
         state = new_state.replace(data_cursor=cursor)
-        window_tokens += sum(b["num_tokens"] for b in micro)
-        run_tokens += sum(b["num_tokens"] for b in micro)
+        step_tokens = sum(b["num_tokens"] for b in micro)
+        window_tokens += step_tokens
+        run_tokens += step_tokens
         if state.step % log_every == 0 or state.step == total:
             elapsed = time.perf_counter() - window_start
             metrics["train/learning_rate"] = run.schedule(state.step - 1)
@@ -247,7 +249,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             last_saved = save("scheduled")
         if config.gc_steps and state.step % config.gc_steps == 0:
             collect_garbage()
-        if watchdog.exceeded(metrics["train/loss"].item()):
+        if watchdog.exceeded(loss):
             print(f"loss_watchdog: train/loss above {watchdog.threshold} for {watchdog.patience} steps in a row; "
                   f"stopping at step {state.step}", flush=True)
             break
@@ -287,8 +289,8 @@ class LossWatchdog:
     """axolotl's loss watchdog: training stops once the loss has been above `threshold` for
     `patience` steps in a row (a step at or below it resets the count). Off without a threshold."""
 
-    def __init__(self, threshold: float | None, patience: int | None):
-        self.threshold, self.patience = threshold, patience or 3
+    def __init__(self, threshold: float | None, patience: int):
+        self.threshold, self.patience = threshold, patience
         self.count, self.tripped = 0, False
 
     def exceeded(self, loss: float) -> bool:

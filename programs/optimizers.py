@@ -82,6 +82,18 @@ def optim_args_of(name: str) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def optimizer_options(name: str, optim_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``optim_args`` as the keyword arguments of optimizer ``name``; an option it does not take
+    raises ValueError naming it and the accepted ones."""
+    options = parse_optim_args(optim_args)
+    accepted = optim_args_of(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"optim_args: optimizer {name} takes no option {', '.join(map(repr, unknown))}; "
+                         f"it accepts {', '.join(accepted) if accepted else 'none'}")
+    return options
+
+
 def parse_optim_args(optim_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """HF's ``optim_args`` string (``"a=1,b=true,c=x"``: ints, floats, booleans, else strings) or a
     dict, as keyword arguments."""
@@ -138,12 +150,7 @@ def build_optimizer(
         close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"optimizer: unknown optimizer {name!r}; puretune runs {', '.join(OPTIMIZERS)}.{hint}")
-    options = parse_optim_args(optim_args)
-    accepted = optim_args_of(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"optim_args: optimizer {name} takes no option {', '.join(map(repr, unknown))}; "
-                         f"it accepts {', '.join(accepted) if accepted else 'none'}")
+    options = optimizer_options(name, optim_args)
     groups = list(param_groups or ())
     settings = Settings(
         weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,

@@ -100,7 +100,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     pad_id = common.pad_id(tokenizer)
 
     # ---- policy, reference, objective, step
-    init_key, lora_key = rng.split(rng.key(common.seed_of(config)), 2)
+    init_key, lora_key = rng.split(rng.key(config.seed), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     # The reference is the initial weights: with LoRA the frozen tensors themselves (no copy); a full
     # fine-tune updates params functionally, so the loaded dict stays the initial model.

@@ -55,7 +55,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         return collate(train_examples, order, config.micro_batch_size)
 
     # ---- trainable params (with the new head), objective, step
-    init_key, lora_key, head_key = rng.split(rng.key(common.seed_of(config)), 3)
+    init_key, lora_key, head_key = rng.split(rng.key(config.seed), 3)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     head = init_score_head(model_config, num_labels, head_key, kind=head_kind)
     trainable = {**trainable, "params": {**trainable.get("params", {}), **head}}

@@ -50,7 +50,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)), accumulation))
 
     # ---- trainable params, optimizer, step
-    init_key, lora_key = rng.split(rng.key(common.seed_of(config)), 2)
+    init_key, lora_key = rng.split(rng.key(config.seed), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     optimizer, schedule = common.build_optimizer_from_config(config, total)
     bind = common.make_bind(config, model_config, frozen, lora_config)

@@ -81,15 +81,13 @@ def hf_training_arguments(config, total: int, output_dir: str, device: torch.dev
     batch and seed, with nothing logged or saved."""
     from transformers import TrainingArguments
 
-    from programs import common
-
     kwargs = dict(
         output_dir=output_dir, max_steps=total, per_device_train_batch_size=config.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         optim=config.optimizer, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else 0.0,
-        seed=common.seed_of(config), data_seed=common.seed_of(config),
+        seed=config.seed, data_seed=config.seed,
         dataloader_drop_last=True, dataloader_num_workers=0,
         remove_unused_columns=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,

@@ -91,7 +91,7 @@ def hf_padded_rows(examples, config, count: int) -> list[dict]:
     """`count` rows in the order our unpacked batching visits them (a (seed, epoch) permutation per epoch)."""
     from pure import rng
 
-    rows, epoch, seed = [], 0, common.seed_of(config)
+    rows, epoch, seed = [], 0, config.seed
     while len(rows) < count:
         order = rng.permutation(rng.fold_in(rng.key(seed), epoch), len(examples)).tolist()
         rows += [{"input_ids": list(examples[i]["input_ids"]), "labels": list(examples[i]["labels"])} for i in order]

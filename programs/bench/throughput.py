@@ -71,7 +71,7 @@ def measure_ours(config, steps: int, warmup: int, device: str = "cpu") -> dict:
     accumulation = config.gradient_accumulation_steps
     total = warmup + steps
     batches = plan_micro_batches(examples, config, common.pad_id(tokenizer), total * accumulation)
-    init_key, lora_key = rng.split(rng.key(common.seed_of(config)), 2)
+    init_key, lora_key = rng.split(rng.key(config.seed), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     del params
     move = (lambda tree: tree_map(lambda t: t.to(device), tree)) if device.type != "cpu" else (lambda tree: tree)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from programs.config.schema import SECTIONS, Config, ConfigError
-from programs.config.unsupported import LEGACY_ALIASES, NOT_SUPPORTED_YET
+from programs.config.unsupported import LEGACY_ALIASES, NOT_SUPPORTED_YET, refuses_every_value
 from programs.config.validate import _closest, _field_type_name, _type_name, validate
 
 
@@ -164,9 +164,16 @@ def help_text(description: str = "") -> str:
                 value = field.get_default(call_default_factory=True)
                 default = f"default {value!r}"
             flag = "--" + name.replace("_", "-")
-            note = "  [not supported yet]" if name in NOT_SUPPORTED_YET and name not in ("optimizer", "adapter", "gradient_checkpointing") else ""
+            note = _support_note(name)
             lines.append(f"  {flag:<40} {_field_type_name(field)}; {default}{note}")
     return "\n".join(lines)
+
+
+def _support_note(name: str) -> str:
+    """`--help`'s mark: every value but the default refused, or only some values."""
+    if name not in NOT_SUPPORTED_YET:
+        return ""
+    return "  [not supported yet]" if refuses_every_value(name) else "  [some values not supported yet]"
 
 
 def parse_cli(

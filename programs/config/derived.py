@@ -92,18 +92,12 @@ def _schedules_taking(option: str) -> list[str]:
 def optimizer_options(config: Config) -> dict:
     """`optim_args` as the keyword arguments of the optimizer the config names; an option that
     optimizer does not take is a ConfigError naming it (checked at validation)."""
-    from programs.optimizers import optim_args_of, parse_optim_args
+    from programs import optimizers
 
     try:
-        options = parse_optim_args(config.optim_args)
+        return optimizers.optimizer_options(config.optimizer, config.optim_args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    accepted = optim_args_of(config.optimizer)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(f"optim_args: optimizer {config.optimizer} takes no option {', '.join(map(repr, unknown))}; "
-                          f"it takes {', '.join(accepted) or 'none'}")
-    return options
 
 
 def precision_plan(config: Config, device="cpu"):

@@ -486,7 +486,7 @@ class OptimKeys(BaseModel):
     max_grad_norm: NonNegFloat | None = None
     gc_steps: int | None = None
     loss_watchdog_threshold: PosFloat | None = None
-    loss_watchdog_patience: PosInt | None = None
+    loss_watchdog_patience: PosInt = 3
     neftune_noise_alpha: NonNegFloat | None = None
     noisy_embedding_alpha: NonNegFloat | None = None
     use_eaft: bool | None = None

@@ -276,6 +276,11 @@ IGNORED_KEYS: dict[str, str] = {
     "local_rank": "set by a launcher; puretune trains in one process",
 }
 
+def refuses_every_value(key: str) -> bool:
+    """Whether NOT_SUPPORTED_YET refuses every value of `key` but its default (`--help` says so)."""
+    return NOT_SUPPORTED_YET[key][0] in (GIVEN, _truthy)
+
+
 # Keys axolotl still reads under an old name: old -> new.
 LEGACY_ALIASES = {
     "dpo_beta": "rl_beta",
