@@ -314,25 +314,20 @@ def warmup_stable_decay(learning_rate: float, total_steps: int, warmup_steps: in
     return schedule
 
 
-def _cosine_with_min_lr(learning_rate, total_steps, warmup_steps=0, *, min_lr_ratio=None, min_lr=None,
-                        min_lr_rate=None, **options) -> Schedule:
-    """transformers' ``cosine_with_min_lr`` takes the floor as ``min_lr`` or ``min_lr_rate``."""
-    given = [v for v in (min_lr_ratio, min_lr_rate, None if min_lr is None else min_lr / learning_rate)
-             if v is not None]
-    if len(given) > 1:
-        raise ValueError("give the floor of cosine_with_min_lr once: min_lr, min_lr_rate or cosine_min_lr_ratio")
-    return cosine(learning_rate, total_steps, warmup_steps, min_lr_ratio=given[0] if given else 0.0, **options)
+def _with_min_lr(schedule_fn: Callable[..., Schedule], name: str) -> Callable[..., Schedule]:
+    """transformers' ``*_with_min_lr`` schedules take their floor as ``min_lr`` (absolute) or
+    ``min_lr_rate`` (a ratio); ``cosine_min_lr_ratio`` gives it too. Exactly one may be set."""
 
+    def build(learning_rate, total_steps, warmup_steps=0, *, min_lr_ratio=None, min_lr=None, min_lr_rate=None,
+              **options) -> Schedule:
+        given = [v for v in (min_lr_ratio, min_lr_rate, None if min_lr is None else min_lr / learning_rate)
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the floor of {name} once: min_lr, min_lr_rate or cosine_min_lr_ratio")
+        return schedule_fn(learning_rate, total_steps, warmup_steps, min_lr_ratio=given[0] if given else 0.0,
+                           **options)
 
-def _warmup_with_min_lr(learning_rate, total_steps, warmup_steps=0, *, min_lr_ratio=None, min_lr=None,
-                        min_lr_rate=None, **options) -> Schedule:
-    given = [v for v in (min_lr_ratio, min_lr_rate, None if min_lr is None else min_lr / learning_rate)
-             if v is not None]
-    if len(given) > 1:
-        raise ValueError("give the floor of cosine_warmup_with_min_lr once: min_lr, min_lr_rate or "
-                         "cosine_min_lr_ratio")
-    return cosine_warmup_with_min_lr(learning_rate, total_steps, warmup_steps,
-                                     min_lr_ratio=given[0] if given else 0.0, **options)
+    return build
 
 
 def _one_cycle(learning_rate, total_steps, warmup_steps=0, *, lr_div_factor=None, div_factor=None,
@@ -355,8 +350,8 @@ _FACTORIES: dict[str, Callable[..., Schedule]] = {
         constant_with_warmup(learning_rate, warmup_steps),
     "linear": linear,
     "cosine": cosine,
-    "cosine_with_min_lr": _cosine_with_min_lr,
-    "cosine_warmup_with_min_lr": _warmup_with_min_lr,
+    "cosine_with_min_lr": _with_min_lr(cosine, "cosine_with_min_lr"),
+    "cosine_warmup_with_min_lr": _with_min_lr(cosine_warmup_with_min_lr, "cosine_warmup_with_min_lr"),
     "cosine_with_restarts": cosine_with_restarts,
     "polynomial": polynomial,
     "inverse_sqrt": inverse_sqrt,
