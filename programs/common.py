@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from backends.hf import load_pretrained
+from kernels.quantized import dequantize, is_quantized
 from pure import rng
 from pure.data.packing import collate_packed, collate_padded, pack_first_fit_decreasing
-from pure.lora import LoraConfig, init_lora
+from pure.lora import LoraConfig, init_lora, loftq_factors
 from programs.optimizers import build_optimizer
 from pure.models import resize_embeddings
 from pure.optim import make_param_groups
@@ -28,8 +29,9 @@ def fail(message: str, code: int = 2):
     raise SystemExit(code)
 
 
-def load_model(config):
-    """(params, model config, tokenizer) with the tokenizer's added tokens reflected in the embeddings."""
+def load_model(config, quantize: bool = True):
+    """(params, model config, tokenizer) with the tokenizer's added tokens reflected in the embeddings,
+    the base quantised as the config asks (unless `quantize` is false)."""
     from backends.tokenizer import prepare_tokenizer
     from programs.data import tokenizer_edits
 
@@ -50,7 +52,25 @@ def load_model(config):
         # axolotl's default: new rows drawn like transformers' init; mean_resizing_embeddings: mean rows
         key = None if config.mean_resizing_embeddings else rng.fold_in(rng.key(config.seed), RESIZE_STREAM)
         params, model_config = resize_embeddings(params, model_config, vocab, key=key)
-    return params, model_config, tokenizer
+    return (quantize_base(config, params) if quantize else params), model_config, tokenizer
+
+
+def quantize_base(config, params: dict) -> dict:
+    """The params with the decoder's linear weights in the bitsandbytes format the config asks for
+    (`load_in_4bit`, `load_in_8bit`, LoftQ), after any resize: embeddings and lm_head stay dense.
+    Deterministic, so every program that loads this config (train, resume, merge, inference) sees the
+    same quantised base."""
+    from kernels.quantized import params_nbytes, quantize_params
+    from programs.config.derived import quantization_spec
+
+    spec = quantization_spec(config)
+    if spec is None:
+        return params
+    before = params_nbytes(params)
+    params = quantize_params(params, spec)
+    print(f"base quantised: {spec.describe()} by bitsandbytes; weights {before / 2**20:.1f} MiB -> "
+          f"{params_nbytes(params) / 2**20:.1f} MiB", flush=True)
+    return params
 
 
 # fold_in data for the key of new embedding rows (split keys of the seed draw the LoRA init)
@@ -68,7 +88,7 @@ def build_trainable(config, params, key):
     LoRA: the delta (fresh, or read from `lora_model_dir`) plus `lora_modules_to_save` params.
     Full fine-tune: every param, or those matching `unfrozen_parameters` regexes.
     """
-    if config.adapter == "lora":
+    if config.adapter in ("lora", "qlora"):
         if config.lora_model_dir:
             from backends.export import load_peft_adapter
 
@@ -76,7 +96,9 @@ def build_trainable(config, params, key):
         else:
             lora_config = lora_config_of(config)
             delta = init_lora(params, lora_config, key, target_modules=config.lora_target_modules,
-                              target_linear=bool(config.lora_target_linear))
+                              target_linear=bool(config.lora_target_linear), dense=dequantize)
+            if config.peft is not None and config.peft.loftq_config is not None:
+                delta = loftq_delta(config, params, delta, lora_config)
             saved = {}
         to_save = {}
         for module in config.lora_modules_to_save or []:
@@ -93,6 +115,24 @@ def build_trainable(config, params, key):
             raise ValueError(f"unfrozen_parameters {config.unfrozen_parameters} match no parameter")
         return {"params": trained}, {k: v for k, v in params.items() if k not in trained}, None
     return {"params": dict(params)}, {}, None
+
+
+def loftq_delta(config, params: dict, delta: dict, lora_config: LoraConfig) -> dict:
+    """`peft.loftq_config`: every adapted module's A, B from the residual of its quantisation,
+    W - dequantize(Q), with W the base's full-precision weight (loaded again, as the params hold Q)."""
+    dense, _, _ = load_model(config, quantize=False)
+    out = dict(delta)
+    for path, entry in delta.items():
+        name = path + ".weight"
+        if not is_quantized({name: params[name]}):  # a dense module (lm_head, a skipped one): no residual
+            continue
+        base = dequantize(params[name], torch.float32)
+        factors = {k: v.to(entry[k].dtype) for k, v in loftq_factors(dense[name].float() - base, lora_config).items()}
+        if "m" in entry:  # DoRA's magnitude of the adapted weight it starts from
+            w = base + lora_config.scale * (factors["B"].float() @ factors["A"].float())
+            factors["m"] = torch.linalg.norm(w, dim=1).to(entry["m"].dtype)
+        out[path] = {**entry, **factors}
+    return out
 
 
 def build_optimizer_from_config(config, total_steps: int):
@@ -185,7 +225,7 @@ def load_model_with_adapter(config, explicit_lora_dir: str | None = None):
     from backends.export import load_peft_adapter
 
     params, model_config, tokenizer = load_model(config)
-    folder = adapter_dir(config, explicit_lora_dir) if config.adapter == "lora" or explicit_lora_dir else None
+    folder = adapter_dir(config, explicit_lora_dir) if config.adapter in ("lora", "qlora") or explicit_lora_dir else None
     if folder is None:
         return params, model_config, tokenizer, None, None
     delta, lora_config, saved = load_peft_adapter(folder, params)
@@ -211,16 +251,29 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
     return out / "model"
 
 
+def quantized_ops(params: dict) -> dict:
+    """The forward's linear ops for a quantised base (`kernels.quantized`), else none."""
+    if not is_quantized(params):
+        return {}
+    from kernels.quantized import quantized_linear, quantized_lora_linear
+
+    return {"linear_fn": quantized_linear, "lora_linear_fn": quantized_lora_linear}
+
+
 def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
     device and dtype (chunked linear + cross-entropy head, attention)."""
     from kernels import select_model_ops
     from pure.train import make_apply
 
-    some = next(iter(frozen.values())) if frozen else torch.zeros(())
+    some = next((v for v in frozen.values() if isinstance(v, torch.Tensor)), torch.zeros(()))
     kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
+    quantized = is_quantized(frozen)
     # Under torch_compile the plain-torch references are traced and fused by Inductor; the eager
-    # kernels' host-side checks (data-dependent sizes) stall the compiler instead.
-    ops = {} if config.torch_compile is True else select_model_ops(some.device, some.dtype, model_config.sliding_window)
+    # kernels' host-side checks (data-dependent sizes) stall the compiler instead. A quantised base
+    # keeps its own linear either way (its weights are not tensors).
+    ops = select_model_ops(some.device, some.dtype, model_config.sliding_window, quantized=quantized)
+    if config.torch_compile is True:
+        ops = {k: v for k, v in ops.items() if quantized and k in ("linear_fn", "lora_linear_fn")}
     return make_apply(model_config, frozen, lora_config=lora_config,
                       checkpoint_layers=bool(config.gradient_checkpointing), **ops, **kwargs)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                          temperature=options["temperature"], top_p=options["top_p"],
                                          top_k=options["top_k"], eos_token_ids=[tokenizer.eos_token_id],
                                          pad_token_id=tokenizer.pad_token_id or 0, lora=delta,
-                                         lora_config=lora_config):
+                                         lora_config=lora_config, ops=common.quantized_ops(params)):
                 if token.item() == tokenizer.eos_token_id:
                     break
                 produced.append(token.item())

@@ -85,9 +85,11 @@ def init_lora(
     target_modules: Sequence[str] | str | None = None,
     target_linear: bool = False,
     dtype=torch.float32,
+    dense=None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """A fresh delta: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0,
-    so the adapted model starts equal to the base. DoRA adds m = ||W||_row."""
+    so the adapted model starts equal to the base. DoRA adds m = ||W||_row, with W = dense(weight)
+    when the weights are not tensors (a quantised base)."""
     paths = target_paths(params, target_modules, target_linear)
     keys = rng.split(key, len(paths))
     delta = {}
@@ -98,9 +100,23 @@ def init_lora(
         a = rng.uniform(k, (config.r, in_features), dtype=dtype, device=weight.device) * (2 * bound) - bound
         entry = {"A": a, "B": torch.zeros(out_features, config.r, dtype=dtype, device=weight.device)}
         if config.use_dora:
-            entry["m"] = torch.linalg.norm(weight.float(), dim=1).to(dtype)
+            w = weight if dense is None else dense(weight, torch.float32)
+            entry["m"] = torch.linalg.norm(w.float(), dim=1).to(dtype)
         delta[path] = entry
     return delta
+
+
+def loftq_factors(residual: torch.Tensor, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """LoftQ's factors (Li et al. 2023) for one weight: the best rank-r approximation of the
+    quantisation residual R = W - Q, split evenly, R ~ (U_r S_r^1/2)(S_r^1/2 V_r^T) = s B A, so the
+    adapted model W' = Q + s B A starts as close to the full-precision W as rank r allows.
+
+    PEFT's `loftq_init` sets B A = (U_r S_r^1/2)(S_r^1/2 V_r^T) without the 1/s, which is this only
+    when lora_alpha = r; dividing by s keeps LoftQ's objective for any alpha. One alternation (PEFT's
+    default `loftq_iter` 1): Q is the base's own quantisation, so merge and inference rebuild it."""
+    u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    root = (s[: config.r] / config.scale).sqrt()
+    return {"A": root[:, None] * vh[: config.r], "B": u[:, : config.r] * root[None, :]}
 
 
 def lora_keep_mask(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,10 +137,14 @@ def lora_dropout(x: torch.Tensor, config: LoraConfig, key: torch.Tensor | None) 
     return None
 
 
-def lora_linear(x, weight, bias, entry, config: LoraConfig, key=None):
+def lora_linear(x, weight, bias, entry, config: LoraConfig, key=None, *, linear=F.linear, dense=None):
     """y = x W^T + b + s (drop(x) A^T) B^T; with DoRA (Liu et al. 2024) the base part is rescaled
-    row-wise by m / ||W + s B A|| (norm detached, as in the paper and PEFT)."""
-    base = F.linear(x, weight, bias)
+    row-wise by m / ||W + s B A|| (norm detached, as in the paper and PEFT).
+
+    linear(x, weight, bias) computes the base product and dense(weight) gives W as a tensor (DoRA's
+    norm): the defaults take `weight` as a tensor; a quantised base passes its own
+    (`kernels.quantized.quantized_lora_linear`)."""
+    base = linear(x, weight, bias)
     dropped = lora_dropout(x, config, key)
     dropped = x if dropped is None else dropped
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
@@ -132,9 +152,10 @@ def lora_linear(x, weight, bias, entry, config: LoraConfig, key=None):
     if not config.use_dora:
         return base + low_rank
     with torch.no_grad():
-        norm = torch.linalg.norm(weight + config.scale * (b @ a), dim=1)
+        w = weight if dense is None else dense(weight, x.dtype)
+        norm = torch.linalg.norm(w + config.scale * (b @ a), dim=1)
     mag_scale = (entry["m"].to(x.dtype) / norm).view(*([1] * (x.ndim - 1)), -1)
-    base_no_bias = F.linear(dropped, weight) if dropped is not x else (base - bias if bias is not None else base)
+    base_no_bias = linear(dropped, weight, None) if dropped is not x else (base - bias if bias is not None else base)
     return base + (mag_scale - 1) * base_no_bias + mag_scale * low_rank
 
 

@@ -48,9 +48,11 @@ def generate_tokens(
     lora=None,
     lora_config=None,
     attention_fn=sdpa_attention,
+    ops: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, one step at a time ([B] int64), until every row has
-    produced an end-of-sequence token or `max_new_tokens` steps ran. Finished rows yield pad."""
+    produced an end-of-sequence token or `max_new_tokens` steps ran. Finished rows yield pad.
+    ops: more of `forward`'s op arguments (`linear_fn`, `lora_linear_fn` of a quantised base)."""
     device = params["model.embed_tokens.weight"].device
     dtype = params["model.embed_tokens.weight"].dtype
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -66,7 +68,8 @@ def generate_tokens(
     step_keys = rng.split(key, max_new_tokens) if key is not None else [None] * max_new_tokens
     for step in range(max_new_tokens):
         out = forward(params, tokens, config, positions=positions, segment_ids=segments, cache=cache,
-                      logits_at="last", lora=lora, lora_config=lora_config, attention_fn=attention_fn)
+                      logits_at="last", lora=lora, lora_config=lora_config, attention_fn=attention_fn,
+                      **(ops or {}))
         cache = out.cache
         next_tokens = sample_logits(out.logits[:, -1], step_keys[step], temperature, top_k, top_p)
         next_tokens = torch.where(done, torch.full_like(next_tokens, pad_token_id), next_tokens)

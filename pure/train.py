@@ -146,6 +146,7 @@ def make_apply(
     rms_norm_fn: Callable | None = None,
     swiglu_fn: Callable | None = None,
     lora_linear_fn: Callable | None = None,
+    linear_fn: Callable | None = None,
 ) -> Callable[[dict], Policy]:
     """`bind(trainable) -> Policy` whose forward `(tokens, key=None, **forward_kwargs)` runs the model
     with the trainable params over the frozen ones (and the LoRA delta when there is one).
@@ -155,11 +156,13 @@ def make_apply(
 
     `token_logprobs` (on the policy and on its reference, there without gradient) goes through
     `token_logprob_fn`, e.g. `kernels.linear_ce.select_token_logprob_fn(device, dtype)`, which never
-    materialises the logits. attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the model's hot
-    ops (`kernels/` dispatchers); None keeps the reference of `pure.models.llama`."""
+    materialises the logits. attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn, linear_fn: the
+    model's hot ops (`kernels/` dispatchers; a quantised base needs its own linear and LoRA linear);
+    None keeps the reference of `pure.models.llama`."""
     ops = {"attention_fn": attention_fn}
     ops.update({name: fn for name, fn in (("rms_norm_fn", rms_norm_fn), ("swiglu_fn", swiglu_fn),
-                                          ("lora_linear_fn", lora_linear_fn)) if fn is not None})
+                                          ("lora_linear_fn", lora_linear_fn), ("linear_fn", linear_fn))
+                if fn is not None})
 
     def bind(trainable: dict) -> Policy:
         params = {**frozen, **trainable.get("params", {})}

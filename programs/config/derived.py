@@ -106,3 +106,87 @@ def precision_plan(config: Config, device="cpu"):
 
     return resolve_precision(bf16=config.bf16, fp16=config.fp16, tf32=config.tf32, bfloat16=config.bfloat16,
                              float16=config.float16, float32=config.float32, device=device)
+
+
+# bnb_config_kwargs (transformers' BitsAndBytesConfig arguments) -> what puretune does with each
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "float32": "float32", "fp32": "float32"}
+
+
+def quantization_spec(config: Config):
+    """The `kernels.quantized.QuantizationSpec` of the frozen base, or None for a dense base.
+
+    `load_in_4bit` (QLoRA: NF4 with double-quantised absmax by default, as axolotl's qlora loader
+    sets), `load_in_8bit` (LLM.int8's weight format), or `peft.loftq_config` alone (LoftQ quantises
+    the base itself: PEFT's NF4 without double quantisation, or int8), with `bnb_config_kwargs`
+    overriding the 4-bit settings. Each key of `bnb_config_kwargs` takes effect or is a ConfigError."""
+    import torch
+
+    from kernels.quantized import QuantizationSpec
+
+    loftq = config.peft.loftq_config if config.peft is not None else None
+    kwargs = dict(config.bnb_config_kwargs or {})
+    if config.load_in_4bit and config.load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit cannot both be true; choose one")
+    if config.adapter == "qlora" and not config.load_in_4bit:
+        raise ConfigError("adapter: qlora needs load_in_4bit: true (for an 8-bit base use adapter: lora with load_in_8bit: true)")
+    if (config.load_in_4bit or config.load_in_8bit) and config.adapter not in ("lora", "qlora"):
+        which = "load_in_4bit" if config.load_in_4bit else "load_in_8bit"
+        raise ConfigError(f"{which} quantises the frozen base, so it needs an adapter to train "
+                          "(adapter: qlora for 4-bit, adapter: lora for 8-bit)")
+    if loftq is not None:
+        if config.adapter not in ("lora", "qlora"):
+            raise ConfigError("peft.loftq_config initialises LoRA factors; it needs adapter: lora or qlora")
+        if loftq.loftq_bits not in (4, 8):
+            raise ConfigError(f"peft.loftq_config.loftq_bits: expected 4 or 8, got {loftq.loftq_bits}")
+        base_bits = 4 if config.load_in_4bit else 8 if config.load_in_8bit else None
+        if base_bits is not None and loftq.loftq_bits != base_bits:
+            raise ConfigError(f"peft.loftq_config.loftq_bits: {loftq.loftq_bits} but the base is loaded in "
+                              f"{base_bits} bits; LoftQ fits the residual of the base's own quantisation")
+    if kwargs and not config.load_in_4bit:
+        raise ConfigError("bnb_config_kwargs sets the 4-bit quantisation; it needs load_in_4bit: true")
+    if config.load_in_4bit:
+        bits, quant_type, double_quant = 4, "nf4", True
+    elif config.load_in_8bit:
+        bits, quant_type, double_quant = 8, "nf4", False
+    elif loftq is not None:
+        bits, quant_type, double_quant = loftq.loftq_bits, "nf4", False
+    else:
+        return None
+    quant_type = kwargs.pop("bnb_4bit_quant_type", quant_type)
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"bnb_config_kwargs.bnb_4bit_quant_type: expected 'nf4' or 'fp4', got {quant_type!r}")
+    double_quant = kwargs.pop("bnb_4bit_use_double_quant", double_quant)
+    if not isinstance(double_quant, bool):
+        raise ConfigError(f"bnb_config_kwargs.bnb_4bit_use_double_quant: expected true or false, got {double_quant!r}")
+    compute_dtype = None
+    if "bnb_4bit_compute_dtype" in kwargs:
+        name = str(kwargs.pop("bnb_4bit_compute_dtype")).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ConfigError(f"bnb_config_kwargs.bnb_4bit_compute_dtype: expected one of bfloat16, float16, "
+                              f"float32, got {name!r}")
+        compute_dtype = getattr(torch, _DTYPES[name])
+    storage = str(kwargs.pop("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
+    if storage != "uint8":
+        raise ConfigError(f"bnb_config_kwargs.bnb_4bit_quant_storage: {storage} is not supported yet: the "
+                          "storage dtype matters only to FSDP's flattening of packed weights; puretune keeps uint8")
+    skip = kwargs.pop("llm_int8_skip_modules", None) or []
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise ConfigError(f"bnb_config_kwargs.llm_int8_skip_modules: expected a list of module names, got {skip!r}")
+    if kwargs.pop("llm_int8_has_fp16_weight", False):
+        raise ConfigError("bnb_config_kwargs.llm_int8_has_fp16_weight: true is not supported: the quantised "
+                          "base is frozen here (train an adapter on it)")
+    threshold = kwargs.pop("llm_int8_threshold", 6.0)
+    if threshold != 6.0:
+        raise ConfigError("bnb_config_kwargs.llm_int8_threshold has no effect in puretune: the base is "
+                          "multiplied dequantised, with no int8 activations and so no outlier threshold")
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if key in kwargs:
+            raise ConfigError(f"bnb_config_kwargs.{key}: set {key} at the top level of the config")
+    if kwargs:
+        raise ConfigError(f"bnb_config_kwargs: unknown option {sorted(kwargs)[0]!r}; accepted: bnb_4bit_quant_type, "
+                          "bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, bnb_4bit_quant_storage, "
+                          "llm_int8_skip_modules, llm_int8_threshold, llm_int8_has_fp16_weight")
+    keep_dense = tuple(skip) + tuple(config.lora_modules_to_save or ())
+    return QuantizationSpec(bits=bits, quant_type=quant_type, double_quant=double_quant,
+                            compute_dtype=compute_dtype, skip=keep_dense)

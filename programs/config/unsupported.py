@@ -35,14 +35,10 @@ def _above_one(value: Any) -> bool:
 # a key that only means something to a feature puretune has not built. A dotted key (`trl.use_vllm`)
 # names a key inside a block.
 NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "load_in_8bit": (_truthy, "bitsandbytes quantisation; use adapter: lora on the full-precision model"),
-    "load_in_4bit": (_truthy, "bitsandbytes quantisation; use adapter: lora on the full-precision model"),
-    "adapter": (_one_of("qlora", "llama-adapter"), "use adapter: lora"),
+    "adapter": (_one_of("llama-adapter"), "use adapter: lora"),
     "gptq": (_truthy, ""),
-    "bnb_config_kwargs": (_truthy, ""),
     "qlora_sharded_model_loading": (_truthy, ""),
     "peft_layer_replication": (_truthy, ""),
-    "peft": (lambda v: bool(v.get("loftq_config")), "LoftQ initialisation"),
     "lora_target_parameters": (_truthy, ""),
     "relora": (_truthy, ""),
     "jagged_restart_steps": (_truthy, ""),

@@ -130,13 +130,14 @@ class Ops(NamedTuple):
     rms_norm: Callable = rms_norm
     swiglu: Callable = swiglu
     lora_linear: Callable = lora_linear
+    linear: Callable = F.linear  # linear(x, weight, bias); a quantised base brings its own
 
 
 def _linear(params, name, x, lora, lora_config, key, ops: Ops):
     weight, bias = params[name + ".weight"], params.get(name + ".bias")
     if lora is not None and name in lora:
         return ops.lora_linear(x, weight, bias, lora[name], lora_config, key)
-    return F.linear(x, weight, bias)
+    return ops.linear(x, weight, bias)
 
 
 def _layer(params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lora, lora_config, key, ops: Ops):
@@ -189,6 +190,7 @@ def forward(
     rms_norm_fn: Callable = rms_norm,
     swiglu_fn: Callable = swiglu,
     lora_linear_fn: Callable = lora_linear,
+    linear_fn: Callable = F.linear,
 ) -> ModelOutput:
     """Run the model on `tokens` [B, T].
 
@@ -203,8 +205,10 @@ def forward(
     "last" for the last one, or a bool mask [B, T] selecting positions (logits [N, V]), so training
     never computes lm_head for masked tokens. embed_fn: transforms the input embeddings (NEFTune).
     attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn: the hot ops (fused kernels from
-    `kernels/` dispatchers; the references here by default)."""
-    ops = Ops(attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn)
+    `kernels/` dispatchers; the references here by default). linear_fn(x, weight, bias): the
+    decoder's other linear layers (a quantised base's weights are not tensors: its linear reads
+    them, `kernels.quantized.quantized_linear`)."""
+    ops = Ops(attention_fn, rms_norm_fn, swiglu_fn, lora_linear_fn, linear_fn)
     B, T = tokens.shape
     past = cache.length if cache is not None else 0
     if positions is None:
