@@ -69,7 +69,7 @@ def quantize_base(config, params: dict) -> dict:
     before = params_nbytes(params)
     params = quantize_params(params, spec)
     print(f"base quantised: {spec.describe()} by bitsandbytes; weights {before / 2**20:.1f} MiB -> "
-          f"{params_nbytes(params) / 2**20:.1f} MiB", flush=True)
+          f"{params_nbytes(params) / 2**20:.1f} MiB", file=sys.stderr, flush=True)  # stdout may be evaluate's JSON
     return params
 
 
