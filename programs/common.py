@@ -213,14 +213,15 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
 
 def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
-    device and dtype (chunked linear + cross-entropy head, attention)."""
-    from kernels import select_model_ops
+    device and dtype (chunked linear + cross-entropy head, attention), as the kernel keys and plugins
+    select them (`programs.kernel_keys`; one line says what serves each requested key)."""
+    from programs.kernel_keys import served_ops
     from pure.train import make_apply
 
     some = next(iter(frozen.values())) if frozen else torch.zeros(())
     kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
-    # Under torch_compile the plain-torch references are traced and fused by Inductor; the eager
-    # kernels' host-side checks (data-dependent sizes) stall the compiler instead.
-    ops = {} if config.torch_compile is True else select_model_ops(some.device, some.dtype, model_config.sliding_window)
+    ops, served = served_ops(config, some.device, some.dtype, model_config.sliding_window)
+    if served:
+        print(served, flush=True)
     return make_apply(model_config, frozen, lora_config=lora_config,
                       checkpoint_layers=bool(config.gradient_checkpointing), **ops, **kwargs)

@@ -303,6 +303,9 @@ def _check_rules(c: Config) -> None:
             f"dataset_shard_idx: expected an index < dataset_shard_num ({c.dataset_shard_num}), got {c.dataset_shard_idx}"
         )
     _check_model_type(c)
+    from programs.kernel_keys import check_kernel_keys
+
+    check_kernel_keys(c)
     if c.curriculum_sampling and c.sample_packing and not c.sample_packing_sequentially:
         raise ConfigError("curriculum_sampling with sample_packing needs sample_packing_sequentially: true "
                           "(first-fit-decreasing packing reorders the rows)")
