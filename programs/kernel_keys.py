@@ -69,13 +69,20 @@ def requested_keys(config) -> dict[str, bool]:
     return {key: bool(value) for key, value in given.items() if value is not None}
 
 
-def check_kernel_keys(config) -> None:
-    """Refuse, with one line, a plugin puretune does not serve and kernel keys it cannot honour."""
-    for plugin in config.plugins or []:
-        if plugin not in KERNEL_PLUGINS:
+def check_plugins(plugins: list) -> None:
+    """Refuse, with one line naming it, a plugin puretune does not serve (before its own keys are
+    reported as unknown)."""
+    for plugin in plugins:
+        if isinstance(plugin, str) and plugin not in KERNEL_PLUGINS:  # other types: the schema's error
             served = ", ".join(_short(p) for p in KERNEL_PLUGINS)
             raise ConfigError(f"plugins: {plugin} is not supported yet by puretune; it runs no plugin code and "
                               f"serves only the kernel plugins {served} (axolotl.integrations.*), with its own kernels")
+
+
+def check_kernel_keys(config) -> None:
+    """Refuse, with one line, kernel keys puretune cannot honour: keys of one op set to different
+    values, LoRA kernels without an adapter."""
+    check_plugins(config.plugins or [])
     wanted = requested_keys(config)
     by_op: dict[str, dict[str, bool]] = {}
     for key, on in wanted.items():

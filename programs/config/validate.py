@@ -236,6 +236,10 @@ def validate(raw: dict[str, Any]) -> Config:
     # Not-built features first: a config written for axolotl should say what is missing, not
     # trip over a key that belongs to that feature.
     _check_not_supported(raw)
+    if isinstance(raw.get("plugins"), list):  # a plugin's own keys are unknown here: name the plugin first
+        from programs.kernel_keys import check_plugins
+
+        check_plugins(raw["plugins"])
     _check_unknown_keys(raw, Config)
     raw = _nulls_to_defaults(raw, Config)
     try:

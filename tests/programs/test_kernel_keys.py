@@ -162,6 +162,8 @@ def test_a_plugin_we_do_not_serve_is_refused_by_name(tmp_path, plugin):
                                           "plugin code and serves only the kernel plugins LigerPlugin, "
                                           "CutCrossEntropyPlugin, KernelsPlugin"):
         config_from_yaml(tmp_path, plugins=[LIGER, plugin])
+    with pytest.raises(ConfigError, match=rf"^plugins: {plugin} is not supported yet"):  # not its own keys first
+        config_from_yaml(tmp_path, plugins=[plugin], grokfast_alpha=2.0)
 
 
 def test_keys_of_one_op_that_disagree_are_refused(tmp_path):
