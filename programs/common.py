@@ -253,27 +253,23 @@ def export_policy(config, state, frozen, model_config, tokenizer, lora_config) -
 
 def quantized_ops(params: dict) -> dict:
     """The forward's linear ops for a quantised base (`kernels.quantized`), else none."""
-    if not is_quantized(params):
-        return {}
-    from kernels.quantized import quantized_linear, quantized_lora_linear
+    from kernels import quantized_model_ops
 
-    return {"linear_fn": quantized_linear, "lora_linear_fn": quantized_lora_linear}
+    return quantized_model_ops() if is_quantized(params) else {}
 
 
 def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
-    device and dtype (chunked linear + cross-entropy head, attention)."""
-    from kernels import select_model_ops
+    device and dtype (chunked linear + cross-entropy head, attention), as the kernel keys and plugins
+    select them (`programs.kernel_keys`; one line says what serves each requested key)."""
+    from programs.kernel_keys import served_ops
     from pure.train import make_apply
 
     some = next((v for v in frozen.values() if isinstance(v, torch.Tensor)), torch.zeros(()))
     kwargs.setdefault("neftune_alpha", config.neftune_noise_alpha)
-    quantized = is_quantized(frozen)
-    # Under torch_compile the plain-torch references are traced and fused by Inductor; the eager
-    # kernels' host-side checks (data-dependent sizes) stall the compiler instead. A quantised base
-    # keeps its own linear either way (its weights are not tensors).
-    ops = select_model_ops(some.device, some.dtype, model_config.sliding_window, quantized=quantized)
-    if config.torch_compile is True:
-        ops = {k: v for k, v in ops.items() if quantized and k in ("linear_fn", "lora_linear_fn")}
+    ops, served = served_ops(config, some.device, some.dtype, model_config.sliding_window,
+                             quantized=is_quantized(frozen))
+    if served:
+        print(served, flush=True)
     return make_apply(model_config, frozen, lora_config=lora_config,
                       checkpoint_layers=bool(config.gradient_checkpointing), **ops, **kwargs)

@@ -309,6 +309,8 @@ class ModelKeys(BaseModel):
     plugins: list[str] | None = None
     experimental_skip_move_to_device: bool = True
     use_kernels: bool | None = None
+    use_scattermoe: bool | None = None
+    use_sonicmoe: bool | None = None
     llama4_linearized_experts: bool | None = None
     is_falcon_derived_model: bool | None = None
     is_llama_derived_model: bool | None = None

@@ -236,6 +236,10 @@ def validate(raw: dict[str, Any]) -> Config:
     # Not-built features first: a config written for axolotl should say what is missing, not
     # trip over a key that belongs to that feature.
     _check_not_supported(raw)
+    if isinstance(raw.get("plugins"), list):  # a plugin's own keys are unknown here: name the plugin first
+        from programs.kernel_keys import check_plugins
+
+        check_plugins(raw["plugins"])
     _check_unknown_keys(raw, Config)
     raw = _nulls_to_defaults(raw, Config)
     try:
@@ -304,6 +308,9 @@ def _check_rules(c: Config) -> None:
             f"dataset_shard_idx: expected an index < dataset_shard_num ({c.dataset_shard_num}), got {c.dataset_shard_idx}"
         )
     _check_model_type(c)
+    from programs.kernel_keys import check_kernel_keys
+
+    check_kernel_keys(c)
     if c.curriculum_sampling and c.sample_packing and not c.sample_packing_sequentially:
         raise ConfigError("curriculum_sampling with sample_packing needs sample_packing_sequentially: true "
                           "(first-fit-decreasing packing reorders the rows)")
