@@ -1,5 +1,7 @@
 """programs/optimizers.py: each optimizer name the config accepts builds its reference's math, and
 `optim_args` reaches the optimizer or is refused by name."""
+import math
+
 import pytest
 import torch
 
@@ -296,3 +298,74 @@ def test_schedule_free_eval_weights_are_the_packages_x(name, cls):
     assert_trees_close(x, {n: p.detach() for n, p in torch_params.items()}, atol=1e-6)  # as the step test
     assert not torch.equal(x["model.norm.weight"], ours[-1]["model.norm.weight"])  # x is not y
     assert schedule_free_eval_params(params, build_optimizer("adamw_torch", 1e-2).init(params)) is params
+
+
+# --------------------------------------------------------------------------- through a YAML config
+
+NEW_NAMES = sorted(set(OPTIMIZERS) - {"adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "lion_32bit"})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One tokenised-dataset cache for all the runs below (the same rows and tokenizer)."""
+    return tmp_path_factory.mktemp("prepared")
+
+
+def full_finetune_config(tmp_path, tiny_model, name, optimizer, prepared=None, **overrides):
+    """The SFT test config, full fine-tuning (the 49152 x 32 embedding is big enough for 8-bit state),
+    constant lr from step 1 (so step 1 moves the weights), no eval, 16 rows."""
+    from tests.programs.test_sft import write_config
+
+    if prepared is not None:
+        overrides["dataset_prepared_path"] = str(prepared)
+    return write_config(tmp_path, tiny_model, name, optimizer=optimizer, adapter=None, lora_r=None, lora_alpha=None,
+                        lora_dropout=None, lora_target_linear=None, neftune_noise_alpha=None, warmup_steps=0,
+                        lr_scheduler="constant", learning_rate=1e-3, val_set_size=0, eval_steps=None,
+                        gradient_accumulation_steps=1, **overrides)
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("optimizer", NEW_NAMES)
+def test_every_new_optimizer_name_trains_two_steps_from_yaml(tmp_path, tiny_model, prepared, initial_embedding,
+                                                             optimizer):
+    from programs.config import load_config
+    from programs.sft import run
+
+    result = run(load_config(full_finetune_config(tmp_path, tiny_model, "run", optimizer, prepared, max_steps=2,
+                                                  save_strategy="no")))
+    state = result["state"]
+    losses = [r["train/loss"] for r in result["records"] if "train/loss" in r]
+    assert result["step"] == 2 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    embed = state.trainable["params"]["model.embed_tokens.weight"]
+    assert not torch.equal(embed, initial_embedding)  # the optimizer moved the weights
+    dtypes = {leaf.dtype for _, leaf in leaves_with_paths(state.opt_state)}
+    low_bit = ("8bit" in optimizer and "galore" not in optimizer) or optimizer.startswith(("ao_", "adamw_torch_"))
+    assert (torch.uint8 in dtypes or torch.float8_e4m3fn in dtypes) == low_bit, dtypes
+
+
+@pytest.fixture(scope="module")
+def initial_embedding(tiny_model):
+    from backends.hf import load_pretrained
+
+    params, _, _ = load_pretrained(str(tiny_model))
+    return params["model.embed_tokens.weight"]
+
+
+def test_resume_with_an_8bit_optimizer_is_bitwise_identical(tmp_path, tiny_model):
+    """4 steps straight vs 2 + resume 2 with adamw_8bit: params, the uint8 codes, absmax and qmaps of
+    the optimizer state, and every logged loss equal bit for bit."""
+    from programs.config import load_config
+    from programs.sft import run
+    from tests.programs.test_sft import assert_bitwise_equal, final_state, trained_losses
+
+    straight = run(load_config(full_finetune_config(tmp_path, tiny_model, "straight", "adamw_8bit", max_steps=4,
+                                                    save_steps=2)))
+    first = run(load_config(full_finetune_config(tmp_path, tiny_model, "split", "adamw_8bit", max_steps=4,
+                                                 save_steps=2)), stop_after_step=2)
+    assert first["stopped"] and first["step"] == 2
+    resumed = run(load_config(full_finetune_config(tmp_path, tiny_model, "split", "adamw_8bit", max_steps=4,
+                                                   save_steps=2, auto_resume_from_checkpoints=True)))
+    assert resumed["step"] == 4 and trained_losses(resumed) == trained_losses(straight)
+    saved = final_state(tmp_path / "split")
+    assert any(v.dtype == torch.uint8 for v in saved.values())  # the 8-bit codes are in the checkpoint
+    assert_bitwise_equal(saved, final_state(tmp_path / "straight"))

@@ -179,7 +179,7 @@ def test_test_datasets_with_zero_val_set_size_is_fine():
     ("deepspeed", "zero3.json"), ("fsdp", ["full_shard"]), ("load_in_4bit", True), ("load_in_8bit", True),
     ("adapter", "qlora"), ("gptq", True), ("plugins", ["axolotl.integrations.liger.LigerPlugin"]),
     ("liger_rms_norm", True), ("unsloth_lora_mlp", True), ("xformers_attention", True),
-    ("optimizer", "paged_adamw_8bit"), ("context_parallel_size", 2),
+    ("optimizer", "galore_adamw"), ("context_parallel_size", 2),
 ])
 def test_features_not_built_yet_fail_with_one_clear_line(key, value):
     with pytest.raises(ConfigError, match=f"{key} is not supported yet by puretune"):
