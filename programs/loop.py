@@ -23,6 +23,7 @@ from backends import checkpoint as ckpt
 from backends.metrics import MetricsLogger
 from kernels.measure import max_rss_mb
 from programs import common
+from pure.optim import schedule_free_eval_params
 from pure.train import TrainState
 from pure.tree import tree_leaves
 
@@ -209,8 +210,9 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
           f"{run.num_examples[0] or 'streamed'} examples, {run.num_examples[1]} eval)", flush=True)
     has_eval = bool(run.eval_batches) and run.eval_step is not None and config.eval_strategy != "no"
 
-    def evaluate() -> dict:
-        return eval_step(state.trainable, [common.tensors_only(b) for b in run.eval_batches])
+    def evaluate() -> dict:  # schedule-free optimizers train y and evaluate x (pure.optim.schedule_free)
+        weights = schedule_free_eval_params(state.trainable, state.opt_state)
+        return eval_step(weights, [common.tensors_only(b) for b in run.eval_batches])
 
     def save(reason: str) -> Path:
         path = ckpt.save_checkpoint(state, out, extra={"reason": reason}, total_limit=config.save_total_limit)
@@ -276,7 +278,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     if getattr(train_step, "compile_seconds", None):
         print(f"torch_compile: compiled {len(train_step.compile_seconds)} graph(s) in "
               f"{sum(train_step.compile_seconds):.1f} s (cache {train_step.cache_dir})", flush=True)
-    exported = run.export(state)
+    exported = run.export(state.replace(trainable=schedule_free_eval_params(state.trainable, state.opt_state)))
     print(f"exported to {exported}", flush=True)
     logger.plot_losses()
     logger.close()

@@ -17,12 +17,18 @@ from pure.optim import (
     ParamGroup,
     adafactor,
     adamw,
+    adopt,
     chain,
     clip_by_global_norm,
     default_decay_mask,
     lion,
+    multi_transform,
+    muon,
+    optimi_adamw,
     param_group_decay_mask,
     param_group_lr_scales,
+    schedule_free_adamw,
+    schedule_free_sgd,
     sgd,
 )
 from pure.optim.base import PathFn
@@ -67,12 +73,144 @@ def _adafactor(schedule: float | Schedule, s: Settings, *, beta1: float | None =
                      weight_decay=s.weight_decay, decay_mask=s.decay_mask, lr_scales=s.lr_scales)
 
 
+def _common(s: Settings) -> dict[str, Any]:
+    return dict(weight_decay=s.weight_decay, decay_mask=s.decay_mask, lr_scales=s.lr_scales)
+
+
+# bitsandbytes (kernels.bnb_optim): HF builds bnb.optim.AdamW / Lion / RMSprop / AdEMAMix with
+# optim_bits 8 or 32. "paged_*" is CUDA memory placement only: the same transform (see bnb_optim).
+def _bnb_adamw(bits: int) -> Callable[..., GradientTransformation]:
+    def build(schedule: float | Schedule, s: Settings) -> GradientTransformation:
+        from kernels.bnb_optim import bnb_optimizer
+
+        return bnb_optimizer("adam", schedule, bits=bits, **_common(s),
+                             **_given(b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon))
+    return build
+
+
+def _bnb_lion(bits: int) -> Callable[..., GradientTransformation]:
+    def build(schedule: float | Schedule, s: Settings) -> GradientTransformation:
+        from kernels.bnb_optim import bnb_optimizer
+
+        b1 = 0.9 if s.adam_beta1 is None else s.adam_beta1  # lion_32bit's defaults (0.9, 0.99)
+        b2 = 0.99 if s.adam_beta2 is None else s.adam_beta2
+        return bnb_optimizer("lion", schedule, bits=bits, b1=b1, b2=b2, **_common(s))
+    return build
+
+
+def _bnb_rmsprop(bits: int) -> Callable[..., GradientTransformation]:
+    def build(schedule: float | Schedule, s: Settings, *, alpha: float = 0.99, eps: float = 1e-8
+              ) -> GradientTransformation:
+        """bnb's RMSprop has no momentum and no centred form (bnb refuses centered; its kernel ignores
+        momentum), so optim_args takes alpha and eps only."""
+        from kernels.bnb_optim import bnb_optimizer
+
+        return bnb_optimizer("rmsprop", schedule, bits=bits, b1=float(alpha), b2=0.0, eps=float(eps), **_common(s))
+    return build
+
+
+def _bnb_ademamix(bits: int) -> Callable[..., GradientTransformation]:
+    def build(schedule: float | Schedule, s: Settings, *, beta1: float | None = None, beta2: float | None = None,
+              beta3: float = 0.9999, alpha: float = 5.0, eps: float | None = None, t_alpha: int | None = None,
+              t_beta3: int | None = None) -> GradientTransformation:
+        """HF's AdEMAMix options (its defaults: beta3 0.9999, alpha 5; beta1, beta2, eps from the config)."""
+        from kernels.bnb_optim import bnb_optimizer
+
+        b1 = beta1 if beta1 is not None else (0.9 if s.adam_beta1 is None else s.adam_beta1)
+        b2 = beta2 if beta2 is not None else (0.999 if s.adam_beta2 is None else s.adam_beta2)
+        e = eps if eps is not None else (1e-8 if s.adam_epsilon is None else s.adam_epsilon)
+        return bnb_optimizer("ademamix", schedule, bits=bits, b1=float(b1), b2=float(b2), b3=float(beta3),
+                             alpha=float(alpha), eps=float(e), t_alpha=None if t_alpha is None else int(t_alpha),
+                             t_beta3=None if t_beta3 is None else int(t_beta3), **_common(s))
+    return build
+
+
+def _torchao_adamw(kind: str) -> Callable[..., GradientTransformation]:
+    def build(schedule: float | Schedule, s: Settings, *, block_size: int | None = None) -> GradientTransformation:
+        from kernels.ao_optim import torchao_adamw
+
+        return torchao_adamw(kind, schedule, block_size=block_size, **_common(s),
+                             **_given(b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon))
+    return build
+
+
+def _optimi_adamw(schedule: float | Schedule, s: Settings) -> GradientTransformation:
+    """axolotl's optimi_adamw: optimi.AdamW (its defaults betas (0.9, 0.99), eps 1e-6)."""
+    return optimi_adamw(schedule, **_common(s), **_given(b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon))
+
+
+def _adopt(schedule: float | Schedule, s: Settings) -> GradientTransformation:
+    """axolotl's adopt_adamw: ADOPT(decouple=True) (defaults betas (0.9, 0.9999), eps 1e-6)."""
+    return adopt(schedule, **_common(s), **_given(b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon))
+
+
+def muon_label(path: str, p) -> str:
+    """axolotl's split: Muon for 2-D matrices other than the embeddings and the LM head, AdamW for
+    the rest (1-D norms and biases, embed_tokens, lm_head)."""
+    if p.ndim == 2 and "embed_tokens" not in path and "lm_head" not in path:
+        return "muon"
+    return "adamw"
+
+
+def _muon(schedule: float | Schedule, s: Settings, *, momentum: float = 0.95, nesterov: bool = True,
+          ns_steps: int = 5, adjust_lr: str = "match_rms_adamw") -> GradientTransformation:
+    """Muon (torch.optim.Muon's math) on ``muon_label``'s matrices, AdamW on the rest, one lr and
+    weight decay for both; ``adjust_lr`` "match_rms_adamw" (Moonlight) keeps AdamW's lr usable."""
+    return multi_transform(muon_label, {
+        "muon": muon(schedule, float(momentum), bool(nesterov), int(ns_steps), str(adjust_lr), **_common(s)),
+        "adamw": _adamw(schedule, s),
+    })
+
+
+def _schedule_free_adamw(schedule: float | Schedule, s: Settings, *, warmup_steps: int = 0, r: float = 0.0,
+                         weight_lr_power: float = 2.0) -> GradientTransformation:
+    """schedulefree.AdamWScheduleFree. Its own warmup (``warmup_steps``) multiplies the config's
+    schedule, which should be ``lr_scheduler: constant`` (with ``warmup_steps`` there if wanted)."""
+    return schedule_free_adamw(schedule, **_common(s), warmup_steps=int(warmup_steps), r=float(r),
+                               weight_lr_power=float(weight_lr_power),
+                               **_given(b1=s.adam_beta1, b2=s.adam_beta2, eps=s.adam_epsilon))
+
+
+def _schedule_free_sgd(schedule: float | Schedule, s: Settings, *, momentum: float = 0.9, warmup_steps: int = 0,
+                       r: float = 0.0, weight_lr_power: float = 2.0) -> GradientTransformation:
+    """schedulefree.SGDScheduleFree (HF's schedule_free_sgd)."""
+    return schedule_free_sgd(schedule, float(momentum), **_common(s), warmup_steps=int(warmup_steps), r=float(r),
+                             weight_lr_power=float(weight_lr_power))
+
+
 OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
     "adamw_torch": _adamw,
     "adamw_torch_fused": _adamw,  # one implementation: torch's fused kernel computes the same update
     "sgd": _sgd,
     "adafactor": _adafactor,
     "lion_32bit": _lion,
+    # bitsandbytes
+    "adamw_bnb_8bit": _bnb_adamw(8),
+    "adamw_8bit": _bnb_adamw(8),  # HF: an alias of adamw_bnb_8bit
+    "paged_adamw_8bit": _bnb_adamw(8),
+    "paged_adamw_32bit": _bnb_adamw(32),
+    "lion_8bit": _bnb_lion(8),
+    "paged_lion_8bit": _bnb_lion(8),
+    "paged_lion_32bit": _bnb_lion(32),
+    "rmsprop_bnb": _bnb_rmsprop(32),
+    "rmsprop_bnb_8bit": _bnb_rmsprop(8),
+    "rmsprop_bnb_32bit": _bnb_rmsprop(32),
+    "ademamix": _bnb_ademamix(32),
+    "ademamix_8bit": _bnb_ademamix(8),
+    "paged_ademamix_8bit": _bnb_ademamix(8),
+    "paged_ademamix_32bit": _bnb_ademamix(32),
+    # torchao
+    "adamw_torch_8bit": _torchao_adamw("8bit"),
+    "adamw_torch_4bit": _torchao_adamw("4bit"),
+    "ao_adamw_8bit": _torchao_adamw("8bit"),  # axolotl: deprecated spelling of adamw_torch_8bit
+    "ao_adamw_4bit": _torchao_adamw("4bit"),  # axolotl: deprecated spelling of adamw_torch_4bit
+    "ao_adamw_fp8": _torchao_adamw("fp8"),
+    # written here from the packages' math
+    "optimi_adamw": _optimi_adamw,
+    "adopt_adamw": _adopt,
+    "muon": _muon,
+    "schedule_free_adamw": _schedule_free_adamw,
+    "schedule_free_sgd": _schedule_free_sgd,
 }
 
 
@@ -143,8 +281,10 @@ def build_optimizer(
     ``max_grad_norm`` > 0). Betas / epsilon left None take each optimizer's own defaults (Lion:
     0.9, 0.99). Weight decay skips biases, norms and 1-D tensors (``default_decay_mask``);
     ``param_groups`` (from ``make_param_groups``) give per-parameter lr multipliers and decay
-    overrides. ``optim_args`` sets the optimizer's own options (sgd: ``momentum``, ``nesterov``;
-    adafactor: ``beta1``, ``clip_threshold``, ``decay_rate``). Unknown names raise ValueError.
+    overrides. ``optim_args`` sets the optimizer's own options, its builder's keyword-only
+    arguments (sgd: ``momentum``, ``nesterov``; adafactor: ``beta1``, ``clip_threshold``,
+    ``decay_rate``; ademamix*: ``beta1..3``, ``alpha``, ``eps``, ``t_alpha``, ``t_beta3``; muon:
+    ``momentum``, ``nesterov``, ``ns_steps``, ``adjust_lr``; ...). Unknown names raise ValueError.
     """
     if name not in OPTIMIZERS:
         close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)

@@ -14,7 +14,8 @@ and ``apply_updates(params, updates)`` adds the updates. Big optimizers are
 Modules: ``base`` (the transformation type, ``chain``, ``apply_updates``),
 ``transforms`` (clipping, weight decay, lr scaling, momentum), ``scalers``
 (the Adam, Lion and Adafactor directions), ``aliases`` (``adamw``, ``sgd``,
-``lion``, ``adafactor``), ``param_groups`` (decay mask, LoRA+, lr groups).
+``lion``, ``adafactor``), ``adaptive`` (``adopt``, ``optimi_adamw``, ``muon``),
+``schedule_free`` (schedule-free AdamW / SGD and their eval weights), ``param_groups`` (decay mask, LoRA+, lr groups).
 Which optimizer a config name means is the edge's business
 (``programs/optimizers.py``).
 
@@ -37,6 +38,7 @@ Conventions
   ops are only applied to tensors freshly created inside the same call.
 """
 
+from pure.optim.adaptive import adopt, muon, optimi_adamw, orthogonalize_newton_schulz
 from pure.optim.aliases import adafactor, adamw, lion, sgd
 from pure.optim.base import GradientTransformation, apply_updates, chain
 from pure.optim.param_groups import (
@@ -52,9 +54,11 @@ from pure.optim.transforms import (
     clip_by_global_norm,
     ema,
     grad_norm_from_state,
+    multi_transform,
     scale_by_learning_rate,
     trace,
 )
+from pure.optim.schedule_free import schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
 from pure.tree import global_norm
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "adafactor",
     "adamw",
     "add_decayed_weights",
+    "adopt",
     "apply_updates",
     "chain",
     "clip_by_global_norm",
@@ -72,11 +77,18 @@ __all__ = [
     "grad_norm_from_state",
     "lion",
     "make_param_groups",
+    "multi_transform",
+    "muon",
+    "optimi_adamw",
+    "orthogonalize_newton_schulz",
     "param_group_decay_mask",
     "param_group_lr_scales",
     "scale_by_adafactor",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
     "scale_by_lion",
     "sgd",
     "trace",

@@ -161,3 +161,36 @@ def ema(decay: float) -> GradientTransformation:
         return replace_leaves(grads, m), {"ema": dict(zip(paths, m))}
 
     return GradientTransformation(init, update)
+
+
+def multi_transform(labels: PathFn, transforms: dict[str, GradientTransformation]) -> GradientTransformation:
+    """Each parameter stepped by ``transforms[labels(path, param)]`` (optax's ``multi_transform``):
+    Muon for the hidden matrices, AdamW for the rest. Each transform sees the flat
+    ``{path: tensor}`` of its parameters; state ``{label: that transform's state}``."""
+
+    def split(tree, ref):
+        groups = {label: {} for label in transforms}
+        for (path, leaf), label in zip(leaves_with_paths(tree), path_values(labels, ref, None)):
+            if label not in transforms:
+                raise ValueError(f"multi_transform: {path} is labelled {label!r}; expected one of {', '.join(transforms)}")
+            groups[label][path] = leaf
+        return groups
+
+    def init(params):
+        groups = split(params, leaves_with_paths(params))
+        return {label: t.init(groups[label]) for label, t in transforms.items()}
+
+    def update(grads, state, params=None, step=0):
+        if params is None:
+            raise ValueError("multi_transform needs params (the labels are functions of them)")
+        p_flat = dict(leaves_with_paths(params))
+        ref = [(path, p_flat[path]) for path, _ in leaves_with_paths(grads)]
+        g_groups = split(grads, ref)
+        p_groups = {label: {path: p_flat[path] for path in group} for label, group in g_groups.items()}
+        out, new_state = {}, {}
+        for label, t in transforms.items():
+            u, new_state[label] = t.update(g_groups[label], state[label], p_groups[label], step)
+            out.update(u)
+        return replace_leaves(grads, [out[path] for path, _ in ref]), new_state
+
+    return GradientTransformation(init, update)
