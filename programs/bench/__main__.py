@@ -85,7 +85,8 @@ def markdown_table(report: dict) -> str:
         f"peak: {_si(peak['flops_per_s'], 'FLOP/s')} measured ({peak['size']}^3 {peak['dtype']} matmul, best of "
         f"{peak['repeats']})",
         "peak MB: max RSS of the run's process on CPU, CUDA allocator peak on CUDA",
-    ] + report["notes"]
+    ] + ([f"ours: params resident {report['variants']['ours']['weights_mb']:.1f} MB (quantised weights counted "
+          "with their bitsandbytes state)"] if "weights_mb" in report["variants"].get("ours", {}) else []) + report["notes"]
     return "\n".join(lines)
 
 

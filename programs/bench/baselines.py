@@ -65,15 +65,32 @@ def hf_model_of_config(config, tokenizer, device: torch.device):
     from programs import common
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.base_model), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa", **hf_quantization_kwargs(config, device))
     model = _without_kv_cache(model)
     if len(tokenizer) > model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # ours: new rows = mean of old
-    if config.adapter == "lora":
+    if config.adapter in ("lora", "qlora"):
         model = with_peft_lora(model, common.lora_config_of(config), config.lora_target_modules,
                                target_linear=bool(config.lora_target_linear),
                                modules_to_save=config.lora_modules_to_save)
     return model.to(device)
+
+
+def hf_quantization_kwargs(config, device: torch.device) -> dict:
+    """transformers' `BitsAndBytesConfig` for the quantised base the config asks for (the same
+    bitsandbytes formats and settings ours stores), as `from_pretrained` keyword arguments."""
+    from transformers import BitsAndBytesConfig
+
+    from programs.config.derived import quantization_spec
+
+    spec = quantization_spec(config)
+    if spec is None:
+        return {}
+    bnb = BitsAndBytesConfig(load_in_4bit=spec.bits == 4, load_in_8bit=spec.bits == 8,
+                             bnb_4bit_quant_type=spec.quant_type, bnb_4bit_use_double_quant=spec.double_quant,
+                             bnb_4bit_compute_dtype=spec.compute_dtype or torch.float32,
+                             llm_int8_skip_modules=list(spec.skip) or None)
+    return {"quantization_config": bnb, "device_map": str(device)}
 
 
 def hf_training_arguments(config, total: int, output_dir: str, device: torch.device):

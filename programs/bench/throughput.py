@@ -63,7 +63,8 @@ def measure_ours(config, steps: int, warmup: int, device: str = "cpu") -> dict:
     from pure import rng
     from pure.losses import sft
     from pure.train import init_train_state, make_train_step
-    from pure.tree import tree_map
+    from kernels.quantized import params_nbytes
+    from pure.tree import leaves_with_paths, tree_map
 
     device = torch.device(device)
     params, model_config, tokenizer = common.load_model(config)
@@ -74,6 +75,7 @@ def measure_ours(config, steps: int, warmup: int, device: str = "cpu") -> dict:
     init_key, lora_key = rng.split(rng.key(config.seed), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     del params
+    weights_mb = (params_nbytes(frozen) + params_nbytes(dict(leaves_with_paths(trainable)))) / 2**20
     move = (lambda tree: tree_map(lambda t: t.to(device), tree)) if device.type != "cpu" else (lambda tree: tree)
     trainable, frozen = move(trainable), move(frozen)
     optimizer, _ = common.build_optimizer_from_config(config, total)
@@ -93,7 +95,8 @@ def measure_ours(config, steps: int, warmup: int, device: str = "cpu") -> dict:
         synchronize(device)
         records.append(_step_record(time.perf_counter() - start, loss, [ours_counts(b) for b in micro]))
     return {"variant": "ours", "steps": records[warmup:], "warmup_steps": records[:warmup],
-            "first_loss": records[0]["loss"], **peak_memory_mb(device), "flop_formula": counter.formula(),
+            "first_loss": records[0]["loss"], **peak_memory_mb(device), "weights_mb": weights_mb,
+            "flop_formula": counter.formula(),
             "flop_counter": counter.__dict__, "threads": torch.get_num_threads(), "device": str(device)}
 
 
@@ -211,6 +214,8 @@ def aggregate(runs: list[dict], counter, peak_flops: float) -> dict:
         "step_time_min_s": min(times), "step_time_max_s": max(times),
         "peak_memory_mb": max(run["peak_mb"] for run in runs),
         "max_rss_mb": max(run["rss_mb"] for run in runs),
+        # resident params (quantised weights with their state); ours only
+        **({"weights_mb": runs[0]["weights_mb"]} if "weights_mb" in runs[0] else {}),
         "slot_efficiency": totals["tokens"] / totals["slots"],
         "flops_per_step_mean": flops / len(steps),
         "flops_per_s": flops / seconds,
