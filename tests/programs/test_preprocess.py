@@ -72,7 +72,8 @@ def test_config_keys_are_options_too(config_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--learning-rte", "1"], "error: unknown option '--learning-rte'; did you mean 'learning_rate'?"),
     (["--micro-batch-size", "0"], "error: micro_batch_size: expected int (>= 1), got 0"),
-    (["--load-in-4bit", "true"], "error: load_in_4bit is not supported yet by puretune"),
+    (["--load-in-4bit", "true"], "error: load_in_4bit quantises the frozen base, so it needs an adapter"),
+    (["--gptq", "true"], "error: gptq is not supported yet by puretune"),
     (["--base-model", "no/such-model"], "error: model 'no/such-model'"),
 ])
 def test_errors_are_one_line_on_stderr_with_exit_code_2(config_path, capsys, argv, message):
