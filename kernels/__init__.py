@@ -27,10 +27,11 @@ def select_model_ops(device, dtype, sliding_window: int | None = None, reference
     takes them under: attention, RMSNorm, SwiGLU, LoRA linear and the linear + cross-entropy head.
     The ops named in `reference` get their plain-torch reference instead (`reference_model_ops`).
 
-    quantized: the base's linear weights are `kernels.quantized.QuantizedWeight`s. Their layers then
-    take `quantized_linear` / `quantized_lora_linear` (bitsandbytes dequantises the weight, the LoRA
-    path is the reference's), whatever `reference` says, not the fused LoRA matmul, which needs a
-    dense weight; attention, RMSNorm, SwiGLU and the head keep their fused kernels."""
+    quantized: the base's linear weights are `kernels.quantized.QuantizedWeight`s. Their plain layers
+    then take `quantized_linear` (bitsandbytes dequantises the weight); the LoRA linear is the same
+    selected one (its Function dequantises a quantised weight in the forward and the backward), or
+    `quantized_lora_linear` when `reference` names it; attention, RMSNorm, SwiGLU and the head keep
+    their kernels."""
     from kernels.attention import select_attention
     from kernels.linear_ce import select_token_logprob_fn
     from kernels.lora_linear import select_lora_linear
@@ -50,7 +51,12 @@ def select_model_ops(device, dtype, sliding_window: int | None = None, reference
     references = reference_model_ops()
     ops = {name: references[name] if name in reference else fn for name, fn in ops.items()}
     if quantized:
-        ops.update(quantized_model_ops())
+        from kernels.lora_linear import lora_linear_function, lora_linear_triton
+        from kernels.quantized import quantized_linear, quantized_lora_linear
+
+        ops["linear_fn"] = quantized_linear
+        if ops["lora_linear_fn"] not in (lora_linear_function, lora_linear_triton):  # those take a quantised weight
+            ops["lora_linear_fn"] = quantized_lora_linear
     return ops
 
 

@@ -19,8 +19,9 @@ On CPU the same autograd.Function runs on BLAS GEMMs (`addmm` folds the low-rank
 
 With LoRA dropout the low-rank path reads drop(x), not x: xa = drop(x) A^T is a separate small GEMM,
 the fused kernel adds s xa B^T, and the backward returns dL/d drop(x) = s g A to autograd (which
-applies the mask). DoRA, or a weight whose dtype differs from x (a dequantised base), falls back
-to the reference.
+applies the mask). DoRA, or a weight whose dtype differs from x, falls back to the reference. A
+quantised base (`kernels.quantized`) takes the same Function, its weight dequantised by
+bitsandbytes in the forward and again in the backward (never kept dense).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.triton_jit import kernel_for, next_power_of_2, triton_usable
+from kernels.quantized import QuantizedWeight, dequantize, quantized_lora_linear
 from pure import rng
 from pure.lora import LoraConfig, lora_dropout, lora_keep_mask, lora_linear
 
@@ -222,12 +224,16 @@ class _LoraLinearFunction(torch.autograd.Function):
     [M, in] pass scales anything. The backward adds s ((dy B) A) * keep into dx in one pass (addcmul)
     and recomputes x * keep for dA instead of keeping drop(x): per dropout the saved activation is
     the 1-byte mask, not the 4-byte dropped input plus a 4-byte multiplier as autograd over
-    `x * mask` would keep."""
+    `x * mask` would keep.
+
+    A frozen base in a bitsandbytes format (`kernels.quantized.QuantizedWeight`) is dequantised into
+    x's dtype in the forward and again in the backward; only the quantised weight is kept."""
 
     @staticmethod
     def forward(x, weight, bias, a, b, scale, keep, keep_prob, use_triton):
         matmul = _matmul_lowrank_triton if use_triton else _matmul_lowrank_torch
         rows = x.reshape(-1, x.shape[-1])
+        weight = dequantize(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight
         if keep is None:
             out, xa = matmul(rows, weight.t(), scale, c=b.t(), p=a.t(), bias=bias)
         else:
@@ -239,13 +245,16 @@ class _LoraLinearFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, a, b, scale, keep, keep_prob, use_triton = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, weight, a, b, output[1], keep)
+        ctx.quantized = weight if isinstance(weight, QuantizedWeight) else None
+        ctx.save_for_backward(x, weight if ctx.quantized is None else None, a, b, output[1], keep)
         ctx.scale, ctx.keep_prob, ctx.use_triton = scale, keep_prob, use_triton
 
     @staticmethod
     @torch.no_grad()  # first-order only: the backward itself is not differentiated
     def backward(ctx, grad, _grad_xa):
         x, weight, a, b, xa, keep = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = dequantize(ctx.quantized, x.dtype)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         scale = ctx.scale
         matmul = _matmul_lowrank_triton if ctx.use_triton else _matmul_lowrank_torch
@@ -279,9 +288,11 @@ def _as_float(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x, weight, bias, entry, config: LoraConfig, key, use_triton: bool):
-    if (config.use_dora or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+    quantized = isinstance(weight, QuantizedWeight)
+    dtype = (weight.compute_dtype or x.dtype) if quantized else weight.dtype
+    if (config.use_dora or dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
             or torch.is_autocast_enabled(x.device.type)):  # autocast picks the dtypes: the reference lets it
-        return lora_linear(x, weight, bias, entry, config, key)
+        return (quantized_lora_linear if quantized else lora_linear)(x, weight, bias, entry, config, key)
     a, b = entry["A"].to(x.dtype), entry["B"].to(x.dtype)
     keep = lora_keep_mask(x, config, key)
     keep_prob = rng.keep_probability(config.dropout) if keep is not None else 1.0

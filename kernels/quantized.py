@@ -206,14 +206,19 @@ def quantizable(name: str, tensor: torch.Tensor, skip: tuple[str, ...] = ()) -> 
 
 
 def quantize_params(params: Mapping[str, torch.Tensor], spec: QuantizationSpec) -> dict:
-    """Params with every quantisable linear weight replaced by its `QuantizedWeight`."""
+    """Params with every quantisable linear weight replaced by its `QuantizedWeight`.
+
+    The tensors kept dense are copied: params loaded from safetensors are views into one memory map
+    of the file, and a single view left alive keeps every page of it resident, the fp32 weights that
+    were just quantised included (measured on SmolLM2-135M: 1.0 GB resident after quantising without
+    the copy, the fp32 file's pages never released)."""
     out = {}
     for name, tensor in params.items():
         if quantizable(name, tensor, spec.skip):
             out[name] = quantize_int8(tensor, spec.compute_dtype) if spec.bits == 8 else \
                 quantize_4bit(tensor, spec.quant_type, spec.double_quant, compute_dtype=spec.compute_dtype)
         else:
-            out[name] = tensor
+            out[name] = tensor.clone()
     return out
 
 

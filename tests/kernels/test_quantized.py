@@ -50,6 +50,9 @@ def test_only_the_decoder_linears_are_quantised(kind):
     kinds = {name: type(v).__name__ for name, v in quantised.items()}
     assert all(kinds[n] == "QuantizedWeight" for n in params if n.endswith("_proj.weight"))
     assert all(kinds[n] == "Tensor" for n in params if not n.endswith("_proj.weight"))  # norms, embed, lm_head
+    # kept tensors are copies: no view into the loaded (memory-mapped) checkpoint keeps it resident
+    assert all(torch.equal(quantised[n], params[n]) and quantised[n].data_ptr() != params[n].data_ptr()
+               for n in params if kinds[n] == "Tensor")
     # the dequantised weight is close to the original: int8 within one step (row absmax / 127) of
     # it; the 16 NF4/FP4 levels of N(0, 0.02) weights within 2e-2
     w = params["model.layers.0.mlp.up_proj.weight"]
@@ -104,10 +107,47 @@ def test_lora_gradients_through_the_quantised_base_equal_the_dequantised_referen
 
 
 def test_the_dispatcher_routes_a_quantised_base_to_its_linear():
+    from kernels.lora_linear import lora_linear_function
+
     ops = select_model_ops("cpu", torch.float32, quantized=True)
-    assert ops["linear_fn"] is quantized_linear and ops["lora_linear_fn"] is quantized_lora_linear
+    # the fused LoRA Function (measured fastest on CPU) takes the quantised weight; plain layers bnb's
+    assert ops["linear_fn"] is quantized_linear and ops["lora_linear_fn"] is lora_linear_function
+    assert select_model_ops("cpu", torch.float32, reference=["lora_linear_fn"], quantized=True)[
+        "lora_linear_fn"] is quantized_lora_linear
     assert "linear_fn" not in select_model_ops("cpu", torch.float32)
     assert is_quantized(quantize_params(llama.init(CONFIG, rng.key(0)), SPECS["nf4"]))
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_fused_lora_function_over_a_quantised_base_equals_the_reference(kind, dropout):
+    """`kernels.lora_linear`'s Function on a QuantizedWeight: the same output and gradients as the
+    reference (bnb linear + the pure LoRA path), with only the quantised weight kept."""
+    from kernels.lora_linear import lora_linear_function
+
+    weight = rng.normal(rng.key(3), (128, 64), std=0.02)
+    q = quantize_params({"m.up_proj.weight": weight}, SPECS[kind])["m.up_proj.weight"]
+    config = LoraConfig(r=4, alpha=8, dropout=dropout)
+    entry = {"A": rng.normal(rng.key(4), (4, 64), std=0.1), "B": rng.normal(rng.key(5), (128, 4), std=0.1)}
+    x = rng.normal(rng.key(6), (2, 5, 64))
+    key = rng.key(7) if dropout else None
+
+    def run(fn):
+        def loss(e, x):
+            return fn(x, q, None, e, config, key).square().sum()
+        return torch.func.grad_and_value(loss, argnums=(0, 1))(entry, x)
+
+    (g_ours, dx_ours), y_ours = run(lora_linear_function)
+    (g_ref, dx_ref), y_ref = run(quantized_lora_linear)
+    # fp32: the same products in another association (addmm folds the low-rank term)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_ours, dx_ref, rtol=1e-5, atol=1e-6)
+    for name in ("A", "B"):
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-5, atol=1e-5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear_function(x.requires_grad_(), q, None, entry, config, key)
+    assert not any(t.shape == weight.shape for t in saved)
 
 
 def test_the_backward_keeps_only_the_quantised_weight():
