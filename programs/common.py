@@ -52,7 +52,27 @@ def load_model(config, quantize: bool = True):
         # axolotl's default: new rows drawn like transformers' init; mean_resizing_embeddings: mean rows
         key = None if config.mean_resizing_embeddings else rng.fold_in(rng.key(config.seed), RESIZE_STREAM)
         params, model_config = resize_embeddings(params, model_config, vocab, key=key)
+    if model_config.tie_word_embeddings and saves_lm_head(config):
+        params, model_config = untie_lm_head(params, model_config)
     return (quantize_base(config, params) if quantize else params), model_config, tokenizer
+
+
+def saves_lm_head(config) -> bool:
+    """Whether a LoRA run trains the output head whole (`lora_modules_to_save` names `lm_head`, by
+    build_trainable's suffix match)."""
+    return config.adapter in ("lora", "qlora") and any("lm_head".endswith(m) for m in config.lora_modules_to_save or [])
+
+
+def untie_lm_head(params: dict, model_config):
+    """(params, config) with `lm_head.weight` a copy of the tied embedding and the tie off.
+
+    PEFT's `modules_to_save: [lm_head]` on a tied model wraps `lm_head` in its own trainable copy of
+    the shared matrix (and `embed_tokens`, if listed too, in another), so training unties them;
+    axolotl's configs list `[embed_tokens, lm_head]` for Llama-3.2-1B and SmolLM2, whose heads are
+    tied. The exported adapter holds both copies and reloads onto the tied base in PEFT the same way."""
+    params = dict(params)
+    params["lm_head.weight"] = params["model.embed_tokens.weight"].clone()
+    return params, model_config.replace(tie_word_embeddings=False)
 
 
 def quantize_base(config, params: dict) -> dict:

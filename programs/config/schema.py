@@ -318,6 +318,7 @@ class ModelKeys(BaseModel):
     is_qwen_derived_model: bool | None = None
     strict: bool = False
     axolotl_config_path: str | None = None
+    test_value: Any = None  # a stray key of one axolotl example (see IGNORED_KEYS)
 
 
 class AdapterKeys(BaseModel):

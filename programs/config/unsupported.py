@@ -216,6 +216,9 @@ IGNORED_KEYS: dict[str, str] = {
     "model_type": "as type_of_model (its other spelling)",
     "axolotl_config_path": "set by axolotl's CLI to the config file's own path; puretune's programs take "
                            "--config",
+    "test_value": "not an axolotl option: a stray key in axolotl's own example "
+                  "examples/llama-3/lora-1b-sample-packing-sequentially.yml, which axolotl's schema drops as it "
+                  "drops every unknown key (puretune refuses other unknown keys, to catch typos)",
     "is_falcon_derived_model": "the architecture comes from the checkpoint's config.json",
     "is_llama_derived_model": "the architecture comes from the checkpoint's config.json",
     "is_mistral_derived_model": "the architecture comes from the checkpoint's config.json",

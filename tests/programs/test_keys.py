@@ -245,6 +245,34 @@ def test_lora_target_modules_choose_the_adapted_linears(tmp_path, tiny_model):
     assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_lora_modules_to_save_lm_head_on_a_tied_model_trains_an_untied_head_that_peft_reloads(tmp_path, tiny_model):
+    """axolotl's configs list [embed_tokens, lm_head] for tied models (Llama-3.2-1B, SmolLM2): PEFT
+    gives each its own trainable copy of the shared matrix, so must we, and the adapter must reload."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from pure.models import forward
+
+    path = config_file(tmp_path, tiny_model, max_steps=2, lora_modules_to_save=["embed_tokens", "lm_head"])
+    result = run(load_config(path))
+    trained = result["state"].trainable["params"]
+    assert sorted(trained) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert not torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])  # untied by training
+    saved = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(saved)
+
+    params, model_config, _, delta, lora_config = common.load_model_with_adapter(load_config(path))
+    tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = forward(params, tokens, model_config, lora=delta, lora_config=lora_config).logits
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert base.config.tie_word_embeddings
+    with torch.no_grad():
+        reference = peft.PeftModel.from_pretrained(base, tmp_path / "run").eval()(tokens).logits
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)  # fp32, same products in another order
+
+
 def test_sample_packing_bin_size_caps_the_documents_per_row(tmp_path, tiny_model, monkeypatch):
     _, packed = batches_of(tmp_path, tiny_model, monkeypatch, sample_packing=True)
     _, single = batches_of(tmp_path, tiny_model, monkeypatch, sample_packing=True, sample_packing_bin_size=1)
