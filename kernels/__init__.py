@@ -52,11 +52,11 @@ def select_model_ops(device, dtype, sliding_window: int | None = None, reference
     ops = {name: references[name] if name in reference else fn for name, fn in ops.items()}
     if quantized:
         from kernels.lora_linear import lora_linear_function, lora_linear_triton
-        from kernels.quantized import quantized_linear, quantized_lora_linear
 
-        ops["linear_fn"] = quantized_linear
+        quantized_ops = quantized_model_ops()
+        ops["linear_fn"] = quantized_ops["linear_fn"]
         if ops["lora_linear_fn"] not in (lora_linear_function, lora_linear_triton):  # those take a quantised weight
-            ops["lora_linear_fn"] = quantized_lora_linear
+            ops["lora_linear_fn"] = quantized_ops["lora_linear_fn"]
     return ops
 
 
