@@ -1,7 +1,8 @@
 """Checkpoints of the whole `TrainState`: tensors as safetensors, the rest as JSON, written atomically.
 
 A checkpoint is `output_dir/checkpoint-<step>/` with `state.safetensors` (trainable params,
-optimizer state, RNG key, fp16 loss scaler, keyed by their pytree paths) and `state.json` (step, data cursor, the
+optimizer state, RNG key, fp16 loss scaler, keyed by their pytree paths; a program's `carry` under
+`carry/<name>`, restored as saved) and `state.json` (step, data cursor, the
 tensor paths, anything extra). It is written into a temporary folder, fsynced, then renamed into
 place: a kill during a save leaves the previous checkpoint as the latest one, never a broken one.
 """
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from backends.atomic import atomic_folder
 from pure.train import TrainState
-from pure.tree import leaves_with_paths, replace_leaves
+from pure.tree import leaves_with_paths, replace_leaves, tree_leaves
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_TENSORS = "state.safetensors"
@@ -41,10 +42,22 @@ def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, values
 
 
+CARRY = "carry"  # the state field restored as saved (its structure is not the template's)
+
+
 def _state_tree(state: TrainState) -> dict:
-    """Every field of the state by name: its tensor leaves go to the safetensors file, the other
-    leaves (step, data cursor, hyperparameters in the optimizer state) to `values` in the JSON."""
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    """Every field of the state by name but `carry`: its tensor leaves go to the safetensors file,
+    the other leaves (step, data cursor, hyperparameters in the optimizer state) to `values` in the JSON."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != CARRY}
+
+
+def _split_carry(carry: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`state.carry`'s tensors under `carry/<name>` in the safetensors file, its other values for the JSON."""
+    bad = [k for k in carry if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"state.carry must be a flat dict with string names; got keys {bad[:3]}")
+    tensors = {f"{CARRY}/{k}": v.detach().contiguous().cpu() for k, v in carry.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in carry.items() if not isinstance(v, torch.Tensor)}
 
 
 def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dict | None = None,
@@ -54,8 +67,11 @@ def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dic
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"checkpoint-{state.step}"
     tensors, values = _flatten(_state_tree(state))
+    carry_tensors, carry_values = _split_carry(state.carry)
+    tensors.update(carry_tensors)
     meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values,
-            "tensors": sorted(tensors), "extra": extra or {}}
+            "tensors": sorted(tensors), "carry": {"values": carry_values, "tensors": sorted(carry_tensors)},
+            "extra": extra or {}}
     # Re-saving a step (a signal right after a scheduled save) swaps out the existing folder.
     with atomic_folder(target) as tmp:
         save_file(tensors, str(tmp / STATE_TENSORS))
@@ -92,6 +108,15 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
         tensors = load_file(str(path / STATE_TENSORS))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{path / STATE_TENSORS} cannot be read ({e}); the file is damaged") from e
+    carry_meta = meta.get("carry", {"values": {}, "tensors": []})
+    carry = dict(carry_meta["values"])
+    for name in carry_meta["tensors"]:
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint is damaged")
+        carry[name.split("/", 1)[1]] = tensors.pop(name)
+    device = next((t.device for t in tree_leaves(like.trainable) if isinstance(t, torch.Tensor)), None)
+    if device is not None:
+        carry = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in carry.items()}
     template = _state_tree(like)
     named = leaves_with_paths(template, none_is_leaf=True)
     restored = []
@@ -112,5 +137,5 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a different run setup")
     tree = replace_leaves(template, restored, none_is_leaf=True)
-    state = like.replace(**tree)
+    state = like.replace(**tree, carry=carry)
     return state, meta.get("extra", {})

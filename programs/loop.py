@@ -1,4 +1,4 @@
-"""The training loop every program shares (SFT, DPO family, KTO, ORPO, reward models).
+"""The training loop every program shares (SFT, DPO family, KTO, ORPO, reward models, GRPO).
 
 A program builds its pieces (model, batches, loss, step) and hands them to `fit`, which owns what
 is the same for all of them: resume, the step loop over the data cursor, logging, eval, scheduled
@@ -233,7 +233,8 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             stop.close()
             raise FloatingPointError(f"train/loss is {loss} at step {state.step + 1}; {where}")
         state = new_state.replace(data_cursor=cursor)
-        step_tokens = sum(b["num_tokens"] for b in micro)
+        # A step that makes its own tokens (GRPO's rollouts) reports how many it trained on.
+        step_tokens = int(metrics.pop("step_tokens")) if "step_tokens" in metrics else sum(b["num_tokens"] for b in micro)
         window_tokens += step_tokens
         run_tokens += step_tokens
         if state.step % log_every == 0 or state.step == total:
@@ -270,7 +271,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         logger.log(state.step, {"train/run_tokens_per_second": run_tokens / max(time.perf_counter() - run_start, 1e-9)})
     if has_eval:
         final = logger.records[-1] if (eval_every and state.step % eval_every == 0) else logger.log(state.step, evaluate())
-        before = next((r for r in logger.records if r["step"] == 0 and "eval/loss" in r), None)
+        before = next((r for r in logger.records if r["step"] == 0 and any(k.startswith("eval/") for k in r)), None)
         if before is not None and run.summary is not None:
             print(run.summary(before, final), flush=True)
     if config.save_strategy != "no" and (last_saved is None or last_saved.name != f"checkpoint-{state.step}"):

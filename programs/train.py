@@ -26,8 +26,12 @@ def main(argv=None) -> int:
         from programs import rm
 
         return rm.main(argv)
+    if kind in ("grpo", "gdpo"):
+        from programs import grpo
+
+        return grpo.main(argv)
     common.fail(f"training method rl: {kind} is not supported yet by puretune; "
-                "supported: sft, dpo, ipo, simpo, orpo, kto, reward_model, process_reward_model")
+                "supported: sft, dpo, ipo, simpo, orpo, kto, grpo, gdpo, reward_model, process_reward_model")
 
 if __name__ == "__main__":
     sys.exit(main())

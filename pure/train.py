@@ -28,6 +28,9 @@ from pure.tree import global_norm, tree_leaves, tree_map
 class TrainState:
     """step: optimizer steps taken. trainable: `{"params": {...}, "lora": {...}}` (either may be
     empty). data_cursor: where the data stream stands (epoch, batch index), plain ints.
+    carry: what a program carries from one step to the next beyond the optimizer (GRPO's buffered
+    generation batch: completions, advantages, old log-probs), a flat `{name: tensor | JSON value}`
+    whose names and shapes change during the run, so a checkpoint restores it as saved.
 
     Frozen: a step returns a new state. Every field is checkpointed (`backends.checkpoint` walks
     `dataclasses.fields`), so a field added here is saved and restored with no other change."""
@@ -38,6 +41,7 @@ class TrainState:
     rng_key: torch.Tensor
     data_cursor: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
     loss_scale: dict | None = None  # `LossScaling.init()` for fp16 mixed precision, else None
+    carry: dict = field(default_factory=dict)
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)

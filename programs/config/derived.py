@@ -190,3 +190,59 @@ def quantization_spec(config: Config):
     keep_dense = tuple(skip) + tuple(config.lora_modules_to_save or ())
     return QuantizationSpec(bits=bits, quant_type=quant_type, double_quant=double_quant,
                             compute_dtype=compute_dtype, skip=keep_dense)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoBatching:
+    """How GRPO's rollouts and optimizer steps line up, as TRL's GRPOConfig derives them. Sizes count
+    completions: `micro_batch_size` completions per micro-batch, `generation_batch_size` =
+    micro_batch_size x steps_per_generation per generation (`prompts_per_generation` x num_generations),
+    reused for `num_iterations` passes; old log-probs are stored when the policy moves in between."""
+
+    num_generations: int
+    steps_per_generation: int
+    generation_batch_size: int
+    num_iterations: int
+    gradient_accumulation_steps: int
+
+    @property
+    def prompts_per_generation(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    @property
+    def slots_per_generation(self) -> int:
+        """Micro-batches drawn from one generation: each of its slices, once per iteration."""
+        return self.steps_per_generation * self.num_iterations
+
+    @property
+    def stores_old_logps(self) -> bool:
+        """TRL's rule: unless a generation is used up within one optimizer step, the policy that
+        sampled it is gone by the time later slices train, so its log-probs are stored."""
+        return self.gradient_accumulation_steps % self.slots_per_generation != 0
+
+
+def grpo_batching(config: Config) -> GrpoBatching:
+    """GRPO's batch sizes from `micro_batch_size`, `gradient_accumulation_steps` and `trl.*`, with
+    TRL's checks made up front (one process)."""
+    trl = config.trl
+    num_generations = trl.num_generations or 8
+    if num_generations < 2:
+        raise ConfigError(f"trl.num_generations: GRPO needs at least 2 completions per prompt to compare "
+                          f"them, got {num_generations}")
+    mbs, accumulation = config.micro_batch_size, config.gradient_accumulation_steps
+    if trl.generation_batch_size is not None and trl.steps_per_generation is not None:
+        raise ConfigError("trl.generation_batch_size and trl.steps_per_generation cannot both be set; use one of them")
+    if trl.generation_batch_size is not None:
+        if trl.generation_batch_size % mbs:
+            raise ConfigError(f"trl.generation_batch_size ({trl.generation_batch_size}) must be a multiple of "
+                              f"micro_batch_size ({mbs}): it is split into micro-batches of completions")
+        steps = trl.generation_batch_size // mbs
+    else:
+        steps = trl.steps_per_generation or accumulation
+    size = mbs * steps
+    if size % num_generations:
+        where = ("trl.generation_batch_size" if trl.generation_batch_size is not None else
+                 f"micro_batch_size ({mbs}) x {'trl.steps_per_generation' if trl.steps_per_generation else 'gradient_accumulation_steps'} ({steps})")
+        raise ConfigError(f"the generation batch of {size} completions ({where}) must be divisible by "
+                          f"trl.num_generations ({num_generations}), so that it holds whole prompt groups")
+    return GrpoBatching(num_generations, steps, size, trl.num_iterations or 1, accumulation)

@@ -90,7 +90,8 @@ class TRLConfig(_Strict):
     sync_ref_model: bool = False
     ref_model_mixup_alpha: Ratio = 0.9
     ref_model_sync_steps: PosInt = 64
-    scale_rewards: bool = True
+    # TRL: true = "group", false = "none"; or "batch"
+    scale_rewards: bool | Literal["group", "batch", "none"] = True
     temperature: NonNegFloat | None = None
     top_p: Ratio | None = None
     top_k: int | None = None
@@ -101,8 +102,13 @@ class TRLConfig(_Strict):
     num_iterations: PosInt | None = None
     epsilon: NonNegFloat | None = None
     epsilon_high: NonNegFloat | None = None
+    # TRL's GRPOConfig keys axolotl passes through: two-sided clip, SAPO temperatures, rollout reuse
+    delta: PosFloat | None = None
+    sapo_temperature_pos: PosFloat = 1.0
+    sapo_temperature_neg: PosFloat = 1.05
+    steps_per_generation: PosInt | None = None
     use_liger_loss: bool | None = None
-    # GRPO: grpo | bnpo | dr_grpo | dapo; DPO (rl: dpo): one pair loss type or a list, weighted by loss_weights
+    # GRPO: grpo | bnpo | dr_grpo | dapo | cispo | sapo; DPO (rl: dpo): one pair loss type or a list, weighted by loss_weights
     loss_type: str | list[str] | None = None
     loss_weights: list[float] | None = None
     mask_truncated_completions: bool = False

@@ -100,23 +100,24 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_otel_metrics": (_truthy, ""),
     "qat": (_truthy, ""),
     "quantization": (_truthy, ""),
-    # online RL (issues 15, 16, 18): the method, its blocks, and the trl keys only GRPO reads
-    "rl": (_one_of("grpo", "gdpo", "ebft"), "supported: dpo, ipo, simpo, orpo, kto (and reward_model, process_reward_model)"),
+    # online RL: EBFT (issue 18), and GRPO's vLLM backend and async producer (issue 16)
+    "rl": (_one_of("ebft"), "supported: dpo, ipo, simpo, orpo, kto, grpo, gdpo (and reward_model, process_reward_model)"),
     "vllm": (_truthy, "the vLLM rollout backend"),
     "ebft": (GIVEN, "rl: ebft"),
-    **{f"trl.{key}": (GIVEN, "a GRPO key; rl: grpo / gdpo") for key in (
-        "max_completion_length", "use_vllm", "vllm_mode", "vllm_server_host", "vllm_server_port",
-        "vllm_server_timeout", "vllm_guided_decoding_regex", "reward_funcs", "reward_weights",
-        "generation_batch_size", "num_generations", "log_completions", "num_completions_to_print",
-        "importance_sampling_level", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-        "scale_rewards", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
-        "chat_template_kwargs", "num_iterations", "epsilon", "epsilon_high", "use_liger_loss",
-        "mask_truncated_completions", "vllm_enable_sleep_mode", "rollout_func", "multi_objective_aggregation",
-        "use_data_producer", "async_prefetch", "prefetch_depth", "vllm_sync_interval", "streaming_partial_batch",
-        "streaming_min_groups", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-        "vllm_importance_sampling_cap", "off_policy_mask_threshold", "use_bias_correction_kl",
-        "reward_num_workers", "replay_buffer_size", "replay_recompute_logps", "reroll_start_fraction",
-        "reroll_max_groups", "skip_zero_advantage_batches", "vllm_lora_sync")},
+    "trl.use_vllm": (_truthy, "the vLLM rollout backend comes with its own issue; set trl.use_vllm: false to "
+                              "generate with puretune's native engine"),
+    **{f"trl.{key}": (GIVEN, "a key of the vLLM rollout backend (trl.use_vllm: true), which is not built yet")
+       for key in ("vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+                   "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_sync_interval",
+                   "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+                   "vllm_importance_sampling_cap", "vllm_lora_sync")},
+    **{f"trl.{key}": (GIVEN, "axolotl's async GRPO data producer; puretune generates each batch in step")
+       for key in ("use_data_producer", "async_prefetch", "prefetch_depth", "streaming_partial_batch",
+                   "streaming_min_groups", "replay_buffer_size", "replay_recompute_logps", "reroll_start_fraction",
+                   "reroll_max_groups")},
+    "trl.off_policy_mask_threshold": (GIVEN, "off-policy sequence masking"),
+    "trl.use_bias_correction_kl": (_truthy, "the importance-weighted KL"),
+    "trl.use_liger_loss": (_truthy, "puretune's GRPO loss runs its own lm_head path"),
     "dpo_generate_during_eval": (_truthy, ""),
     "dpo_norm_loss": (_truthy, "length-normalised DPO log-probabilities"),
     # model loading

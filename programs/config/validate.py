@@ -190,7 +190,7 @@ def _check_not_supported(raw: dict) -> None:
                 raise ConfigError(f"{list_key}[{i}].type: synthetic datasets are not supported yet by puretune")
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 def _check_loss_type(c: "Config") -> None:
@@ -308,6 +308,7 @@ def _check_rules(c: Config) -> None:
             f"dataset_shard_idx: expected an index < dataset_shard_num ({c.dataset_shard_num}), got {c.dataset_shard_idx}"
         )
     _check_model_type(c)
+    _check_grpo(c)
     from programs.kernel_keys import check_kernel_keys
 
     check_kernel_keys(c)
@@ -327,6 +328,48 @@ def _check_rules(c: Config) -> None:
                 raise ConfigError(f"{where}.shards_idx: expected an index < shards ({d.shards}), got {d.shards_idx}")
             if d.shards is not None and d.preprocess_shards is not None:
                 raise ConfigError(f"{where}: shards and preprocess_shards cannot both be set")
+
+
+# The trl: keys only rl: grpo / gdpo read (trl.beta, loss_type and loss_weights serve the DPO family too).
+GRPO_ONLY_TRL_KEYS = (
+    "max_completion_length", "reward_funcs", "reward_weights", "generation_batch_size", "num_generations",
+    "log_completions", "num_completions_to_print", "importance_sampling_level", "sync_ref_model",
+    "ref_model_mixup_alpha", "ref_model_sync_steps", "scale_rewards", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "generation_kwargs", "chat_template_kwargs", "num_iterations", "epsilon", "epsilon_high",
+    "delta", "sapo_temperature_pos", "sapo_temperature_neg", "steps_per_generation", "mask_truncated_completions",
+    "rollout_func", "multi_objective_aggregation", "reward_num_workers", "skip_zero_advantage_batches")
+
+
+def _check_grpo(c: Config) -> None:
+    """rl: grpo / gdpo: reward functions, no packing, the generation batch in whole prompt groups; the
+    GRPO-only trl keys refused under any other method (they would have no effect)."""
+    trl = c.trl
+    if c.rl not in ("grpo", "gdpo"):
+        if trl is not None:
+            given = sorted(k for k in GRPO_ONLY_TRL_KEYS if k in trl.model_fields_set)
+            if given:
+                raise ConfigError(f"trl.{given[0]} is a GRPO key (rl: grpo / gdpo); this config trains "
+                                  f"{'rl: ' + c.rl if c.rl else 'without rl: (SFT)'}")
+        return
+    if c.sample_packing:
+        raise ConfigError(f"rl: {c.rl} needs sample_packing: false (completions are generated, not packed)")
+    if trl is None or not (trl.reward_funcs or trl.rollout_func):
+        raise ConfigError(f"rl: {c.rl} needs trl.reward_funcs: a list of reward functions (module.fn importable "
+                          "from the working directory) or reward-model folders")
+    if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
+        raise ConfigError(f"trl.reward_weights has {len(trl.reward_weights)} weights for "
+                          f"{len(trl.reward_funcs or [])} reward functions; give one weight per function")
+    if c.rl == "gdpo" and trl.multi_objective_aggregation == "sum_then_normalize":
+        raise ConfigError("rl: gdpo is GRPO with multi_objective_aggregation: normalize_then_sum; "
+                          "trl.multi_objective_aggregation: sum_then_normalize contradicts it (use rl: grpo)")
+    extra = sorted(set(trl.generation_kwargs or {}) - {"stop_token_ids"})
+    if extra:
+        raise ConfigError(f"trl.generation_kwargs.{extra[0]} is not supported yet by puretune's native rollout "
+                          "engine; it reads stop_token_ids (the sampling keys are trl.temperature, top_p, top_k, "
+                          "min_p, repetition_penalty, max_completion_length)")
+    from programs.config.derived import grpo_batching
+
+    grpo_batching(c)
 
 
 # The model class names axolotl configs give as type_of_model / model_type, by the head each means.

@@ -76,6 +76,20 @@ def test_a_field_added_to_the_state_is_checkpointed_without_telling_checkpoint_p
     assert_every_field_equal(state, restored)
 
 
+def test_the_carry_is_restored_as_saved_whatever_the_fresh_state_holds(tmp_path):
+    # GRPO's buffered generation batch: names and shapes unknown to a freshly initialised state.
+    carry = {"mb0.input_ids": torch.arange(12).view(3, 4), "mb0.old_logps": torch.randn(3, 2, dtype=torch.float64),
+             "position": 1, "generation": {"prompts": [3, 1]}}
+    state = fresh_state().replace(step=2, carry=carry)
+    restored, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(state, tmp_path), fresh_state(seed=5))
+    assert sorted(restored.carry) == sorted(carry)
+    for name, value in carry.items():
+        got = restored.carry[name]
+        assert (torch.equal(got, value) and got.dtype == value.dtype) if isinstance(value, torch.Tensor) else got == value
+    empty, _ = ckpt.load_checkpoint(ckpt.save_checkpoint(fresh_state().replace(step=3), tmp_path), state)
+    assert empty.carry == {}  # an empty carry replaces whatever the template held
+
+
 def test_the_state_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         fresh_state().step = 1
