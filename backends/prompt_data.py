@@ -70,7 +70,8 @@ def _entry_row_fn(entry: Mapping, index: int, tokenizer, settings: DataSettings,
         try:
             transform = load_user_function(str(type_spec), "dataset transform")
         except UserFunctionError as err:
-            raise DataError(f"dataset {label}: {err}; rl: {kind} datasets name a transform module.fn in `type:`") from None
+            raise DataError(f"dataset {label}: {err}; rl: {kind} datasets name a transform module.fn "
+                            "in `type:`") from None
     try:
         return resolve_strategy(kind, entry, tokenizer, settings, config=config, dataset_index=index,
                                 transform=transform)

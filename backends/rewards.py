@@ -113,6 +113,9 @@ def load_reward_functions(names: Sequence[str], *, tokenizer=None, chat_template
                                                batch_size=batch_size, device=device)
             loaded.append(RewardFunction(Path(name.rstrip("/")).name, model, "model", name))
             continue
+        if "/" in name or name.startswith((".", "~")):
+            raise RewardError(f"reward function {name!r} is neither an existing folder nor a Hub id in the local "
+                              f"Hugging Face cache (nothing is downloaded). Expected {_EXPECTED}")
         try:
             fn = load_user_function(name, "reward function")
         except UserFunctionError as err:
@@ -135,7 +138,7 @@ def load_rollout_function(name: str) -> Callable:
 # Model rewards
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds tensors
 class SequenceRewardModel:
     """A `...ForSequenceClassification` folder as a reward function: `model(prompts, completions)` is
     the list of score[:, 0] (TRL reads the first label) of each `prompt + completion` text.
@@ -174,7 +177,7 @@ class SequenceRewardModel:
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    def scores(self, token_ids: Sequence[Sequence[int]]) -> "torch.Tensor":
+    def scores(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 [N, num_labels]: the head at each row's last non-pad token."""
         import torch
 
@@ -238,7 +241,8 @@ def load_sequence_reward_model(folder, *, tokenizer=None, chat_template_kwargs: 
         raise RewardError(f"reward model {folder}: no readable config.json ({err}); expected {_EXPECTED}") from None
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         raise RewardError(f"reward model {folder}: config.json names {architectures or 'no architecture'}; a reward "
-                          "model must be a ...ForSequenceClassification (python -m programs.rm with reward_model: true)")
+                          "model must be a ...ForSequenceClassification (python -m programs.rm with "
+                          "reward_model: true)")
     try:
         params, config, own_tokenizer = load_pretrained(folder, dtype=torch.float32)
     except ModelLoadError as err:
@@ -348,7 +352,8 @@ def _reward_call(prompts: list, completions: list, completion_ids: list, columns
 
 def _check_groups(n: int, num_generations: int) -> None:
     if num_generations < 1 or n % num_generations:
-        raise ValueError(f"score_completions: {n} completions are not whole groups of num_generations={num_generations}")
+        raise ValueError(f"score_completions: {n} completions are not whole groups of "
+                         f"num_generations={num_generations}")
 
 
 def _group_shards(n: int, num_generations: int, num_workers: int) -> list[tuple[int, int]]:
@@ -408,7 +413,7 @@ class RewardPool:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "RewardPool":
+    def __enter__(self) -> RewardPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -417,7 +422,7 @@ class RewardPool:
 
 def score_completions(funcs: Sequence[RewardFunction], *, prompts: list, completions: list,
                       completion_ids: list[list[int]], columns: Mapping[str, list], num_generations: int,
-                      num_workers: int = 1, pool: RewardPool | None = None) -> "torch.Tensor":
+                      num_workers: int = 1, pool: RewardPool | None = None) -> torch.Tensor:
     """float64 [N, K]: reward k of completion i, NaN where it returned None; weights not applied.
 
     Each function gets `prompts`, `completions` (already shaped: `shape_completions`),

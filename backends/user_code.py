@@ -83,7 +83,8 @@ def load_user_function(name: str, what: str = "function") -> Callable:
                                     f"{type(err).__name__}: {err}", "import_failed") from None
     if not hasattr(module, attr):
         where = getattr(module, "__file__", None) or module_name
-        raise UserFunctionError(f"{what} {name!r}: module {module_name!r} ({where}) has no attribute {attr!r}", "no_attribute")
+        raise UserFunctionError(f"{what} {name!r}: module {module_name!r} ({where}) has no attribute {attr!r}",
+                                "no_attribute")
     fn = getattr(module, attr)
     if not callable(fn):
         raise UserFunctionError(f"{what} {name!r} is a {type(fn).__name__}, not callable", "not_callable")

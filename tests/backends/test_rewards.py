@@ -154,6 +154,8 @@ def test_a_misbehaving_function_is_one_line_naming_it_and_the_row(rewards_dir, n
     ("nowhere.fn", r"reward function 'nowhere.fn': module 'nowhere' not found .*nor is it a reward-model folder\. "
                    r"Expected a dotted module.fn importable from the working directory, or a local folder"),
     ("plainname", r"reward function 'plainname' is not a dotted path module.fn; nor is it a reward-model folder"),
+    ("./no/such/folder", r"reward function './no/such/folder' is neither an existing folder nor a Hub id in the "
+                         r"local Hugging Face cache"),
     ("my_rewards.missing", r"reward function 'my_rewards.missing': module 'my_rewards' \(.*my_rewards.py\) has no "
                            r"attribute 'missing'$"),
     ("my_rewards.NOT_CALLABLE", r"reward function 'my_rewards.NOT_CALLABLE' is a int, not callable"),
