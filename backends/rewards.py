@@ -32,6 +32,7 @@ import numbers
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -398,6 +399,10 @@ class RewardPool:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {num_workers}")
         self.sources = tuple(f if isinstance(f, str) else f.source for f in funcs
                              if isinstance(f, str) or f.kind == "function")
+        unnamed = [f.name for f in funcs if not isinstance(f, str) and f.kind == "function" and not f.source]
+        if unnamed:
+            raise ValueError(f"RewardPool: reward functions {unnamed} have no dotted path (source), so a worker "
+                             "process cannot import them")
         self.num_workers = num_workers
         self._executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_worker_start, initargs=(os.getcwd(),))
@@ -407,7 +412,16 @@ class RewardPool:
         shards = _group_shards(n, num_generations, self.num_workers)
         futures = [self._executor.submit(_score_shard, self.sources, _slice_call(call, n, a, b), b - a, a)
                    for a, b in shards]
-        parts = [future.result() for future in futures]
+        try:
+            parts = [future.result() for future in futures]
+        except RewardError:
+            raise
+        except BrokenProcessPool as err:
+            raise RewardError(f"a reward worker process died while scoring ({err}); a reward function may have "
+                              "exited or crashed the interpreter") from None
+        except Exception as err:  # the batch could not be sent: pickling, mostly
+            raise RewardError(f"the reward workers could not take this batch: {_one_line(err)} (every column "
+                              "must be picklable to reach a worker process)") from None
         return [[v for part in parts for v in part[k]] for k in range(len(self.sources))]
 
     def close(self) -> None:

@@ -274,6 +274,8 @@ def test_a_causal_lm_folder_is_not_a_reward_model(tmp_path):
         load_reward_functions([str(folder)])
 
 
-def test_reward_function_kind_is_checked():
+def test_reward_function_kind_is_checked_and_a_pool_needs_dotted_paths():
     with pytest.raises(ValueError, match="kind must be one of"):
         RewardFunction("f", len, "judge")
+    with pytest.raises(ValueError, match=r"reward functions \['len'\] have no dotted path"):
+        RewardPool([RewardFunction("len", len, "function")], 2)
