@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from programs import common, loop
-from programs.config.derived import grpo_batching, training_kind
+from programs.config.derived import data_settings, grpo_batching, training_kind
 from pure import rng
 from pure.train import init_train_state, make_train_step
 
@@ -199,15 +199,18 @@ class Generator:
 
 
 class Rewards:
-    """The reward functions of `trl.reward_funcs` over a row's columns, in the main process or a pool."""
+    """The reward functions of `trl.reward_funcs` over a row's columns: in this process, or in a pool
+    of `trl.reward_num_workers` processes made once for the run (model rewards stay here)."""
 
     def __init__(self, config, tokenizer):
-        from backends.rewards import load_reward_functions
+        from backends.rewards import RewardPool, load_reward_functions
 
         trl = config.trl
-        self.funcs = load_reward_functions(trl.reward_funcs, tokenizer=tokenizer)
+        self.funcs = load_reward_functions(trl.reward_funcs, tokenizer=tokenizer,
+                                           chat_template_kwargs=trl.chat_template_kwargs)
         self.names = [f.name for f in self.funcs]
-        self.num_workers = trl.reward_num_workers
+        functions = [f for f in self.funcs if f.kind == "function"]
+        self.pool = RewardPool(functions, trl.reward_num_workers) if trl.reward_num_workers > 1 and functions else None
 
     def score(self, prompt_rows: list[dict], texts: list[str], completion_ids, num_generations: int) -> torch.Tensor:
         from backends.rewards import score_completions, shape_completions
@@ -216,7 +219,11 @@ class Rewards:
         columns = {k: [r[k] for r in prompt_rows] for k in prompt_rows[0] if k not in ("prompt", "prompt_ids")}
         return score_completions(self.funcs, prompts=prompts, completions=shape_completions(prompts, texts),
                                  completion_ids=[list(c) for c in completion_ids], columns=columns,
-                                 num_generations=num_generations, num_workers=self.num_workers)
+                                 num_generations=num_generations, pool=self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
 # ---- the step
@@ -339,8 +346,11 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     trl = config.trl
 
     def prompt_rows(entries) -> list[dict]:
-        rows = load_prompt_rows([e.to_dict() for e in entries], config=config.to_dict())
-        return tokenize_prompts(rows, tokenizer, chat_template_kwargs=trl.chat_template_kwargs)
+        rows = load_prompt_rows([e.to_dict() for e in entries], config=config.to_dict(), tokenizer=tokenizer,
+                                settings=data_settings(config))
+        # sequence_len bounds the prompt: a longer one is an error naming its row, never cut silently
+        return tokenize_prompts(rows, tokenizer, chat_template_kwargs=trl.chat_template_kwargs,
+                                max_prompt_length=config.sequence_len)
 
     rows = prompt_rows(config.datasets)
     eval_rows = prompt_rows(config.test_datasets) if config.test_datasets else []
