@@ -6,21 +6,22 @@ when the batch brings none: one update per generation, μ = 1), reference log-pr
 row's advantage A_i, the importance weight is
 
     token level:     log w_it = ℓ_it - ℓ_old_it
-    sequence level:  log w_i  = Σ_t m_it (ℓ_it - ℓ_old_it) / max(1, Σ_t m_it)     (GSPO, Zheng et al. 2025)
+    sequence level:  log w_i  = Σ_t m_it (ℓ_it - ℓ_old_it) / max(1, Σ_t m_it)    (GSPO, arXiv:2507.18071)
 
 and with r = exp(log w), ε_lo = `epsilon`, ε_hi = `epsilon_high` (None = ε_lo, TRL's default):
 
 | loss_type | per-token loss | source |
 |---|---|---|
-| grpo, bnpo, dr_grpo, dapo | -min(r' A, clip(r, 1-ε_lo, 1+ε_hi) A), r' = min(r, δ) when `delta` is set, else r | PPO clip; GRPO, Shao et al. 2024; two-sided δ: INTELLECT-2 |
-| cispo | -sg(min(r, ε_hi)) A ℓ (ε_hi is the raw cap, 5.0 in ScaleRL) | MiniMax-M1 2025; ScaleRL, Khatri et al. 2025 |
-| sapo | -(4/τ) σ(τ (r - 1)) A, τ = τ_pos if A > 0 else τ_neg | SAPO, Gao et al. 2025 |
+| grpo, bnpo, dr_grpo, dapo | -min(r' A, clip(r, 1-ε_lo, 1+ε_hi) A); r' = min(r, δ) with `delta`, else r | arXiv:2402.03300 |
+| cispo | -sg(min(r, ε_hi)) A ℓ (ε_hi is the raw cap, 5.0 in ScaleRL) | arXiv:2506.13585, 2510.13786 |
+| sapo | -(4/τ) σ(τ (r - 1)) A, τ = τ_pos if A > 0 else τ_neg | arXiv:2511.20347 |
 
-plus β KL_it with the k3 estimator KL = exp(ℓ_ref - ℓ) - (ℓ_ref - ℓ) - 1 when `beta` > 0. The four
-clip types differ only in the normaliser (`reduce_grpo_loss`): grpo and sapo average each row over
+plus β KL_it with the k3 estimator KL = exp(ℓ_ref - ℓ) - (ℓ_ref - ℓ) - 1 when `beta` > 0 (sg is
+stop-gradient; the clip is PPO's as in GRPO/DeepSeekMath, δ INTELLECT-2's two-sided clip,
+arXiv:2505.07291, cispo MiniMax-M1's with ScaleRL's cap). The four clip types differ only in the normaliser (`reduce_grpo_loss`): grpo and sapo average each row over
 its tokens, then the rows; bnpo averages over the micro-batch's tokens; dr_grpo divides by
-rows x max_completion_length (Dr. GRPO, Liu et al. 2025); dapo and cispo divide by the active tokens
-of the whole generation batch (DAPO, Yu et al. 2025). As in TRL, grpo, sapo, bnpo and dr_grpo are
+rows x max_completion_length (Dr. GRPO, arXiv:2503.20783); dapo and cispo divide by the active tokens
+of the whole generation batch (DAPO, arXiv:2503.14476). As in TRL, grpo, sapo, bnpo and dr_grpo are
 means of each micro-batch divided by the number of micro-batches, so with unequal micro-batches they
 depend on how the batch is cut; dapo and cispo are sums over tokens of one global total, so their
 micro-batch losses add up to the whole-batch loss whatever the cut.
@@ -147,7 +148,8 @@ def reduce_grpo_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type
         if generation_tokens is None:
             raise ValueError(f"reduce_grpo_loss: loss_type {loss_type!r} needs generation_tokens, the active "
                              "completion tokens of the whole generation batch")
-        return masked.sum() / torch.as_tensor(generation_tokens, dtype=masked.dtype, device=masked.device).clamp(min=1.0)
+        tokens = torch.as_tensor(generation_tokens, dtype=masked.dtype, device=masked.device)
+        return masked.sum() / tokens.clamp(min=1.0)
     raise ValueError(f"loss_type {loss_type!r} is not a GRPO loss type; expected one of {', '.join(LOSS_TYPES)}")
 
 

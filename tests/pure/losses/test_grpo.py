@@ -158,7 +158,8 @@ def test_reduce_grpo_loss_normalisers():
     torch.testing.assert_close(reduce_grpo_loss(loss, MASK, "dapo", **kw), masked.sum() / 40)
     torch.testing.assert_close(reduce_grpo_loss(loss, MASK, "cispo", **kw), masked.sum() / 40)
     # generation_tokens = 0 (an all-masked generation batch) is clamped to 1, as TRL clamps it
-    torch.testing.assert_close(reduce_grpo_loss(loss, MASK * 0, "dapo", generation_tokens=0), torch.zeros((), dtype=torch.float64))
+    zero = reduce_grpo_loss(loss, MASK * 0, "dapo", generation_tokens=0)
+    torch.testing.assert_close(zero, torch.zeros((), dtype=torch.float64))
     with pytest.raises(ValueError, match="max_completion_length"):
         reduce_grpo_loss(loss, MASK, "dr_grpo")
 
