@@ -381,3 +381,18 @@ def test_train_step_runs_through_torch_func(params, loss_type):
     assert torch.isfinite(metrics["train/loss"]) and "entropy" in metrics
     moved = any(not torch.equal(new.trainable["params"][k], params[k]) for k in params)
     assert moved
+
+
+def test_a_micro_batch_with_no_active_tokens_gives_zero_and_a_zero_gradient(params):
+    """lm_head then runs on no rows at all; the loss is 0 and the step still differentiates."""
+    batch = tiny_batch()
+    batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+    bind = make_apply(TINY, {})
+    loss = make_grpo("dapo")
+
+    def f(t):
+        return loss(bind(t), {**batch, **loss.count_fn([batch])})[0]
+
+    grads = torch.func.grad(f)({"params": params})["params"]
+    assert f({"params": params}).item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
