@@ -175,9 +175,9 @@ class Generator:
             for mb in micro:
                 mb["generation_tokens"] = total.clone()
                 if self.batching.stores_old_logps:
-                    mb["old_logps"] = completion_token_logps(self.bind(trainable), mb, self.temperature)
+                    mb["old_logps"] = completion_token_logps(self.bind(trainable), mb, temperature=self.temperature)
                 if self.beta:
-                    mb["ref_logps"] = completion_token_logps(self.bind(ref_trainable), mb, self.temperature)
+                    mb["ref_logps"] = completion_token_logps(self.bind(ref_trainable), mb, temperature=self.temperature)
         metrics["time/logps_s"] = time.perf_counter() - start  # old and reference log-probs
         tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
         return micro, metrics, all_zero_advantages(adv.advantages), tokens
