@@ -3,10 +3,13 @@
     python -m programs.bench --config x.yaml [--baseline hf] [--steps N] [--warmup W] [--repeats R]
                              [--device cpu|cuda] [--out bench.json] [--key value ...]
     python -m programs.bench --suite gpu [--out gpu_suite.json] [--budget-s S]
+    python -m programs.bench --suite rollout [--model smollm2-135m-instruct] [--prompts 8 --n 4 --max-tokens 64]
+                             [--threads 2] [--repeats 3] [--temperature T --top-p P --top-k K] [--out F.json]
 
 The first prints a markdown table and writes the whole report as JSON (`programs.bench.throughput`);
 `--key value` overrides a config key as in every program. The second runs `programs.bench.gpu` with
 nothing but the GPU image's torch / transformers / triton (no pydantic: the config is never read).
+The third times GRPO rollouts, our `NativeEngine` against transformers `generate` (`programs.bench.rollout`).
 """
 from __future__ import annotations
 
@@ -90,11 +93,26 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_suite(options: dict) -> int:
+def suite_of(argv: list[str]) -> str | None:
+    """The value of `--suite` in `argv` (`--suite x` or `--suite=x`), None when absent."""
+    for i, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        if name == "--suite":
+            return value if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def run_suite(argv: list[str]) -> int:
+    suite = suite_of(argv)
+    if suite == "rollout":
+        from programs.bench import rollout
+
+        return rollout.run_suite(read_options(argv, rollout.OPTIONS))
+    if suite != "gpu":
+        raise BenchError(f"--suite {suite!r} is not known; expected 'gpu' or 'rollout'")
     from programs.bench.gpu.suite import run_gpu_suite
 
-    if options["suite"] != "gpu":
-        raise BenchError(f"--suite {options['suite']!r} is not known; the one suite is 'gpu'")
+    options = read_options(argv, SUITE_OPTIONS)
     run_gpu_suite(options["out"], budget_s=options["budget_s"])
     print(f"JSON: {options['out']}")
     return 0
@@ -105,7 +123,7 @@ def main(argv=None) -> int:
     if any(arg.partition("=")[0] == "--suite" for arg in argv):
         # Before the config machinery: the GPU image has torch / transformers / triton, no pydantic.
         try:
-            return run_suite(read_options(argv, SUITE_OPTIONS))
+            return run_suite(argv)
         except RuntimeError as e:
             common.fail(str(e))
     from backends.hf import ModelLoadError

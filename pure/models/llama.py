@@ -23,15 +23,20 @@ class KVCache(NamedTuple):
 
     Functional: `forward` returns a new cache with the new tokens appended.
     keys[i], values[i]: [B, K, S, D]; segment_ids: [B, S].
+    A preallocated cache (`filled` set, from `preallocated_cache`) holds buffers of S = capacity
+    of which the first `filled` positions are written: `forward` writes the new tokens into the
+    buffers in place (no copy of the past per step) and returns the same buffers with `filled`
+    advanced, so the cache passed in must not be used again.
     """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     segment_ids: torch.Tensor
+    filled: int | None = None
 
     @property
     def length(self) -> int:
-        return self.segment_ids.shape[1]
+        return self.segment_ids.shape[1] if self.filled is None else self.filled
 
 
 def empty_cache(config: ModelConfig, batch: int, dtype=torch.float32, device="cpu") -> KVCache:
@@ -39,6 +44,26 @@ def empty_cache(config: ModelConfig, batch: int, dtype=torch.float32, device="cp
     empty = torch.zeros(shape, dtype=dtype, device=device)
     n = config.num_hidden_layers
     return KVCache((empty,) * n, (empty,) * n, torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+
+def preallocated_cache(cache: KVCache, capacity: int, rows: torch.Tensor | None = None) -> KVCache:
+    """A preallocated cache of `capacity` positions holding `cache`'s tokens first, its rows picked
+    by `rows` [B'] (e.g. each prompt's cache repeated for its n samples) or all of them."""
+    length = cache.length
+    if capacity < length:
+        raise ValueError(f"preallocated_cache: capacity {capacity} is below the {length} tokens cached")
+
+    def grow(t: torch.Tensor, seq_dim: int) -> torch.Tensor:  # [B, ..., S(, D)] -> [B', ..., capacity(, D)]
+        t = t.narrow(seq_dim, 0, length)
+        t = t if rows is None else t.index_select(0, rows)
+        shape = list(t.shape)
+        shape[seq_dim] = capacity
+        buffer = t.new_zeros(shape)
+        buffer.narrow(seq_dim, 0, length).copy_(t)
+        return buffer
+
+    return KVCache(tuple(grow(k, 2) for k in cache.keys), tuple(grow(v, 2) for v in cache.values),
+                   grow(cache.segment_ids, 1), length)
 
 
 class ModelOutput(NamedTuple):
@@ -156,7 +181,12 @@ def _layer(params, i, x, cos, sin, config, seg, cache_kv, past, mask, causal, lo
         k = rms_norm(k, params[p + "self_attn.k_norm.weight"], config.rms_norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, D]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache_kv is not None:
+    if cache_kv is not None and len(cache_kv) == 3:  # preallocated: write in place, attend to the filled part
+        cache_k, cache_v, end = cache_kv
+        cache_k[:, :, past:end] = k
+        cache_v[:, :, past:end] = v
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+    elif cache_kv is not None:
         k = torch.cat((cache_kv[0], k), dim=2)
         v = torch.cat((cache_kv[1], v), dim=2)
     attn = ops.attention(q, k, v, mask, causal, seg)  # [B, H, T, D]
@@ -233,7 +263,11 @@ def forward(
         seg, k_seg, mask = segment_ids, segment_ids, None
     elif need_mask:
         seg = segment_ids if segment_ids is not None else torch.ones(B, T, dtype=torch.long, device=tokens.device)
-        k_seg = torch.cat((cache.segment_ids, seg), dim=1) if cache is not None else seg
+        if cache is not None and cache.filled is not None:
+            cache.segment_ids[:, past:past + T] = seg
+            k_seg = cache.segment_ids[:, :past + T]
+        else:
+            k_seg = torch.cat((cache.segment_ids, seg), dim=1) if cache is not None else seg
         mask = attention_mask(seg, k_seg, past, config.sliding_window)
     else:
         seg, k_seg, mask = None, None, None
@@ -244,7 +278,8 @@ def forward(
     for i in range(config.num_hidden_layers):
         if i in hidden_layers:
             hidden_states[i] = x
-        cache_kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+        cache_kv = None if cache is None else (cache.keys[i], cache.values[i]) if cache.filled is None \
+            else (cache.keys[i], cache.values[i], past + T)
         key = layer_keys[i] if layer_keys is not None else None
         if checkpoint_layers and torch.is_grad_enabled():
             # Hand the layer only its own params so the recomputation keeps no other tensor alive.
@@ -267,7 +302,10 @@ def forward(
     if real is not None:  # back to [B, T, E], zeros at the padding
         hidden = _unflatten(hidden, real)
         hidden_states = {i: _unflatten(h, real) for i, h in hidden_states.items()}
-    new_cache = KVCache(tuple(new_keys), tuple(new_values), k_seg) if cache is not None else None
+    if cache is not None and cache.filled is not None:
+        new_cache = cache._replace(filled=past + T)
+    else:
+        new_cache = KVCache(tuple(new_keys), tuple(new_values), k_seg) if cache is not None else None
 
     logits = None
     if compute_logits:

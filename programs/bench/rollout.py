@@ -1,0 +1,159 @@
+"""`--suite rollout`: GRPO rollout speed, our `NativeEngine` against transformers `model.generate`.
+
+Both sides get the same weights (ours loaded by `backends.hf.load_pretrained`, copied into
+transformers' `LlamaForCausalLM`), the same chat-templated prompts left-padded in one batch, the
+same sampling settings (temperature, top-p, top-k, min-p, repetition penalty), n completions per
+prompt (`num_return_sequences=n` there), `max_new_tokens`, EOS as the stop token and the KV cache.
+Each repeat runs ours then transformers (one warm-up call each first, not counted), so machine
+drift hits both; the tokens/s of a side is its generated tokens over its seconds, pooled over the
+repeats. Only generated tokens count: a completion's tokens up to and including its stop token
+(transformers pads the rest of a finished row; neither prompt nor padding is counted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from programs.bench import BenchError
+
+PROMPTS = (
+    "What is 7 times 8?",
+    "Name three primary colours.",
+    "Write a haiku about autumn.",
+    "Explain what a prime number is.",
+    "What is the capital of France?",
+    "Give me a tip for learning to code.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in one sentence.",
+)
+OPTIONS = {"--suite": (str, None), "--model": (str, "smollm2-135m-instruct"), "--prompts": (int, 8),
+           "--n": (int, 4), "--max-tokens": (int, 64), "--repeats": (int, 3), "--threads": (int, 2),
+           "--temperature": (float, 1.0), "--top-p": (float, 1.0), "--top-k": (int, 0), "--min-p": (float, 0.0),
+           "--repetition-penalty": (float, 1.0), "--seed": (int, 0), "--out": (str, "rollout_bench.json")}
+
+
+def chat_prompts(tokenizer, count: int) -> list[list[int]]:
+    """`count` prompt token lists: the fixed questions (cycled) in the tokenizer's chat template."""
+    questions = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i // len(PROMPTS)})")
+                 for i in range(count)]
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                               add_generation_prompt=True) for q in questions]
+    else:
+        texts = questions
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def generated_count(rows: torch.Tensor, stop_token_ids) -> int:
+    """Generated tokens in transformers' new-token rows [R, T]: up to and including the first stop token."""
+    from backends.rollout.native import completion_lengths
+
+    lengths, _ = completion_lengths(rows, torch.tensor(list(stop_token_ids), dtype=torch.long))
+    return int(lengths.sum())
+
+
+def hf_generate(model, prompts: list[list[int]], n: int, sampling, pad_token_id: int, seed: int) -> int:
+    """One transformers `generate` call on the left-padded prompts; the generated token count."""
+    from backends.rollout.native import left_padded
+
+    tokens, segments, _ = left_padded(prompts, pad_token_id, "cpu")
+    torch.manual_seed(seed)  # transformers draws from torch's global generator
+    out = model.generate(
+        input_ids=tokens, attention_mask=segments, do_sample=not sampling.greedy, num_return_sequences=n,
+        max_new_tokens=sampling.max_tokens, min_new_tokens=0, pad_token_id=pad_token_id,
+        eos_token_id=list(sampling.stop_token_ids), use_cache=True,
+        **({} if sampling.greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p,
+                                           top_k=max(sampling.top_k, 0), min_p=sampling.min_p or None)),
+        repetition_penalty=sampling.repetition_penalty)
+    return generated_count(out[:, tokens.shape[1]:], sampling.stop_token_ids)
+
+
+def run_rollout_bench(options: dict, log=print) -> dict:
+    """Measure both sides `repeats` times, alternating; the report (JSON-ready)."""
+    from backends.hf import load_pretrained
+    from backends.rollout import Sampling
+    from backends.rollout.native import NativeEngine
+    from programs.bench.baselines import hf_model_from_params
+    from pure import rng
+
+    for name in ("prompts", "n", "max_tokens", "repeats", "threads"):
+        if options[name] < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
+    torch.set_num_threads(options["threads"])
+    params, config, tokenizer = load_pretrained(options["model"], dtype=torch.float32)
+    if tokenizer is None:
+        raise BenchError(f"--model {options['model']!r} has no tokenizer; the rollout suite needs one for its prompts")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = Sampling(max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
+                        top_k=options["top_k"], min_p=options["min_p"],
+                        repetition_penalty=options["repetition_penalty"],
+                        stop_token_ids=(tokenizer.eos_token_id,))
+    prompts = chat_prompts(tokenizer, options["prompts"])
+    n = options["n"]
+    engine = NativeEngine(config, params, pad_token_id=pad)
+    model, attention = hf_model_from_params(config, params, torch.device("cpu"), torch.float32)
+    model.config.use_cache = True
+    model.eval()
+
+    def ours(repeat: int) -> int:
+        rollouts = engine.generate({"params": {}}, prompts, n, sampling, rng.fold_in(rng.key(options["seed"]), repeat))
+        return sum(len(c) for c in rollouts.completion_ids)
+
+    def theirs(repeat: int) -> int:
+        with torch.inference_mode():
+            return hf_generate(model, prompts, n, sampling, pad, options["seed"] + repeat)
+
+    sides = {"native": ours, "transformers": theirs}
+    for name, run in sides.items():  # warm-up: first-call allocations and lazy inits, not counted
+        run(-1)
+    runs = {name: [] for name in sides}
+    for r in range(options["repeats"]):
+        for name, run in sides.items():
+            start = time.perf_counter()
+            tokens = run(r)
+            seconds = time.perf_counter() - start
+            runs[name].append({"seconds": seconds, "generated_tokens": tokens})
+            log(f"repeat {r + 1}/{options['repeats']}: {name} {tokens} tokens in {seconds:.2f} s "
+                f"({tokens / seconds:.1f} tok/s)")
+    results = {}
+    for name, rs in runs.items():
+        seconds, tokens = sum(x["seconds"] for x in rs), sum(x["generated_tokens"] for x in rs)
+        results[name] = {"generated_tokens_per_s": tokens / seconds, "seconds": seconds,
+                         "generated_tokens": tokens, "runs": rs}
+    ratio = results["native"]["generated_tokens_per_s"] / results["transformers"]["generated_tokens_per_s"]
+    return {
+        "suite": "rollout", "model": str(options["model"]), "prompts": len(prompts),
+        "prompt_lengths": [len(p) for p in prompts], "n": n, "max_tokens": sampling.max_tokens,
+        "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
+        "stop_token_ids": list(sampling.stop_token_ids), "dtype": "float32", "threads": torch.get_num_threads(),
+        "repeats": options["repeats"], "hf_attention": attention, "load_average": os.getloadavg(),
+        "native_over_transformers_tokens_per_s": ratio, "variants": results,
+    }
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| side | generated tok/s | generated tokens | seconds |", "|---|---|---|---|"]
+    for name, r in report["variants"].items():
+        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens']} | {r['seconds']:.2f} |")
+    s = report["sampling"]
+    lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x",
+              f"{report['model']}: {report['prompts']} prompts x {report['n']} completions x {report['max_tokens']} "
+              f"max new tokens, {report['dtype']}, {report['threads']} threads, temperature {s['temperature']}, "
+              f"top_p {s['top_p']}, top_k {s['top_k']}, min_p {s['min_p']}, repetition_penalty "
+              f"{s['repetition_penalty']}; {report['repeats']} repeats alternating native -> transformers after one "
+              f"warm-up each; load average {report['load_average'][0]:.2f}"]
+    return "\n".join(lines)
+
+
+def run_suite(options: dict) -> int:
+    report = run_rollout_bench(options, log=lambda line: print(line, flush=True))
+    out = Path(options["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(markdown_table(report))
+    print(f"JSON: {out}")
+    return 0
