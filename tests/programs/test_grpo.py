@@ -125,10 +125,10 @@ def test_full_fine_tune_with_reference_sync(workdir, tiny_model):
 
 
 def test_zero_advantage_steps_are_skipped(workdir, tiny_model):
-    (workdir / "test_rewards_mod.py").write_text(REWARDS + "\ndef constant(completions, **kw):\n"
-                                                 "    return [1.0] * len(completions)\n")
+    (workdir / "test_rewards_constant.py").write_text("def constant(completions, **kw):\n"
+                                                      "    return [1.0] * len(completions)\n")
     result = grpo.run(load_config(write_config(workdir, tiny_model, "zero", max_steps=2, test_datasets=None,
-                                               trl={"reward_funcs": ["test_rewards_mod.constant"],
+                                               trl={"reward_funcs": ["test_rewards_constant.constant"],
                                                     "reward_weights": None})))
     records = train_records(result)
     assert records[-1]["skipped_zero_adv_batches"] == 2.0 and records[0]["frac_reward_zero_std"] == 1.0
@@ -148,11 +148,13 @@ def test_config_checks_come_before_anything_loads(workdir, tiny_model):
 
 
 def test_a_broken_reward_function_is_one_line(workdir, tiny_model, capsys):
-    (workdir / "test_rewards_mod.py").write_text(REWARDS + "\ndef broken(completions, **kw):\n"
-                                                 "    return [1.0] * (len(completions) - 1)\n")
+    (workdir / "test_rewards_broken.py").write_text("def broken(completions, **kw):\n"
+                                                    "    return [1.0] * (len(completions) - 1)\n")
     path = write_config(workdir, tiny_model, "broken", test_datasets=None,
-                        trl={"reward_funcs": ["test_rewards_mod.broken"], "reward_weights": None})
+                        trl={"reward_funcs": ["test_rewards_broken.broken"], "reward_weights": None})
     with pytest.raises(SystemExit):
         grpo.main(["--config", str(path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "broken" in err[0] and err[0].startswith("error:"), err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "test_rewards_broken.broken returned 7 values for 8" in errors[0], err
+    assert "Traceback" not in err
