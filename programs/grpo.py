@@ -125,6 +125,11 @@ class Generator:
         self.aggregation = "normalize_then_sum" if config.rl == "gdpo" else \
             (trl.multi_objective_aggregation or "sum_then_normalize")
         self.beta, self.temperature = beta_of(config), temperature_of(config)
+        self.rollout_func = None
+        if trl.rollout_func:
+            from backends.rewards import load_rollout_function
+
+            self.rollout_func = load_rollout_function(trl.rollout_func)
 
     def sample_and_score(self, trainable: dict, indices: list[int], key: torch.Tensor):
         """(rows, metrics, rewards_per_func): every completion of the prompts with its reward and advantage."""
@@ -133,7 +138,15 @@ class Generator:
         G = self.batching.num_generations
         chosen = [self.prompts[i] for i in indices]
         start = time.perf_counter()
-        out = self.engine.generate(trainable, [p["prompt_ids"] for p in chosen], G, self.sampling, key)
+        if self.rollout_func is None:
+            out = self.engine.generate(trainable, [p["prompt_ids"] for p in chosen], G, self.sampling, key)
+        else:
+            from backends.rollout.function import PolicyGenerator, function_rollouts
+
+            model = PolicyGenerator(self.engine, trainable, self.tokenizer, self.sampling, key)
+            out = function_rollouts(self.rollout_func, self.config.trl.rollout_func, model,
+                                    [p["prompt"] for p in chosen for _ in range(G)],
+                                    [p["prompt_ids"] for p in chosen for _ in range(G)])
         rollout_s = time.perf_counter() - start
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         repeated = [p for p in chosen for _ in range(G)]

@@ -353,7 +353,7 @@ def _check_grpo(c: Config) -> None:
         return
     if c.sample_packing:
         raise ConfigError(f"rl: {c.rl} needs sample_packing: false (completions are generated, not packed)")
-    if trl is None or not (trl.reward_funcs or trl.rollout_func):
+    if trl is None or not trl.reward_funcs:
         raise ConfigError(f"rl: {c.rl} needs trl.reward_funcs: a list of reward functions (module.fn importable "
                           "from the working directory) or reward-model folders")
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):

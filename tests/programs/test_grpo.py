@@ -136,6 +136,22 @@ def test_zero_advantage_steps_are_skipped(workdir, tiny_model):
     assert all(torch.count_nonzero(e["B"]) == 0 for e in result["state"].trainable["lora"].values())
 
 
+def test_a_rollout_function_gives_the_completions(workdir, tiny_model):
+    (workdir / "test_rollout_fn.py").write_text(
+        "def rollout(model, processing_class, prompts, generation_config=None):\n"
+        "    sampled = model.generate(prompts[:2])\n"  # the policy behind `model`, as text
+        "    assert generation_config['max_tokens'] == 6 and len(sampled) == 2\n"
+        "    return [str(i % 3) for i in range(len(prompts))]\n"
+        "def is_zero(completions, **kw):\n"
+        "    return [float(c[0]['content'] == '0') for c in completions]\n")
+    result = grpo.run(load_config(write_config(workdir, tiny_model, "fn", max_steps=1, test_datasets=None, trl={
+        "rollout_func": "test_rollout_fn.rollout", "reward_funcs": ["test_rollout_fn.is_zero"], "reward_weights": None})))
+    record = train_records(result)[0]
+    # rows 0, 3, 6 of 8 say "0"; each is one token plus EOS, so no completion is clipped
+    assert record["reward"] == pytest.approx(3 / 8) and record["completions/clipped_ratio"] == 0.0
+    assert record["completions/max_length"] == 2.0
+
+
 def test_config_checks_come_before_anything_loads(workdir, tiny_model):
     with pytest.raises(ConfigError, match="divisible by trl.num_generations"):
         load_config(write_config(workdir, tiny_model, "x", micro_batch_size=3, gradient_accumulation_steps=1))
