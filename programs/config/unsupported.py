@@ -102,10 +102,11 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quantization": (_truthy, ""),
     # online RL: EBFT (issue 18), and GRPO's vLLM backend and async producer (issue 16)
     "rl": (_one_of("ebft"), "supported: dpo, ipo, simpo, orpo, kto, grpo, gdpo (and reward_model, process_reward_model)"),
-    "vllm": (_truthy, "the vLLM rollout backend"),
-    "ebft": (GIVEN, "rl: ebft"),
     "trl.use_vllm": (_truthy, "the vLLM rollout backend comes with its own issue; set trl.use_vllm: false to "
                               "generate with puretune's native engine"),
+    "vllm": (_truthy, "the vLLM server's settings; puretune's native engine generates in process (drop the "
+                      "vllm: block and set trl.use_vllm: false)"),
+    "ebft": (GIVEN, "rl: ebft"),
     **{f"trl.{key}": (GIVEN, "a key of the vLLM rollout backend (trl.use_vllm: true), which is not built yet")
        for key in ("vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
                    "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_sync_interval",
