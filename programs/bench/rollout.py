@@ -6,7 +6,8 @@ same sampling settings (temperature, top-p, top-k, min-p, repetition penalty), n
 prompt (`num_return_sequences=n` there), `max_new_tokens`, EOS as the stop token and the KV cache.
 Each repeat runs ours then transformers (one warm-up call each first, not counted), so machine
 drift hits both; the tokens/s of a side is its generated tokens over its seconds, pooled over the
-repeats. Only generated tokens count: a completion's tokens up to and including its stop token
+repeats (and per CPU-second of the process, `time.process_time`, which other processes on a
+shared machine disturb less than wall time). Only generated tokens count: a completion's tokens up to and including its stop token
 (transformers pads the rest of a finished row; neither prompt nor padding is counted).
 """
 from __future__ import annotations
@@ -107,24 +108,29 @@ def measure_rollouts(params: dict, config, prompts: list[list[int]], n: int, sam
     runs = {name: [] for name in sides}
     for r in range(repeats):
         for name, run in sides.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             tokens = run(r)
-            seconds = time.perf_counter() - start
-            runs[name].append({"seconds": seconds, "generated_tokens": tokens})
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            runs[name].append({"seconds": seconds, "cpu_seconds": cpu_seconds, "generated_tokens": tokens})
             log(f"repeat {r + 1}/{repeats}: {name} {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s)")
     results = {}
     for name, rs in runs.items():
         seconds, tokens = sum(x["seconds"] for x in rs), sum(x["generated_tokens"] for x in rs)
-        results[name] = {"generated_tokens_per_s": tokens / seconds, "seconds": seconds, "generated_tokens": tokens,
-                         "runs": rs}
+        cpu_seconds = sum(x["cpu_seconds"] for x in rs)
+        results[name] = {"generated_tokens_per_s": tokens / seconds, "generated_tokens_per_cpu_s": tokens / cpu_seconds,
+                         "seconds": seconds, "cpu_seconds": cpu_seconds, "generated_tokens": tokens, "runs": rs}
     ratio = results["native"]["generated_tokens_per_s"] / results["transformers"]["generated_tokens_per_s"]
+    cpu_ratio = results["native"]["generated_tokens_per_cpu_s"] / results["transformers"]["generated_tokens_per_cpu_s"]
+    per_repeat = [a["generated_tokens"] / a["seconds"] / (b["generated_tokens"] / b["seconds"])
+                  for a, b in zip(runs["native"], runs["transformers"])]
     return {
         "prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts], "n": n,
         "max_tokens": sampling.max_tokens,
         "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
         "stop_token_ids": list(sampling.stop_token_ids), "dtype": str(next(iter(params.values())).dtype).split(".")[-1],
         "threads": torch.get_num_threads(), "repeats": repeats, "hf_attention": attention,
-        "load_average": os.getloadavg(), "native_over_transformers_tokens_per_s": ratio, "variants": results,
+        "load_average": os.getloadavg(), "native_over_transformers_tokens_per_s": ratio,
+        "native_over_transformers_tokens_per_cpu_s": cpu_ratio, "ratio_per_repeat": per_repeat, "variants": results,
     }
 
 
@@ -151,11 +157,15 @@ def run_rollout_bench(options: dict, log=print) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| side | generated tok/s | generated tokens | seconds |", "|---|---|---|---|"]
+    lines = ["| side | generated tok/s | tok per CPU-s | generated tokens | seconds | CPU seconds |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["variants"].items():
-        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens']} | {r['seconds']:.2f} |")
+        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens_per_cpu_s']:.1f} | "
+                     f"{r['generated_tokens']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} |")
     s = report["sampling"]
-    lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x",
+    lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x (per repeat: "
+              f"{', '.join(f'{x:.2f}x' for x in report['ratio_per_repeat'])}); per CPU-second: "
+              f"{report['native_over_transformers_tokens_per_cpu_s']:.2f}x",
               f"{report['model']}: {report['prompts']} prompts x {report['n']} completions x {report['max_tokens']} "
               f"max new tokens, {report['dtype']}, {report['threads']} threads, temperature {s['temperature']}, "
               f"top_p {s['top_p']}, top_k {s['top_k']}, min_p {s['min_p']}, repetition_penalty "
