@@ -166,7 +166,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> tor
     A zero-weight entry never covers the point (it would need cdf[i] > x >= cdf[i - 1] = cdf[i])."""
     B, V = weights.shape
     blocks = -(-V // block)
-    padded = torch.nn.functional.pad(weights, (0, blocks * block - V)).view(B, blocks, block)
+    padded = weights if V % block == 0 else torch.nn.functional.pad(weights, (0, blocks * block - V))
+    padded = padded.view(B, blocks, block)
     block_mass = padded.sum(-1, dtype=torch.float64)  # [B, blocks]
     cdf = block_mass.cumsum(-1)
     before = torch.cat((block_mass.new_zeros(B, 1), cdf[:, :-1]), dim=-1)  # mass of the blocks before each

@@ -6,7 +6,8 @@ same sampling settings (temperature, top-p, top-k, min-p, repetition penalty), n
 prompt (`num_return_sequences=n` there), `max_new_tokens`, EOS as the stop token and the KV cache.
 Each repeat runs ours then transformers (one warm-up call each first, not counted), so machine
 drift hits both; the tokens/s of a side is its generated tokens over its seconds, pooled over the
-repeats. Only generated tokens count: a completion's tokens up to and including its stop token
+repeats (and per CPU-second of the process, `time.process_time`, which other processes on a
+shared machine disturb less than wall time). Only generated tokens count: a completion's tokens up to and including its stop token
 (transformers pads the rest of a finished row; neither prompt nor padding is counted).
 """
 from __future__ import annotations
@@ -72,75 +73,99 @@ def hf_generate(model, prompts: list[list[int]], n: int, sampling, pad_token_id:
     return generated_count(out[:, tokens.shape[1]:], sampling.stop_token_ids)
 
 
-def run_rollout_bench(options: dict, log=print) -> dict:
-    """Measure both sides `repeats` times, alternating; the report (JSON-ready)."""
-    from backends.hf import load_pretrained
+def sampling_of(options: dict, stop_token_ids) -> "Sampling":
     from backends.rollout import Sampling
+
+    return Sampling(max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
+                    top_k=options["top_k"], min_p=options["min_p"], repetition_penalty=options["repetition_penalty"],
+                    stop_token_ids=tuple(stop_token_ids))
+
+
+def measure_rollouts(params: dict, config, prompts: list[list[int]], n: int, sampling, *, pad_token_id: int,
+                     repeats: int, seed: int = 0, log=print) -> dict:
+    """Both sides on the same prompts, one warm-up call each, then `repeats` rounds alternating
+    native -> transformers; per side the pooled generated tokens/s and the runs."""
     from backends.rollout.native import NativeEngine
     from programs.bench.baselines import hf_model_from_params
     from pure import rng
 
+    engine = NativeEngine(config, params, pad_token_id=pad_token_id)
+    model, attention = hf_model_from_params(config, params, torch.device("cpu"), next(iter(params.values())).dtype)
+    model.config.use_cache = True
+    model.eval()
+
+    def native(repeat: int) -> int:
+        rollouts = engine.generate({"params": {}}, prompts, n, sampling, rng.fold_in(rng.key(seed), repeat + 1))
+        return sum(len(c) for c in rollouts.completion_ids)
+
+    def transformers(repeat: int) -> int:
+        with torch.inference_mode():
+            return hf_generate(model, prompts, n, sampling, pad_token_id, seed + repeat + 1)
+
+    sides = {"native": native, "transformers": transformers}
+    for run in sides.values():  # warm-up: first-call allocations and lazy initialisation, not counted
+        run(-1)
+    runs = {name: [] for name in sides}
+    for r in range(repeats):
+        for name, run in sides.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            tokens = run(r)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            runs[name].append({"seconds": seconds, "cpu_seconds": cpu_seconds, "generated_tokens": tokens})
+            log(f"repeat {r + 1}/{repeats}: {name} {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s)")
+    results = {}
+    for name, rs in runs.items():
+        seconds, tokens = sum(x["seconds"] for x in rs), sum(x["generated_tokens"] for x in rs)
+        cpu_seconds = sum(x["cpu_seconds"] for x in rs)
+        results[name] = {"generated_tokens_per_s": tokens / seconds, "generated_tokens_per_cpu_s": tokens / cpu_seconds,
+                         "seconds": seconds, "cpu_seconds": cpu_seconds, "generated_tokens": tokens, "runs": rs}
+    ratio = results["native"]["generated_tokens_per_s"] / results["transformers"]["generated_tokens_per_s"]
+    cpu_ratio = results["native"]["generated_tokens_per_cpu_s"] / results["transformers"]["generated_tokens_per_cpu_s"]
+    per_repeat = [a["generated_tokens"] / a["seconds"] / (b["generated_tokens"] / b["seconds"])
+                  for a, b in zip(runs["native"], runs["transformers"])]
+    return {
+        "prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts], "n": n,
+        "max_tokens": sampling.max_tokens,
+        "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
+        "stop_token_ids": list(sampling.stop_token_ids), "dtype": str(next(iter(params.values())).dtype).split(".")[-1],
+        "threads": torch.get_num_threads(), "repeats": repeats, "hf_attention": attention,
+        "load_average": os.getloadavg(), "native_over_transformers_tokens_per_s": ratio,
+        "native_over_transformers_tokens_per_cpu_s": cpu_ratio, "ratio_per_repeat": per_repeat, "variants": results,
+    }
+
+
+def run_rollout_bench(options: dict, log=print) -> dict:
+    """Load `--model` (float32), template the prompts, measure; the report (JSON-ready)."""
+    from backends.hf import load_pretrained
+
     for name in ("prompts", "n", "max_tokens", "repeats", "threads"):
         if options[name] < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
+    try:
+        sampling_of(options, ())  # the sampling settings checked before the model loads
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     torch.set_num_threads(options["threads"])
     params, config, tokenizer = load_pretrained(options["model"], dtype=torch.float32)
     if tokenizer is None:
         raise BenchError(f"--model {options['model']!r} has no tokenizer; the rollout suite needs one for its prompts")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = Sampling(max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
-                        top_k=options["top_k"], min_p=options["min_p"],
-                        repetition_penalty=options["repetition_penalty"],
-                        stop_token_ids=(tokenizer.eos_token_id,))
-    prompts = chat_prompts(tokenizer, options["prompts"])
-    n = options["n"]
-    engine = NativeEngine(config, params, pad_token_id=pad)
-    model, attention = hf_model_from_params(config, params, torch.device("cpu"), torch.float32)
-    model.config.use_cache = True
-    model.eval()
-
-    def ours(repeat: int) -> int:
-        rollouts = engine.generate({"params": {}}, prompts, n, sampling, rng.fold_in(rng.key(options["seed"]), repeat))
-        return sum(len(c) for c in rollouts.completion_ids)
-
-    def theirs(repeat: int) -> int:
-        with torch.inference_mode():
-            return hf_generate(model, prompts, n, sampling, pad, options["seed"] + repeat)
-
-    sides = {"native": ours, "transformers": theirs}
-    for name, run in sides.items():  # warm-up: first-call allocations and lazy inits, not counted
-        run(-1)
-    runs = {name: [] for name in sides}
-    for r in range(options["repeats"]):
-        for name, run in sides.items():
-            start = time.perf_counter()
-            tokens = run(r)
-            seconds = time.perf_counter() - start
-            runs[name].append({"seconds": seconds, "generated_tokens": tokens})
-            log(f"repeat {r + 1}/{options['repeats']}: {name} {tokens} tokens in {seconds:.2f} s "
-                f"({tokens / seconds:.1f} tok/s)")
-    results = {}
-    for name, rs in runs.items():
-        seconds, tokens = sum(x["seconds"] for x in rs), sum(x["generated_tokens"] for x in rs)
-        results[name] = {"generated_tokens_per_s": tokens / seconds, "seconds": seconds,
-                         "generated_tokens": tokens, "runs": rs}
-    ratio = results["native"]["generated_tokens_per_s"] / results["transformers"]["generated_tokens_per_s"]
-    return {
-        "suite": "rollout", "model": str(options["model"]), "prompts": len(prompts),
-        "prompt_lengths": [len(p) for p in prompts], "n": n, "max_tokens": sampling.max_tokens,
-        "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
-        "stop_token_ids": list(sampling.stop_token_ids), "dtype": "float32", "threads": torch.get_num_threads(),
-        "repeats": options["repeats"], "hf_attention": attention, "load_average": os.getloadavg(),
-        "native_over_transformers_tokens_per_s": ratio, "variants": results,
-    }
+    report = measure_rollouts(params, config, chat_prompts(tokenizer, options["prompts"]), options["n"],
+                              sampling_of(options, (tokenizer.eos_token_id,)), pad_token_id=pad,
+                              repeats=options["repeats"], seed=options["seed"], log=log)
+    return {"suite": "rollout", "model": str(options["model"]), **report}
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| side | generated tok/s | generated tokens | seconds |", "|---|---|---|---|"]
+    lines = ["| side | generated tok/s | tok per CPU-s | generated tokens | seconds | CPU seconds |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["variants"].items():
-        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens']} | {r['seconds']:.2f} |")
+        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens_per_cpu_s']:.1f} | "
+                     f"{r['generated_tokens']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} |")
     s = report["sampling"]
-    lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x",
+    lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x (per repeat: "
+              f"{', '.join(f'{x:.2f}x' for x in report['ratio_per_repeat'])}); per CPU-second: "
+              f"{report['native_over_transformers_tokens_per_cpu_s']:.2f}x",
               f"{report['model']}: {report['prompts']} prompts x {report['n']} completions x {report['max_tokens']} "
               f"max new tokens, {report['dtype']}, {report['threads']} threads, temperature {s['temperature']}, "
               f"top_p {s['top_p']}, top_k {s['top_k']}, min_p {s['min_p']}, repetition_penalty "

@@ -53,17 +53,20 @@ def preallocated_cache(cache: KVCache, capacity: int, rows: torch.Tensor | None 
     if capacity < length:
         raise ValueError(f"preallocated_cache: capacity {capacity} is below the {length} tokens cached")
 
-    def grow(t: torch.Tensor, seq_dim: int) -> torch.Tensor:  # [B, ..., S(, D)] -> [B', ..., capacity(, D)]
+    def grow(t: torch.Tensor, seq_dim: int, fill) -> torch.Tensor:  # [B, ..., S(, D)] -> [B', ..., capacity(, D)]
         t = t.narrow(seq_dim, 0, length)
         t = t if rows is None else t.index_select(0, rows)
         shape = list(t.shape)
         shape[seq_dim] = capacity
-        buffer = t.new_zeros(shape)
+        buffer = fill(shape)
         buffer.narrow(seq_dim, 0, length).copy_(t)
         return buffer
 
-    return KVCache(tuple(grow(k, 2) for k in cache.keys), tuple(grow(v, 2) for v in cache.values),
-                   grow(cache.segment_ids, 1), length)
+    # Keys and values past `filled` are never read (attention sees [:filled]), so they start unset;
+    # segment ids past it are 0 (padding), like the concatenating cache would never have them.
+    keys = tuple(grow(k, 2, k.new_empty) for k in cache.keys)
+    values = tuple(grow(v, 2, v.new_empty) for v in cache.values)
+    return KVCache(keys, values, grow(cache.segment_ids, 1, cache.segment_ids.new_zeros), length)
 
 
 class ModelOutput(NamedTuple):
