@@ -2,6 +2,11 @@
 
 Prompts of different lengths are left-padded: padding is segment 0 (attended by nothing real) and
 positions count real tokens only, so each row decodes exactly as it would alone.
+
+The rollout half (`process_logits`, `sample_with_logprobs`, used by `backends.rollout.native`)
+processes logits as vLLM does, repetition penalty -> temperature -> min-p -> top-k -> top-p, and
+returns each drawn token's log-prob under that processed distribution (vLLM's
+logprobs_mode="processed_logprobs").
 """
 from __future__ import annotations
 

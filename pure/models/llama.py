@@ -63,7 +63,7 @@ def preallocated_cache(cache: KVCache, capacity: int, rows: torch.Tensor | None 
         return buffer
 
     # Keys and values past `filled` are never read (attention sees [:filled]), so they start unset;
-    # segment ids past it are 0 (padding), like the concatenating cache would never have them.
+    # segment ids past it stay 0 (padding) until written.
     keys = tuple(grow(k, 2, k.new_empty) for k in cache.keys)
     values = tuple(grow(v, 2, v.new_empty) for v in cache.values)
     return KVCache(keys, values, grow(cache.segment_ids, 1, cache.segment_ids.new_zeros), length)
