@@ -131,12 +131,11 @@ class Generator:
 
             self.rollout_func = load_rollout_function(trl.rollout_func)
 
-    def sample_and_score(self, trainable: dict, indices: list[int], key: torch.Tensor):
-        """(rows, metrics, rewards_per_func): every completion of the prompts with its reward and advantage."""
-        from pure.advantages import group_advantages, reward_metrics
-
+    def sample(self, trainable: dict, indices: list[int], key: torch.Tensor):
+        """(prompt row of each completion, Rollouts, texts, rewards per function [N, K], timings)."""
         G = self.batching.num_generations
         chosen = [self.prompts[i] for i in indices]
+        repeated = [p for p in chosen for _ in range(G)]
         start = time.perf_counter()
         if self.rollout_func is None:
             out = self.engine.generate(trainable, [p["prompt_ids"] for p in chosen], G, self.sampling, key)
@@ -145,27 +144,37 @@ class Generator:
 
             model = PolicyGenerator(self.engine, trainable, self.tokenizer, self.sampling, key)
             out = function_rollouts(self.rollout_func, self.config.trl.rollout_func, model,
-                                    [p["prompt"] for p in chosen for _ in range(G)],
-                                    [p["prompt_ids"] for p in chosen for _ in range(G)])
+                                    [p["prompt"] for p in repeated], [p["prompt_ids"] for p in repeated])
         rollout_s = time.perf_counter() - start
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-        repeated = [p for p in chosen for _ in range(G)]
         scores = self.rewards.score(repeated, texts, out.completion_ids, G)
-        adv = group_advantages(scores, self.weights, G, aggregation=self.aggregation,
+        timings = {"time/rollout_s": rollout_s, "time/reward_s": time.perf_counter() - start - rollout_s,
+                   "rollout/tokens_per_second": sum(map(len, out.completion_ids)) / max(rollout_s, 1e-9)}
+        return repeated, out, texts, scores, timings
+
+    def summarize(self, scores: torch.Tensor, completion_ids, finish_reasons):
+        """(Advantages, TRL's metrics) of scored completions, whole prompt groups in order."""
+        from pure.advantages import group_advantages, reward_metrics
+
+        adv = group_advantages(scores, self.weights, self.batching.num_generations, aggregation=self.aggregation,
                                scale_rewards=self.config.trl.scale_rewards)
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        metrics = reward_metrics(scores, self.weights, self.rewards.names, adv)
+        metrics.update({"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+                        "completions/max_length": lengths.max().item(),
+                        "completions/clipped_ratio": sum(r != "stop" for r in finish_reasons) / len(lengths)})
+        return adv, metrics
+
+    def sample_and_score(self, trainable: dict, indices: list[int], key: torch.Tensor):
+        """(rows, metrics, Advantages): every completion of the prompts with its reward and advantage."""
+        repeated, out, texts, scores, timings = self.sample(trainable, indices, key)
+        adv, metrics = self.summarize(scores, out.completion_ids, out.finish_reasons)
         masked = self.config.trl.mask_truncated_completions
         rows = [{"prompt_ids": list(p["prompt_ids"]), "completion_ids": list(c), "advantage": float(a),
                  "masked": bool(masked and reason != "stop")}
                 for p, c, a, reason in zip(repeated, out.completion_ids, adv.advantages.tolist(), out.finish_reasons)]
-        lengths = torch.tensor([len(c) for c in out.completion_ids], dtype=torch.float32)
-        metrics = reward_metrics(scores, self.weights, self.rewards.names, adv)
-        metrics.update({"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-                        "completions/max_length": lengths.max().item(),
-                        "completions/clipped_ratio": sum(r != "stop" for r in out.finish_reasons) / len(rows),
-                        "time/rollout_s": rollout_s, "time/reward_s": time.perf_counter() - start - rollout_s,
-                        "rollout/tokens_per_second": float(lengths.sum()) / max(rollout_s, 1e-9)})
         self.log_completions(repeated, texts, scores, adv.advantages)
-        return rows, metrics, adv
+        return rows, {**metrics, **timings}, adv
 
     def __call__(self, trainable: dict, ref_trainable: dict | None, indices: list[int], key: torch.Tensor):
         """(micro-batches of the generation, its metrics, all its advantages zero?, its tokens)."""
@@ -326,16 +335,15 @@ def make_eval(generator: Generator, config):
     key = rng.fold_in(rng.key(config.seed), EVAL_STREAM)
 
     def eval_step(trainable, batches):
-        totals, count = {}, 0
+        scores, completions, reasons = [], [], []
         for i, batch in enumerate(batches):
             with torch.no_grad():
-                _, metrics, _ = generator.sample_and_score(trainable, batch["prompts"].tolist(), rng.fold_in(key, i))
-            n = len(batch["prompts"])
-            for name, value in metrics.items():
-                if not name.startswith(("time/", "rollout/")):
-                    totals[name] = totals.get(name, 0.0) + value * n
-            count += n
-        return {f"eval/{name}": value / count for name, value in totals.items()}
+                _, out, _, batch_scores, _ = generator.sample(trainable, batch["prompts"].tolist(), rng.fold_in(key, i))
+            scores.append(batch_scores)
+            completions += out.completion_ids
+            reasons += out.finish_reasons
+        _, metrics = generator.summarize(torch.cat(scores), completions, reasons)
+        return {f"eval/{name}": value for name, value in metrics.items()}
 
     return eval_step
 

@@ -60,3 +60,35 @@ def test_notebook_trains_dpo_with_the_plain_step_whatever_the_micro_batching():
     for _ in range(3):
         state, metrics = step(state, collate_pairs(pairs, range(4), 2, tokenizer.pad_token_id))
     assert metrics["rewards/margins"].item() > 0  # chosen pulled above rejected
+
+
+def test_notebook_trains_grpo_with_its_own_reward_and_an_extra_loss_term():
+    from backends.rollout import Sampling
+    from backends.rollout.native import NativeEngine
+    from pure.advantages import group_advantages
+    from pure.data.rollout_batch import collate_rollouts
+    from pure.losses import make_grpo, nll
+
+    params, config, tokenizer = load_pretrained("smollm2-135m-instruct")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Say a number below {n}."}],
+                                             add_generation_prompt=True, tokenize=True) for n in (5, 9)]
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+
+    def digits(texts):  # a new reward: the share of digits in the reply
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+    lora_config = LoraConfig(r=8, alpha=16)
+    delta = init_lora(params, lora_config, rng.key(0), target_modules=["q_proj", "v_proj"])
+    engine = NativeEngine(config, params, lora_config=lora_config, pad_token_id=tokenizer.pad_token_id)
+    optimizer = adamw(1e-3)
+    step = make_train_step(make_grpo(loss_type="grpo", beta=0.04) + 0.05 * nll, optimizer,
+                           make_apply(config, params, lora_config=lora_config))
+    state = init_train_state({"lora": delta}, optimizer, rng.key(1))
+    sampling = Sampling(max_tokens=8, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    for i in range(3):
+        out = engine.generate(state.trainable, prompts, 4, sampling, rng.fold_in(rng.key(2), i))
+        rewards = torch.tensor(digits(tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)))
+        adv = group_advantages(rewards[:, None].double(), torch.ones(1, dtype=torch.float64), 4).advantages
+        state, metrics = step(state, [collate_rollouts(out.prompt_ids, out.completion_ids, adv, tokenizer.pad_token_id)])
+    assert state.step == 3 and {"loss/grpo", "loss/0.05*nll", "kl", "entropy"} <= set(metrics)
+    assert any(torch.count_nonzero(e["B"]) for e in state.trainable["lora"].values())  # the adapter moved

@@ -4,6 +4,7 @@
                              [--device cpu|cuda] [--out bench.json] [--key value ...]
     python -m programs.bench --suite gpu [--out gpu_suite.json] [--budget-s S]
     python -m programs.bench --suite rollout [--model smollm2-135m-instruct] [--prompts 8 --n 4 --max-tokens 64]
+    python -m programs.bench --suite grpo --config configs/grpo-smollm2.yaml [--steps 6] [--key value ...]
                              [--threads 2] [--repeats 3] [--temperature T --top-p P --top-k K] [--out F.json]
 
 The first prints a markdown table and writes the whole report as JSON (`programs.bench.throughput`);
@@ -108,8 +109,13 @@ def run_suite(argv: list[str]) -> int:
         from programs.bench import rollout
 
         return rollout.run_suite(read_options(argv, rollout.OPTIONS))
+    if suite == "grpo":
+        from programs.bench import grpo_step
+
+        own, overrides = grpo_step.split_args(argv)
+        return grpo_step.run_suite(read_options(own, grpo_step.OPTIONS), overrides)
     if suite != "gpu":
-        raise BenchError(f"--suite {suite!r} is not known; expected 'gpu' or 'rollout'")
+        raise BenchError(f"--suite {suite!r} is not known; expected 'gpu', 'rollout' or 'grpo'")
     from programs.bench.gpu.suite import run_gpu_suite
 
     options = read_options(argv, SUITE_OPTIONS)
