@@ -62,15 +62,17 @@ def table(result: dict) -> str:
 
 def run_suite(options: dict, overrides: list[str]) -> int:
     from programs import grpo
-    from programs.config import parse_cli
+    from programs.config import ConfigError, parse_cli
 
     if not options["config"]:
         raise BenchError("--suite grpo needs --config (a config with rl: grpo or rl: gdpo)")
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--config", options["config"], *overrides, "--output_dir", tmp,
-                "--max_steps", str(options["warmup"] + options["steps"]), "--save_strategy", "no",
-                "--eval_strategy", "no"]
-        config, _ = parse_cli(argv, "GRPO step bench", program_flags={})
+        try:
+            config, _ = parse_cli(["--config", options["config"], *overrides], "GRPO step bench", program_flags={})
+        except ConfigError as err:
+            raise BenchError(str(err)) from None
+        config = config.model_copy(update={"output_dir": tmp, "max_steps": options["warmup"] + options["steps"],
+                                           "save_strategy": "no", "eval_strategy": "no"})
         result = grpo.run(config, overwrite=True)
     split = split_of(result["records"], options["warmup"])
     report = {"config": options["config"], "overrides": overrides, **split}

@@ -22,10 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.hf import load_tokenizer, save_pretrained
 from programs import train
-from pure import rng
-from pure.models import ModelConfig, init
 
 EXAMPLES = Path("/work/shared/compat/axolotl-examples")
 ROWS = 32
@@ -74,16 +71,9 @@ AS_WRITTEN = os.environ.get("PURETUNE_SLOW_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny SmolLM2-family model (the real tokenizer) whose linears have >= 64 inputs, so every row
-    holds a whole 4-bit block, as bitsandbytes' CPU path needs for the QLoRA examples."""
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(init(config, rng.key(0)), config, tokenizer, path)
-    return path
+def tiny_model(tiny_model_64):
+    """Linears of >= 64 inputs: bitsandbytes' CPU path needs whole 4-bit blocks per row."""
+    return tiny_model_64
 
 
 # ----------------------------------------------------------------------------- rows of each format

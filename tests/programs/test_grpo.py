@@ -124,6 +124,14 @@ def test_full_fine_tune_with_reference_sync(workdir, tiny_model):
     assert (workdir / "full" / "model" / "config.json").is_file()
 
 
+def test_qlora_grpo_samples_and_trains_over_the_4bit_base(workdir, tiny_model_64):
+    result = grpo.run(load_config(write_config(workdir, tiny_model_64, "qlora", adapter="qlora", load_in_4bit=True,
+                                               max_steps=1, test_datasets=None, trl={"beta": 0.04})))
+    record = train_records(result)[0]
+    assert record["train/grad_norm"] > 0 and record["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: policy == base
+    assert (workdir / "qlora" / "adapter_model.safetensors").is_file()
+
+
 def test_zero_advantage_steps_are_skipped(workdir, tiny_model):
     (workdir / "test_rewards_constant.py").write_text("def constant(completions, **kw):\n"
                                                       "    return [1.0] * len(completions)\n")

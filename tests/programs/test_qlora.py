@@ -15,13 +15,13 @@ import yaml
 
 pytest.importorskip("bitsandbytes")
 
-from backends.hf import load_pretrained, load_tokenizer, save_pretrained
+from backends.hf import load_pretrained
 from kernels.quantized import QuantizedWeight, dequantize
 from programs import common, evaluate, inference, merge_lora
 from programs.config import ConfigError, load_config
 from programs.sft import run
 from pure import rng
-from pure.models import ModelConfig, forward, init
+from pure.models import forward
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = (REPO / "configs" / "data" / "arithmetic_train.jsonl").read_text().splitlines()[:24]
@@ -30,16 +30,9 @@ INT8 = {"adapter": "lora", "load_in_8bit": True}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny SmolLM2-family model (real tokenizer) whose linears have >= 64 inputs, so every row
-    holds a whole 4-bit block, as transformers' bitsandbytes CPU path needs."""
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pretrained(init(config, rng.key(0)), config, tokenizer, path)
-    return path
+def tiny_model(tiny_model_64):
+    """Linears of >= 64 inputs: bitsandbytes' CPU path needs whole 4-bit blocks per row."""
+    return tiny_model_64
 
 
 def config_file(folder: Path, tiny_model, name="run", **keys) -> Path:
