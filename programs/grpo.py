@@ -28,7 +28,7 @@ from pure.train import init_train_state, make_train_step
 DESCRIPTION = "GRPO / GDPO (online RL from reward functions) with axolotl's config keys."
 KINDS = ("grpo", "gdpo")
 # fold_in data of the run's keys (large, so they never meet a split's small counters)
-ROLLOUT_STREAM, SHUFFLE_STREAM, EVAL_STREAM = 0x524F4C4C, 0x53485546, 0x4556414C
+ROLLOUT_STREAM, EVAL_STREAM = 0x524F4C4C, 0x4556414C
 TRL_MAX_COMPLETION_LENGTH = 512  # TRL GRPOConfig's default
 BUFFER = "buffer/"
 
@@ -304,13 +304,8 @@ def make_reference(config, trainable: dict, lora_config):
     trl = config.trl
     initial = {"params": dict(trainable.get("params", {})),
                "lora": dict(trainable["lora"]) if lora_config is not None and config.lora_model_dir else {}}
-    if not trl.sync_ref_model:
+    if not trl.sync_ref_model:  # (with an adapter it is refused at validation)
         return (lambda carry: initial), (lambda state, carry: carry)
-    if lora_config is not None:
-        from programs.config import ConfigError
-
-        raise ConfigError("trl.sync_ref_model mixes the reference weights towards the policy's; with an adapter "
-                          "the reference is the base model with the adapter off, so use it with a full fine-tune")
     alpha, every = trl.ref_model_mixup_alpha, trl.ref_model_sync_steps
 
     def reference_of(carry):

@@ -340,6 +340,14 @@ GRPO_ONLY_TRL_KEYS = (
     "rollout_func", "multi_objective_aggregation", "reward_num_workers", "skip_zero_advantage_batches")
 
 
+# Keys of the prepared-example pipelines and the preference objectives that GRPO has no use for.
+NOT_FOR_GRPO = ("rl_adapter_ref_model", "precompute_ref_log_probs", "group_by_length", "curriculum_sampling",
+                "pad_to_sequence_len", "eval_sample_packing", "dataset_exact_deduplication", "train_on_inputs",
+                "max_prompt_len", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weighting", "simpo_gamma",
+                "cpo_alpha", "orpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "streaming",
+                "pretraining_dataset")
+
+
 def _check_grpo(c: Config) -> None:
     """rl: grpo / gdpo: reward functions, no packing, the generation batch in whole prompt groups; the
     GRPO-only trl keys refused under any other method (they would have no effect)."""
@@ -359,6 +367,14 @@ def _check_grpo(c: Config) -> None:
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
         raise ConfigError(f"trl.reward_weights has {len(trl.reward_weights)} weights for "
                           f"{len(trl.reward_funcs or [])} reward functions; give one weight per function")
+    inert = [k for k in NOT_FOR_GRPO if getattr(c, k, None)]
+    if inert:
+        raise ConfigError(f"{inert[0]} does not apply to rl: {c.rl} (GRPO generates its completions from prompts: "
+                          "nothing is packed, masked by role, cached as reference log-probs or copied as a reference)")
+    if trl.sync_ref_model and c.adapter:
+        raise ConfigError(f"trl.sync_ref_model mixes the reference weights towards the policy's; with adapter: "
+                          f"{c.adapter} the reference is the base model with the adapter off, so use it with a "
+                          "full fine-tune (no adapter)")
     if c.rl == "gdpo" and trl.multi_objective_aggregation == "sum_then_normalize":
         raise ConfigError("rl: gdpo is GRPO with multi_objective_aggregation: normalize_then_sum; "
                           "trl.multi_objective_aggregation: sum_then_normalize contradicts it (use rl: grpo)")

@@ -167,6 +167,10 @@ def test_config_checks_come_before_anything_loads(workdir, tiny_model):
         load_config(write_config(workdir, tiny_model, "x", trl={"use_vllm": True}))
     with pytest.raises(ConfigError, match="reward_weights has 1 weights for 2"):
         load_config(write_config(workdir, tiny_model, "x", trl={"reward_weights": [1.0]}))
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs does not apply to rl: grpo"):
+        load_config(write_config(workdir, tiny_model, "x", precompute_ref_log_probs=True))
+    with pytest.raises(ConfigError, match="sync_ref_model .* full fine-tune"):
+        load_config(write_config(workdir, tiny_model, "x", trl={"sync_ref_model": True}))
     with pytest.raises(ConfigError, match="is a GRPO key"):
         load_config(write_config(workdir, tiny_model, "x", rl="dpo", trl={"reward_funcs": None}))
 
