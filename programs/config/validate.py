@@ -371,6 +371,9 @@ def _check_grpo(c: Config) -> None:
     if inert:
         raise ConfigError(f"{inert[0]} does not apply to rl: {c.rl} (GRPO generates its completions from prompts: "
                           "nothing is packed, masked by role, cached as reference log-probs or copied as a reference)")
+    if trl.delta is not None and trl.loss_type in ("cispo", "sapo"):
+        raise ConfigError(f"trl.delta (the two-sided clip) applies to the clipped loss types grpo, bnpo, dr_grpo "
+                          f"and dapo, not trl.loss_type: {trl.loss_type}")
     if trl.sync_ref_model and c.adapter:
         raise ConfigError(f"trl.sync_ref_model mixes the reference weights towards the policy's; with adapter: "
                           f"{c.adapter} the reference is the base model with the adapter off, so use it with a "
