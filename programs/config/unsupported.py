@@ -104,14 +104,18 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rl": (_one_of("ebft"), "supported: dpo, ipo, simpo, orpo, kto, grpo, gdpo (and reward_model, process_reward_model)"),
     "trl.use_vllm": (_truthy, "the vLLM rollout backend comes with its own issue; set trl.use_vllm: false to "
                               "generate with puretune's native engine"),
-    "vllm": (_truthy, "the vLLM server's settings; puretune's native engine generates in process (drop the "
-                      "vllm: block and set trl.use_vllm: false)"),
+    # the vllm: block is read by programs.vllm_serve; these of its keys are not
+    "vllm.device": (GIVEN, "the server takes the machine's device"),
+    "vllm.enable_reasoning": (_truthy, "reasoning parsers"),
+    "vllm.reasoning_parser": (GIVEN, "reasoning parsers"),
+    "vllm.serve_module": (GIVEN, "programs.vllm_serve starts vLLM's OpenAI server itself"),
+    "vllm.worker_extension_cls": (GIVEN, "TRL's NCCL weight-sync worker; puretune syncs over HTTP"),
     "ebft": (GIVEN, "rl: ebft"),
     **{f"trl.{key}": (GIVEN, "a key of the vLLM rollout backend (trl.use_vllm: true), which is not built yet")
        for key in ("vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
                    "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_sync_interval",
                    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-                   "vllm_importance_sampling_cap", "vllm_lora_sync")},
+                   "vllm_importance_sampling_cap")},
     **{f"trl.{key}": (GIVEN, "axolotl's async GRPO data producer; puretune generates each batch in step")
        for key in ("use_data_producer", "async_prefetch", "prefetch_depth", "streaming_partial_batch",
                    "streaming_min_groups", "replay_buffer_size", "replay_recompute_logps", "reroll_start_fraction",
