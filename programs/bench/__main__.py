@@ -3,7 +3,7 @@
     python -m programs.bench --config x.yaml [--baseline hf] [--steps N] [--warmup W] [--repeats R]
                              [--device cpu|cuda] [--out bench.json] [--key value ...]
     python -m programs.bench --suite gpu [--out gpu_suite.json] [--budget-s S]
-    python -m programs.bench --suite rollout [--model smollm2-135m-instruct] [--prompts 8 --n 4 --max-tokens 64]
+    python -m programs.bench --suite rollout [--model smollm2-135m-instruct] [--prompts 8 --n 4 --max-tokens 64] [--vllm]
     python -m programs.bench --suite grpo --config configs/grpo-smollm2.yaml [--steps 6] [--key value ...]
                              [--threads 2] [--repeats 3] [--temperature T --top-p P --top-k K] [--out F.json]
 

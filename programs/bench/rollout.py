@@ -34,7 +34,8 @@ PROMPTS = (
 OPTIONS = {"--suite": (str, None), "--model": (str, "smollm2-135m-instruct"), "--prompts": (int, 8),
            "--n": (int, 4), "--max-tokens": (int, 64), "--repeats": (int, 3), "--threads": (int, 2),
            "--temperature": (float, 1.0), "--top-p": (float, 1.0), "--top-k": (int, 0), "--min-p": (float, 0.0),
-           "--repetition-penalty": (float, 1.0), "--seed": (int, 0), "--out": (str, "rollout_bench.json")}
+           "--repetition-penalty": (float, 1.0), "--seed": (int, 0), "--out": (str, "rollout_bench.json"),
+           "--vllm": (bool, False)}
 
 
 def chat_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -134,6 +135,51 @@ def measure_rollouts(params: dict, config, prompts: list[list[int]], n: int, sam
     }
 
 
+def measure_vllm(params: dict, config, tokenizer, prompts: list[list[int]], n: int, sampling, *, repeats: int,
+                 seed: int = 0, log=print) -> dict:
+    """`--vllm`: the same prompts and sampling through a real vLLM server (`.venv-vllm`) for the same
+    weights, measured after the native / transformers rounds with the server started only for this
+    (an idle server would share the cores with them): one warm-up request, then `repeats` runs."""
+    import tempfile
+
+    from backends.rollout.vllm_server import (ServerSettings, VllmServerEngine, VllmServerError, free_port,
+                                              save_untied, start_server, stop_server)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_untied(params, config, tokenizer, Path(tmp) / "model")
+        port = free_port()
+        longest = max(len(p) for p in prompts) + sampling.max_tokens + 8
+        try:
+            proc = start_server(ServerSettings(model=str(Path(tmp) / "model"), port=port, max_model_len=longest),
+                                log=Path(tmp) / "server.log")
+        except VllmServerError as err:
+            raise BenchError(f"--vllm: {err}") from None
+        try:
+            return measure_server(VllmServerEngine("127.0.0.1", port), prompts, n, sampling, repeats=repeats,
+                                  seed=seed, log=log)
+        finally:
+            stop_server(proc)
+
+
+def measure_server(engine, prompts: list[list[int]], n: int, sampling, *, repeats: int, seed: int = 0,
+                   log=print, name: str = "vllm") -> dict:
+    """A server engine's generated tokens/s: one warm-up call, then `repeats` timed calls (its CPU time
+    is the server's, not this process's, so none is reported)."""
+    from pure import rng
+
+    engine.generate({}, prompts, n, sampling, rng.key(seed))
+    runs = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = engine.generate({}, prompts, n, sampling, rng.fold_in(rng.key(seed), r + 1))
+        seconds, tokens = time.perf_counter() - start, sum(len(c) for c in out.completion_ids)
+        runs.append({"seconds": seconds, "generated_tokens": tokens})
+        log(f"repeat {r + 1}/{repeats}: {name} {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s)")
+    seconds, tokens = sum(x["seconds"] for x in runs), sum(x["generated_tokens"] for x in runs)
+    return {"generated_tokens_per_s": tokens / seconds, "generated_tokens_per_cpu_s": None, "seconds": seconds,
+            "cpu_seconds": None, "generated_tokens": tokens, "runs": runs}
+
+
 def run_rollout_bench(options: dict, log=print) -> dict:
     """Load `--model` (float32), template the prompts, measure; the report (JSON-ready)."""
     from backends.hf import load_pretrained
@@ -150,9 +196,12 @@ def run_rollout_bench(options: dict, log=print) -> dict:
     if tokenizer is None:
         raise BenchError(f"--model {options['model']!r} has no tokenizer; the rollout suite needs one for its prompts")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = measure_rollouts(params, config, chat_prompts(tokenizer, options["prompts"]), options["n"],
-                              sampling_of(options, (tokenizer.eos_token_id,)), pad_token_id=pad,
+    prompts, sampling = chat_prompts(tokenizer, options["prompts"]), sampling_of(options, (tokenizer.eos_token_id,))
+    report = measure_rollouts(params, config, prompts, options["n"], sampling, pad_token_id=pad,
                               repeats=options["repeats"], seed=options["seed"], log=log)
+    if options.get("vllm"):
+        report["variants"]["vllm"] = measure_vllm(params, config, tokenizer, prompts, options["n"], sampling,
+                                                  repeats=options["repeats"], seed=options["seed"], log=log)
     return {"suite": "rollout", "model": str(options["model"]), **report}
 
 
@@ -160,8 +209,10 @@ def markdown_table(report: dict) -> str:
     lines = ["| side | generated tok/s | tok per CPU-s | generated tokens | seconds | CPU seconds |",
              "|---|---|---|---|---|---|"]
     for name, r in report["variants"].items():
-        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {r['generated_tokens_per_cpu_s']:.1f} | "
-                     f"{r['generated_tokens']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} |")
+        per_cpu = "-" if r["generated_tokens_per_cpu_s"] is None else f"{r['generated_tokens_per_cpu_s']:.1f}"
+        cpu = "- (server process)" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.2f}"
+        lines.append(f"| {name} | {r['generated_tokens_per_s']:.1f} | {per_cpu} | "
+                     f"{r['generated_tokens']} | {r['seconds']:.2f} | {cpu} |")
     s = report["sampling"]
     lines += ["", f"native / transformers tok/s: {report['native_over_transformers_tokens_per_s']:.2f}x (per repeat: "
               f"{', '.join(f'{x:.2f}x' for x in report['ratio_per_repeat'])}); per CPU-second: "

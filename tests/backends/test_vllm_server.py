@@ -116,3 +116,12 @@ def test_after_a_full_sync_the_server_samples_the_new_weights(served):
 def test_no_server_is_one_clear_error():
     with pytest.raises(VllmServerError, match="no vLLM server answering at http://127.0.0.1:.*programs.vllm_serve"):
         VllmServerEngine("127.0.0.1", free_port(), timeout=2)
+
+
+def test_the_rollout_bench_measures_the_server(served):
+    from programs.bench.rollout import measure_server
+
+    lines = []
+    result = measure_server(served["engine"], served["prompts"], 2, Sampling(max_tokens=4), repeats=2, log=lines.append)
+    assert result["generated_tokens"] == 2 * 2 * 2 * 4 and len(result["runs"]) == 2 and len(lines) == 2
+    assert result["generated_tokens_per_s"] > 0 and result["cpu_seconds"] is None  # the server's CPU is not ours
