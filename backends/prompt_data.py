@@ -102,13 +102,13 @@ def load_prompt_rows(entries: Sequence[Mapping], *, config: Mapping | None = Non
     return rows
 
 
-def _prompt_token_ids(prompt, tokenizer, chat_template_kwargs: Mapping) -> list[int]:
+def prompt_token_ids(prompt, tokenizer, chat_template_kwargs: Mapping | None = None) -> list[int]:
     """A chat prompt through the tokenizer's chat template with the generation prompt (TRL's
     `_tokenize_prompts`); a plain one tokenised as TRL does, `tokenizer(text)` with its default
     special tokens."""
     if is_chat_prompt(prompt):
         encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, **chat_template_kwargs)
+                                                return_dict=True, **(chat_template_kwargs or {}))
         return list(encoded["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
 
@@ -126,7 +126,7 @@ def tokenize_prompts(rows: Sequence[Mapping], tokenizer, *, chat_template_kwargs
     for index, row in enumerate(rows):
         check_prompt_row(row, f"prompt row {index}")
         try:
-            ids = _prompt_token_ids(row["prompt"], tokenizer, kwargs)
+            ids = prompt_token_ids(row["prompt"], tokenizer, kwargs)
         except DataError:
             raise
         except Exception as err:  # e.g. a tokenizer without a chat template, a template raising

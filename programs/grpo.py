@@ -86,13 +86,13 @@ def epoch_slots(num_prompts: int, batching, seed: int, epoch: int) -> list[dict]
         for iteration in range(batching.num_iterations):
             for part in range(batching.steps_per_generation):
                 slots.append({"prompts": prompts, "generation": torch.tensor([epoch, g]),
-                              "slice": torch.tensor(part), "iteration": torch.tensor(iteration), "num_tokens": 0})
+                              "slice": torch.tensor(part), "iteration": torch.tensor(iteration)})
     return slots
 
 
 def pack_buffer(micro_batches: list[dict], generation: torch.Tensor) -> dict:
     """The buffered generation as flat `carry` entries (`buffer/<slice>/<name>`)."""
-    carry = {f"{BUFFER}generation": [int(x) for x in generation], f"{BUFFER}slices": len(micro_batches)}
+    carry = {f"{BUFFER}generation": [int(x) for x in generation]}
     for i, mb in enumerate(micro_batches):
         carry.update({f"{BUFFER}{i}/{k}": v for k, v in mb.items()})
     return carry
@@ -142,7 +142,8 @@ class Generator:
         else:
             from backends.rollout.function import PolicyGenerator, function_rollouts
 
-            model = PolicyGenerator(self.engine, trainable, self.tokenizer, self.sampling, key)
+            model = PolicyGenerator(self.engine, trainable, self.tokenizer, self.sampling, key,
+                                    dict(self.config.trl.chat_template_kwargs or {}))
             out = function_rollouts(self.rollout_func, self.config.trl.rollout_func, model,
                                     [p["prompt"] for p in repeated], [p["prompt_ids"] for p in repeated])
         rollout_s = time.perf_counter() - start
@@ -193,13 +194,15 @@ class Generator:
                                           [r["advantage"] for r in chosen], self.pad_id, [r["masked"] for r in chosen]))
         total = sum(mb["completion_mask"].sum() for mb in micro)
         start = time.perf_counter()
+        policy = self.bind(trainable) if self.batching.stores_old_logps else None
+        reference = self.bind(ref_trainable) if self.beta else None
         with torch.no_grad():
             for mb in micro:
                 mb["generation_tokens"] = total.clone()
-                if self.batching.stores_old_logps:
-                    mb["old_logps"] = completion_token_logps(self.bind(trainable), mb, temperature=self.temperature)
-                if self.beta:
-                    mb["ref_logps"] = completion_token_logps(self.bind(ref_trainable), mb, temperature=self.temperature)
+                if policy is not None:
+                    mb["old_logps"] = completion_token_logps(policy, mb, temperature=self.temperature)
+                if reference is not None:
+                    mb["ref_logps"] = completion_token_logps(reference, mb, temperature=self.temperature)
         metrics["time/logps_s"] = time.perf_counter() - start  # old and reference log-probs
         tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
         return micro, metrics, all_zero_advantages(adv.advantages), tokens

@@ -49,7 +49,8 @@ class Run:
     """What a program hands to `fit`.
 
     epoch_batches(epoch) -> that epoch's micro-batches, a pure function of the epoch (so resume
-    rebuilds the same ones); each micro-batch is a dict of tensors plus `num_tokens` (real tokens).
+    rebuilds the same ones); each micro-batch is a dict of tensors plus `num_tokens` (real tokens),
+    unless the train step reports its own `step_tokens` metric (GRPO's rollouts).
     stream(data_cursor) -> an endless iterator of (cursor after the step, micro-batches), instead
     of `epoch_batches`, for streamed datasets whose epoch length is unknown (needs `max_steps`).
     eval_step(trainable, micro_batches) -> metrics named `eval/...`. export(state) -> the folder.

@@ -37,19 +37,17 @@ class PolicyGenerator:
     tokenizer: object
     sampling: Sampling
     key: torch.Tensor
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     calls: int = 0
-
-    def prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def generate(self, prompts: Sequence, n: int = 1) -> list[str]:
         """`n` sampled completions of each prompt (prompt-major), as text without special tokens."""
         key = rng.fold_in(self.key, self.calls)  # each call its own key, the same on every run
         self.calls += 1
-        out = self.engine.generate(self.policy, [self.prompt_ids(p) for p in prompts], n, self.sampling, key)
+        from backends.prompt_data import prompt_token_ids  # the dataset prompts' own tokenisation
+
+        ids = [prompt_token_ids(p, self.tokenizer, self.chat_template_kwargs) for p in prompts]
+        out = self.engine.generate(self.policy, ids, n, self.sampling, key)
         return self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
 
 
