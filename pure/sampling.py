@@ -25,16 +25,7 @@ def sample_logits(logits: torch.Tensor, key, temperature: float = 1.0, top_k: in
     temperature / top-k / nucleus sampling with the Gumbel-max trick on the key's noise."""
     if temperature <= 0.0 or key is None:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    logits = top_p_mask(top_k_mask(logits.float() / temperature, top_k), top_p)
     u = rng.uniform(key, logits.shape, device=logits.device).clamp_(1e-20, 1.0)
     return (logits - torch.log(-torch.log(u))).argmax(-1)
 
