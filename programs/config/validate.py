@@ -190,9 +190,6 @@ def _check_not_supported(raw: dict) -> None:
                 raise ConfigError(f"{list_key}[{i}].type: synthetic datasets are not supported yet by puretune")
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-
-
 def _check_loss_type(c: "Config") -> None:
     """`trl.loss_type`: a GRPO loss for rl: grpo/gdpo, DPO pair losses (name or list) for rl: dpo."""
     trl = c.trl
@@ -204,7 +201,9 @@ def _check_loss_type(c: "Config") -> None:
 
         known, what = LOSS_TYPES, "DPO loss types"
     elif c.rl in ("grpo", "gdpo"):
-        known, what = GRPO_LOSS_TYPES, "GRPO loss types"
+        from pure.losses.grpo import LOSS_TYPES
+
+        known, what = LOSS_TYPES, "GRPO loss types"
         if len(names) > 1 or trl.loss_weights:
             raise ConfigError(f"trl.loss_type: rl: {c.rl} takes one loss type, got {trl.loss_type!r}")
     else:
@@ -371,7 +370,9 @@ def _check_grpo(c: Config) -> None:
     if inert:
         raise ConfigError(f"{inert[0]} does not apply to rl: {c.rl} (GRPO generates its completions from prompts: "
                           "nothing is packed, masked by role, cached as reference log-probs or copied as a reference)")
-    if trl.delta is not None and trl.loss_type in ("cispo", "sapo"):
+    from pure.losses.grpo import CLIP_TYPES
+
+    if trl.delta is not None and (trl.loss_type or "dapo") not in CLIP_TYPES:
         raise ConfigError(f"trl.delta (the two-sided clip) applies to the clipped loss types grpo, bnpo, dr_grpo "
                           f"and dapo, not trl.loss_type: {trl.loss_type}")
     if trl.sync_ref_model and c.adapter:
