@@ -241,7 +241,7 @@ class Rewards:
         from backends.rewards import score_completions, shape_completions
 
         prompts = [r["prompt"] for r in prompt_rows]
-        columns = {k: [r[k] for r in prompt_rows] for k in prompt_rows[0] if k not in ("prompt", "prompt_ids")}
+        columns = {k: [r[k] for r in prompt_rows] for k in prompt_rows[0]}  # score_completions drops prompt(_ids)
         return score_completions(self.funcs, prompts=prompts, completions=shape_completions(prompts, texts),
                                  completion_ids=[list(c) for c in completion_ids], columns=columns,
                                  num_generations=num_generations, pool=self.pool)
