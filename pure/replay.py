@@ -88,9 +88,10 @@ def update_replay(buffer: list[Group], groups: list[Group], size: int | None) ->
     """The buffer after a new batch: `groups` with signal join it with their `replay_score` as
     "score", and the `size` best by score stay (size 0 or None: []).
 
-    As TRL's `ReplayBuffer.add` (a min-heap of `max_size` that drops the worst), except on a tie,
-    which TRL leaves to comparing the data dicts: here the newer group wins (a later group of the
-    batch over an earlier one, a batch over the buffer). The result is oldest first.
+    As TRL's `ReplayBuffer.add` (a min-heap of `max_size` that replaces its worst only with a
+    strictly better score) except on ties, where TRL's heap would compare the data dicts (a
+    TypeError): here the newer group wins (a later group of the batch over an earlier one, a batch
+    over the buffer). The result is oldest first, so the next call still knows which is newer.
     """
     if not size:
         return []
@@ -121,7 +122,8 @@ def _draw_without_replacement(scores: list[float], n: int, key: torch.Tensor) ->
         if total <= 0:
             weights, total = [1.0] * len(left), float(len(left))
         target = _uniform(rng.fold_in(key, j)) * total
-        pick, cumulative = len(left) - 1, 0.0
+        # float rounding can leave target at the total: then the last item that weighs anything
+        pick, cumulative = max(p for p, w in enumerate(weights) if w > 0), 0.0
         for position, w in enumerate(weights):
             cumulative += w
             if target < cumulative:
@@ -183,8 +185,8 @@ def reroll_prompts(prompts: list[int], queue: list[int], max_groups: int,
 
 def reroll_active(step: int, total_steps: int, fraction: float) -> bool:
     """Whether re-rolling is on at `step` (optimizer steps done, 0-based): step >= fraction ·
-    total_steps, compared exactly with the fraction's decimal value (0.1 · 10 is 1, not
-    1.0000000000000002). fraction >= 1.0 is never (axolotl's default, "1.0 = disabled"), even at
+    total_steps, compared exactly with the fraction's decimal value (0.07 · 100 is 7, not
+    7.000000000000001). fraction >= 1.0 is never (axolotl's default, "1.0 = disabled"), even at
     step == total_steps; fraction 0 is from the first step."""
     if fraction < 0:
         raise ValueError(f"reroll_active: fraction must be in [0, 1], got {fraction}")
