@@ -59,11 +59,24 @@ def sampling_params(sampling: Sampling, n: int, seed: int):
                           logprobs=0, skip_special_tokens=False, detokenize=False)
 
 
+def supported_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as max_lora_rank (1, 8, 16, 32, ...) that holds `rank`."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    fits = [r for r in get_args(MaxLoRARanks) if r >= rank]
+    if not fits:
+        raise VllmColocateError(f"max_lora_rank {rank} is above the largest vLLM serves ({max(get_args(MaxLoRARanks))})")
+    return min(fits)
+
+
 class VllmColocateEngine:
     """The rollout protocol over an in-process `vllm.LLM` on `model_folder` (an HF folder, untied:
     `save_untied`); the policy reaches it by `sync_lora` / `sync_full`.
 
-    max_lora_rank: serve LoRA adapters up to this rank (one at a time); None = no LoRA.
+    max_lora_rank: serve LoRA adapters up to this rank (one at a time; rounded up to a rank vLLM
+    takes); None = no LoRA.
     enable_prefix_caching: None = vLLM's default.
     """
 
@@ -83,7 +96,7 @@ class VllmColocateEngine:
         if enable_prefix_caching is not None:
             options["enable_prefix_caching"] = enable_prefix_caching
         if max_lora_rank:
-            options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+            options.update(enable_lora=True, max_lora_rank=supported_lora_rank(max_lora_rank), max_loras=1)
         try:
             self.llm = LLM(**options)
         except Exception as err:
