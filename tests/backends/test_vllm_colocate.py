@@ -1,8 +1,8 @@
 """The colocate engine (in-process `vllm.LLM`) against our forward. One `.venv-vllm` subprocess (the
 repository on PYTHONPATH, as a colocate run starts) samples a tiny model through
 `VllmColocateEngine`: on the base weights, again with the same key, with a stop token, after a
-LoRA sync and after a full-weight sync (on prompts longer than one KV block, the stale-cache trap),
-then from a second engine after `close`. This process checks the rollouts against our forward."""
+LoRA sync, after a full-weight sync and after a second one back to the base weights (on prompts
+longer than one KV block, the stale-cache trap), then from a second engine after `close`. This process checks the rollouts against our forward."""
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backends.rollout.vllm_colocate import VllmColocateEngine, VllmColocateError, vllm_importable
 from backends.rollout.vllm_server import SETUP_HINT, VLLM_VENV, save_untied
 from pure import rng
 
@@ -25,7 +26,7 @@ def venv_has_vllm() -> bool:
     return found.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not venv_has_vllm(), reason=f"no vLLM in {VLLM_VENV}; create it with `{SETUP_HINT}`")
+needs_vllm_venv = pytest.mark.skipif(not venv_has_vllm(), reason=f"no vLLM in {VLLM_VENV}; create it with `{SETUP_HINT}`")
 
 # Runs in .venv-vllm; argv[1] is a JSON file of folders and prompts; prints one line "RESULT <json>".
 SCRIPT = r"""
@@ -57,6 +58,8 @@ start = time.perf_counter()
 engine.sync_full(load_file(job["new_weights"]))
 out["full_sync_s"] = time.perf_counter() - start
 out["full"] = rollouts(engine.generate({}, prompts, n, Sampling(max_tokens=8), rng.key(3)))
+engine.sync_full(load_file(job["model"] + "/model.safetensors"))  # back, over KV cached under the new weights
+out["restored"] = rollouts(engine.generate({}, prompts, n, Sampling(max_tokens=8), rng.key(3)))
 engine.close()
 start = time.perf_counter()
 second = VllmColocateEngine(job["model"], max_model_len=256)
@@ -124,6 +127,7 @@ def max_logprob_error(colocated, rollouts, params, temperature=1.0, **lora) -> f
     return float(max(errors))
 
 
+@needs_vllm_venv
 def test_rollouts_are_prompt_major_and_their_logprobs_match_our_forward(colocated):
     result = colocated["result"]
     base = result["base"]
@@ -135,12 +139,14 @@ def test_rollouts_are_prompt_major_and_their_logprobs_match_our_forward(colocate
     assert max_logprob_error(colocated, result["base_t07"], colocated["params"], 0.7) <= 1e-4
 
 
+@needs_vllm_venv
 def test_the_same_key_gives_the_same_rollouts_also_from_a_second_engine(colocated):
     result = colocated["result"]
     assert result["base_again"] == result["base"]
     assert result["second"] == result["base"]
 
 
+@needs_vllm_venv
 def test_a_stop_token_ends_the_completion_and_is_kept(colocated):
     result = colocated["result"]
     stopped, base = result["stop"], result["base"]
@@ -151,13 +157,22 @@ def test_a_stop_token_ends_the_completion_and_is_kept(colocated):
         assert reason == ("stop" if ids[-1] == result["stop_token"] else "length")
 
 
+@needs_vllm_venv
 def test_after_a_lora_sync_the_engine_samples_the_adapted_policy(colocated):
     lora = colocated["result"]["lora"]
     assert max_logprob_error(colocated, lora, colocated["params"], lora=colocated["delta"],
                              lora_config=colocated["lora_config"]) <= 1e-4
 
 
+@needs_vllm_venv
 def test_after_a_full_sync_the_engine_samples_the_new_weights_without_the_adapter(colocated):
     result = colocated["result"]
     assert max(len(p) for p in colocated["prompts"]) > result["block_size"]  # the prefix cache had a full block
     assert max_logprob_error(colocated, result["full"], colocated["new"]) <= 1e-4
+    assert max_logprob_error(colocated, result["restored"], colocated["params"]) <= 1e-4
+
+
+@pytest.mark.skipif(vllm_importable(), reason="this interpreter has vLLM")
+def test_without_vllm_here_the_engine_is_one_clear_error(tmp_path):
+    with pytest.raises(VllmColocateError, match="vLLM is not importable.*setup-vllm.sh"):
+        VllmColocateEngine(tmp_path, max_model_len=256)
