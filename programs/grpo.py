@@ -28,7 +28,7 @@ from pure.train import init_train_state, make_train_step
 DESCRIPTION = "GRPO / GDPO (online RL from reward functions) with axolotl's config keys."
 KINDS = ("grpo", "gdpo")
 # fold_in data of the run's keys (large, so they never meet a split's small counters)
-ROLLOUT_STREAM, EVAL_STREAM = 0x524F4C4C, 0x4556414C
+ROLLOUT_STREAM, EVAL_STREAM, REPLAY_STREAM = 0x524F4C4C, 0x4556414C, 0x5245504C
 TRL_MAX_COMPLETION_LENGTH = 512  # TRL GRPOConfig's default
 BUFFER = "buffer/"
 
@@ -44,7 +44,8 @@ def objective(config):
         importance_sampling_level=trl.importance_sampling_level or "token",
         max_completion_length=trl.max_completion_length or TRL_MAX_COMPLETION_LENGTH,
         sapo_temperature_pos=trl.sapo_temperature_pos, sapo_temperature_neg=trl.sapo_temperature_neg,
-        temperature=temperature_of(config))
+        temperature=temperature_of(config), off_policy_mask_threshold=trl.off_policy_mask_threshold,
+        use_bias_correction_kl=bool(trl.use_bias_correction_kl))
 
 
 def beta_of(config) -> float:
@@ -74,15 +75,21 @@ def sampling_of(config, tokenizer):
 
 # ---- the data: slots of generations
 
-def epoch_slots(num_prompts: int, batching, seed: int, epoch: int) -> list[dict]:
-    """One epoch as micro-batch slots, a pure function of (seed, epoch): the prompts in a seeded
-    order, cut into generations of `prompts_per_generation` (an incomplete tail is dropped, as TRL's
-    sampler does), each generation giving `steps_per_generation` slices x `num_iterations` passes."""
+def generation_prompts(num_prompts: int, batching, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """The prompt indices of generation `index` of `epoch`: the prompts in a seeded order, cut into
+    generations of `prompts_per_generation`, a pure function of (seed, epoch, index)."""
     order = rng.permutation(rng.fold_in(rng.key(seed), epoch), num_prompts)
     per = batching.prompts_per_generation
+    return order[index * per:(index + 1) * per].clone()
+
+
+def epoch_slots(num_prompts: int, batching, seed: int, epoch: int) -> list[dict]:
+    """One epoch as micro-batch slots, a pure function of (seed, epoch): its generations (an
+    incomplete tail of prompts is dropped, as TRL's sampler does), each giving
+    `steps_per_generation` slices x `num_iterations` passes."""
     slots = []
-    for g in range(num_prompts // per):
-        prompts = order[g * per:(g + 1) * per].clone()
+    for g in range(num_prompts // batching.prompts_per_generation):
+        prompts = generation_prompts(num_prompts, batching, seed, epoch, g)
         for iteration in range(batching.num_iterations):
             for part in range(batching.steps_per_generation):
                 slots.append({"prompts": prompts, "generation": torch.tensor([epoch, g]),
@@ -110,48 +117,111 @@ def unpack_slice(carry: dict, generation: torch.Tensor, part: int) -> dict:
     return {k[len(prefix):]: v for k, v in carry.items() if k.startswith(prefix)}
 
 
-# ---- one generation: sample, score, advantages, the buffer
+# ---- off-policy settings
+
+def corrections_of(config) -> dict:
+    """The IS correction of rollouts sampled by another policy than the trained one (TRL's vLLM
+    correction): on by default with vLLM (TRL's default) and with async prefetch (stale rollouts);
+    TRL's defaults mode sequence_mask and cap 3.0. `stale`: the sampler may differ from the policy
+    the step starts from, so the micro-batches carry its log-probs (OPSM reads them, as TRL's does
+    with vLLM; otherwise it reads the old log-probs)."""
+    trl = config.trl
+    stale = bool(trl.use_vllm) or bool(trl.async_prefetch)
+    on = stale if trl.vllm_importance_sampling_correction is None else bool(trl.vllm_importance_sampling_correction)
+    return {"on": on, "stale": stale, "mode": trl.vllm_importance_sampling_mode or "sequence_mask",
+            "cap": 3.0 if trl.vllm_importance_sampling_cap is None else float(trl.vllm_importance_sampling_cap)}
+
+
+def prefetch_depth_of(config) -> int:
+    """Generations the background producer samples ahead (0: in step); validation makes
+    `async_prefetch` need `use_data_producer`, as axolotl does."""
+    trl = config.trl
+    return (trl.prefetch_depth or 1) if trl.use_data_producer and trl.async_prefetch else 0
+
+
+# ---- one generation: sample and score (the producer), then the trained micro-batches (the step)
 
 class Generator:
-    """Turns a generation's prompt indices into its trained micro-batches and its metrics."""
+    """Turns a generation's prompt indices into scored rollout groups (`produce`, which may run on
+    the producer thread) and those into its trained micro-batches and metrics (`consume`)."""
 
-    def __init__(self, config, batching, prompts: list[dict], engine, sampling, rewards, tokenizer, bind,
+    def __init__(self, config, batching, prompts: list[dict], backend, sampling, rewards, tokenizer, bind,
                  pad_id: int):
         self.config, self.batching, self.prompts = config, batching, prompts
-        self.engine, self.sampling, self.rewards, self.tokenizer = engine, sampling, rewards, tokenizer
+        self.backend, self.sampling, self.rewards, self.tokenizer = backend, sampling, rewards, tokenizer
         self.bind, self.pad_id = bind, pad_id
         trl = config.trl
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(rewards.funcs), dtype=torch.float64)
         self.aggregation = "normalize_then_sum" if config.rl == "gdpo" else \
             (trl.multi_objective_aggregation or "sum_then_normalize")
         self.beta, self.temperature = beta_of(config), temperature_of(config)
+        self.corrections = corrections_of(config)
+        # TRL computes the old log-probs whenever the vLLM correction is on; the OPSM needs them too
+        self.needs_old_logps = batching.stores_old_logps or self.corrections["on"]
+        self.streaming = bool(trl.streaming_partial_batch)
+        self.min_groups = trl.streaming_min_groups or 1
         self.rollout_func = None
         if trl.rollout_func:
             from backends.rewards import load_rollout_function
 
             self.rollout_func = load_rollout_function(trl.rollout_func)
 
-    def sample(self, trainable: dict, indices: list[int], key: torch.Tensor):
-        """(prompt row of each completion, Rollouts, texts, rewards per function [N, K], timings)."""
+    def sample(self, policy: dict, indices: list[int], key: torch.Tensor):
+        """(prompt row of each completion, Rollouts, texts, rewards per function [N, K], timings).
+        With `streaming_partial_batch`, groups are scored `streaming_min_groups` at a time as their
+        completions arrive, while the rest are still being generated (rewards are per completion,
+        so the scores are the same as scoring all at once)."""
+        from backends.rollout import Rollouts
+
         G = self.batching.num_generations
         chosen = [self.prompts[i] for i in indices]
         repeated = [p for p in chosen for _ in range(G)]
         start = time.perf_counter()
-        if self.rollout_func is None:
-            out = self.engine.generate(trainable, [p["prompt_ids"] for p in chosen], G, self.sampling, key)
-        else:
+        reward_s, synced = 0.0, len(self.backend.sync_seconds)
+        if self.rollout_func is not None:
             from backends.rollout.function import PolicyGenerator, function_rollouts
 
-            model = PolicyGenerator(self.engine, trainable, self.tokenizer, self.sampling, key,
+            model = PolicyGenerator(self.backend, policy, self.tokenizer, self.sampling, key,
                                     dict(self.config.trl.chat_template_kwargs or {}))
             out = function_rollouts(self.rollout_func, self.config.trl.rollout_func, model,
                                     [p["prompt"] for p in repeated], [p["prompt_ids"] for p in repeated])
-        rollout_s = time.perf_counter() - start
+            scores = None
+        elif not self.streaming:
+            out = self.backend.generate(policy, [p["prompt_ids"] for p in chosen], G, self.sampling, key)
+            scores = None
+        else:
+            parts, scores, ready = {}, torch.zeros(len(repeated), len(self.rewards.funcs), dtype=torch.float64), []
+            for i, part in self.backend.generate_each(policy, [p["prompt_ids"] for p in chosen], G, self.sampling, key):
+                parts[i] = part
+                ready.append(i)
+                if len(ready) >= self.min_groups or len(parts) == len(chosen):
+                    t0 = time.perf_counter()
+                    self._score_groups(ready, parts, repeated, scores)
+                    reward_s += time.perf_counter() - t0
+                    ready = []
+            out = Rollouts([], [], [], [])
+            for i in range(len(chosen)):
+                for name in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons"):
+                    getattr(out, name).extend(getattr(parts[i], name))
+        sync_s = sum(self.backend.sync_seconds[synced:])  # the weights sent to a vLLM engine first
+        rollout_s = time.perf_counter() - start - reward_s - sync_s
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-        scores = self.rewards.score(repeated, texts, out.completion_ids, G)
-        timings = {"time/rollout_s": rollout_s, "time/reward_s": time.perf_counter() - start - rollout_s,
+        if scores is None:
+            t0 = time.perf_counter()
+            scores = self.rewards.score(repeated, texts, out.completion_ids, G)
+            reward_s = time.perf_counter() - t0
+        timings = {"time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/sync_s": sync_s,
                    "rollout/tokens_per_second": sum(map(len, out.completion_ids)) / max(rollout_s, 1e-9)}
         return repeated, out, texts, scores, timings
+
+    def _score_groups(self, groups: list[int], parts: dict, repeated: list[dict], scores: torch.Tensor) -> None:
+        G = self.batching.num_generations
+        rows = [p for g in groups for p in repeated[g * G:(g + 1) * G]]
+        ids = [c for g in groups for c in parts[g].completion_ids]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        chunk = self.rewards.score(rows, texts, ids, G)
+        for j, g in enumerate(groups):
+            scores[g * G:(g + 1) * G] = chunk[j * G:(j + 1) * G]
 
     def summarize(self, scores: torch.Tensor, completion_ids, finish_reasons):
         """(Advantages, TRL's metrics) of scored completions, whole prompt groups in order."""
@@ -166,35 +236,64 @@ class Generator:
                         "completions/clipped_ratio": sum(r != "stop" for r in finish_reasons) / len(lengths)})
         return adv, metrics
 
-    def sample_and_score(self, trainable: dict, indices: list[int], key: torch.Tensor):
-        """(rows, metrics, Advantages): every completion of the prompts with its reward and advantage."""
-        repeated, out, texts, scores, timings = self.sample(trainable, indices, key)
+    def produce(self, policy: dict, indices: list[int], key: torch.Tensor) -> dict:
+        """A generation's groups (one per prompt: `pure.replay`'s group dicts) and its metrics: sampled
+        under `policy` from the first half of `key`."""
+        sample_key, _ = rng.split(key, 2)
+        repeated, out, texts, scores, timings = self.sample(policy, indices, sample_key)
         adv, metrics = self.summarize(scores, out.completion_ids, out.finish_reasons)
-        masked = self.config.trl.mask_truncated_completions
-        rows = [{"prompt_ids": list(p["prompt_ids"]), "completion_ids": list(c), "advantage": float(a),
-                 "masked": bool(masked and reason != "stop")}
-                for p, c, a, reason in zip(repeated, out.completion_ids, adv.advantages.tolist(), out.finish_reasons)]
         self.log_completions(repeated, texts, scores, adv.advantages)
-        return rows, {**metrics, **timings}, adv
+        G = self.batching.num_generations
+        advantages, totals = adv.advantages.tolist(), adv.rewards.tolist()
+        groups = [{"prompt": int(p), "completion_ids": [list(c) for c in out.completion_ids[g * G:(g + 1) * G]],
+                   "rewards": totals[g * G:(g + 1) * G], "advantages": advantages[g * G:(g + 1) * G],
+                   "sampling_logps": [list(x) for x in out.logprobs[g * G:(g + 1) * G]],
+                   "finish_reasons": list(out.finish_reasons[g * G:(g + 1) * G])}
+                  for g, p in enumerate(indices)]
+        return {"groups": groups, "metrics": {**metrics, **timings}}
 
-    def __call__(self, trainable: dict, ref_trainable: dict | None, indices: list[int], key: torch.Tensor):
-        """(micro-batches of the generation, its metrics, all its advantages zero?, its tokens)."""
+    def consume(self, produced: dict, trainable: dict, ref_trainable: dict | None, key: torch.Tensor,
+                carry: dict) -> tuple[list[dict], dict, bool, int, dict]:
+        """(micro-batches, metrics, all advantages zero?, tokens, carry): the replay buffer and the
+        re-roll queue (in `carry`) applied, the rows shuffled with the second half of `key` and cut
+        into micro-batches with their old / reference log-probs and IS ratios, under the policy now."""
         from pure.advantages import all_zero_advantages
         from pure.data.rollout_batch import collate_rollouts
-        from pure.losses.grpo import completion_token_logps
+        from pure.losses.grpo import completion_token_logps, importance_sampling_ratio, sampling_metrics
 
-        sample_key, shuffle_key = rng.split(key, 2)
-        rows, metrics, adv = self.sample_and_score(trainable, indices, sample_key)
+        trl = self.config.trl
+        _, shuffle_key = rng.split(key, 2)
+        groups, metrics = produced["groups"], dict(produced["metrics"])
+        if trl.replay_buffer_size:
+            from pure.replay import fill_from_replay, update_replay
+
+            buffer = carry.get("replay/buffer", [])
+            groups, replaced = fill_from_replay(groups, buffer, rng.fold_in(shuffle_key, REPLAY_STREAM))
+            carry["replay/buffer"] = update_replay(buffer, produced["groups"], trl.replay_buffer_size)
+            metrics["replay/replaced_groups"] = float(replaced)
+            metrics["replay/buffer_size"] = float(len(carry["replay/buffer"]))
+        if trl.reroll_start_fraction < 1.0:
+            from pure.replay import defer_prompts
+
+            carry["reroll/queue"] = defer_prompts(carry.get("reroll/queue", []), produced["groups"])
+            metrics["reroll/queue_size"] = float(len(carry["reroll/queue"]))
+        masked = trl.mask_truncated_completions
+        rows = [{"prompt_ids": list(self.prompts[grp["prompt"]]["prompt_ids"]), "completion_ids": c,
+                 "advantage": float(a), "sampling_logps": lp, "masked": bool(masked and reason != "stop")}
+                for grp in groups for c, a, lp, reason in zip(grp["completion_ids"], grp["advantages"],
+                                                               grp["sampling_logps"], grp["finish_reasons"])]
         order = rng.permutation(shuffle_key, len(rows)).tolist()  # TRL shuffles the batch before slicing
         size = self.config.micro_batch_size
         micro = []
         for i in range(0, len(rows), size):
             chosen = [rows[j] for j in order[i:i + size]]
             micro.append(collate_rollouts([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen],
-                                          [r["advantage"] for r in chosen], self.pad_id, [r["masked"] for r in chosen]))
+                                          [r["advantage"] for r in chosen], self.pad_id, [r["masked"] for r in chosen],
+                                          sampling_logps=[r["sampling_logps"] for r in chosen]
+                                          if self.corrections["stale"] else None))
         total = sum(mb["completion_mask"].sum() for mb in micro)
         start = time.perf_counter()
-        policy = self.bind(trainable) if self.batching.stores_old_logps else None
+        policy = self.bind(trainable) if self.needs_old_logps else None
         reference = self.bind(ref_trainable) if self.beta else None
         with torch.no_grad():
             for mb in micro:
@@ -203,9 +302,16 @@ class Generator:
                     mb["old_logps"] = completion_token_logps(policy, mb, temperature=self.temperature)
                 if reference is not None:
                     mb["ref_logps"] = completion_token_logps(reference, mb, temperature=self.temperature)
+                if self.corrections["on"]:
+                    mb["is_ratio"] = importance_sampling_ratio(mb["old_logps"], mb["sampling_logps"],
+                                                               mb["completion_mask"], self.corrections["mode"],
+                                                               cap_max=self.corrections["cap"])
         metrics["time/logps_s"] = time.perf_counter() - start  # old and reference log-probs
+        if self.corrections["on"]:
+            metrics.update(sampling_metrics(micro, self.corrections["mode"]))
         tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
-        return micro, metrics, all_zero_advantages(adv.advantages), tokens
+        advantages = torch.tensor([r["advantage"] for r in rows])
+        return micro, metrics, all_zero_advantages(advantages), tokens, carry
 
     def log_completions(self, prompts, texts, scores, advantages) -> None:
         trl = self.config.trl
@@ -253,11 +359,102 @@ class Rewards:
 
 # ---- the step
 
-def make_grpo_step(loss, optimizer, bind, generator: Generator, batching, reference_of, sync):
-    """`step(state, slots) -> (state, metrics)`: generate where a slot starts a generation (with the
-    state's policy and a key folded from its key), train one optimizer step on the slots' slices,
-    then sync the reference when due. `skip_zero_advantage_batches` skips the update (the step and
-    its key still advance) when every advantage of the step is zero."""
+class RolloutSchedule:
+    """Which policy and key each generation is sampled with, and when: the producer's jobs.
+
+    Synchronous (prefetch_depth 0): a generation is sampled when the step that trains on it starts,
+    under the policy of that moment (with `vllm_sync_interval` N > 1, under the policy of the last
+    step that was a multiple of N: the one the server holds, kept in `carry` under `served/`).
+    Async (`async_prefetch`, depth k): when a step starts generation j it also queues generations
+    j+1 .. j+k under the current policy, so the producer samples them while this step and the next
+    train: generation j+d is d steps stale. A queued job (its policy, prompts and key) lives in
+    `carry` under `pending/` until it is trained on, so a checkpoint taken while it is in flight
+    resumes by re-running it: the same rollouts wherever the engine is reproducible (native; vLLM
+    with its per-request seeds)."""
+
+    def __init__(self, generator: Generator, producer, generation_after, prompts_of, total_steps: int):
+        self.generator, self.producer = generator, producer
+        self.generation_after, self.prompts_of, self.total_steps = generation_after, prompts_of, total_steps
+        trl = generator.config.trl
+        self.sync_every = trl.vllm_sync_interval or 1
+        self.depth = producer.depth
+
+    def policy(self, state, carry: dict) -> tuple[dict, dict]:
+        """(the policy rollouts are sampled under now, carry): `vllm_sync_interval` keeps the last synced one."""
+        from pure.tree import leaves_with_paths, replace_leaves
+
+        if self.sync_every == 1:
+            return state.trainable, carry
+        if state.step % self.sync_every == 0 or not any(k.startswith("served/") for k in carry):
+            carry = {k: v for k, v in carry.items() if not k.startswith("served/")}
+            carry.update({f"served/{path}": leaf for path, leaf in leaves_with_paths(state.trainable)})
+            return state.trainable, carry
+        names = [path for path, _ in leaves_with_paths(state.trainable)]
+        return replace_leaves(state.trainable, [carry[f"served/{n}"] for n in names]), carry
+
+    def prompts(self, state, carry: dict, generation: tuple[int, int], prompts: list[int]) -> tuple[list[int], dict]:
+        """Deferred re-rolling: once past `reroll_start_fraction` of training, up to `reroll_max_groups`
+        prompts of a new generation are replaced by queued zero-signal ones."""
+        trl = self.generator.config.trl
+        if trl.reroll_start_fraction >= 1.0:
+            return prompts, carry
+        from pure.replay import reroll_active, reroll_prompts
+
+        active = reroll_active(state.step, self.total_steps, trl.reroll_start_fraction)
+        prompts, queue = reroll_prompts(list(prompts), list(carry.get("reroll/queue", [])), trl.reroll_max_groups,
+                                        active)
+        return prompts, {**carry, "reroll/queue": queue}
+
+    def _queue(self, state, carry: dict, generation: tuple[int, int], key: torch.Tensor) -> dict:
+        """Put a job for `generation` in carry (policy snapshot, prompts, key)."""
+        from pure.tree import leaves_with_paths
+
+        name = f"pending/{generation[0]}.{generation[1]}/"
+        if any(k.startswith(name) for k in carry):
+            return carry
+        policy, carry = self.policy(state, carry)
+        prompts, carry = self.prompts(state, carry, generation, self.prompts_of(*generation))
+        carry = {**carry, name + "key": key, name + "prompts": list(prompts)}
+        carry.update({name + f"policy/{path}": leaf for path, leaf in leaves_with_paths(policy)})
+        return carry
+
+    def _job(self, state, carry: dict, generation: tuple[int, int]):
+        from pure.tree import leaves_with_paths, replace_leaves
+
+        name = f"pending/{generation[0]}.{generation[1]}/"
+        paths = [path for path, _ in leaves_with_paths(state.trainable)]
+        policy = replace_leaves(state.trainable, [carry[name + f"policy/{p}"] for p in paths])
+        return policy, carry[name + "prompts"], carry[name + "key"]
+
+    def take(self, state, carry: dict, generation: tuple[int, int], prompts: list[int], slot_key: torch.Tensor):
+        """(produced generation, carry) for the generation this step starts."""
+        if self.depth == 0:
+            policy, carry = self.policy(state, carry)
+            prompts, carry = self.prompts(state, carry, generation, prompts)
+            return self.producer.call(self.generator.produce, policy, prompts, slot_key), carry, slot_key
+        base = rng.fold_in(state.rng_key, ROLLOUT_STREAM)
+        ahead, wanted = generation, [generation]
+        for _ in range(self.depth):
+            ahead = self.generation_after(ahead)
+            wanted.append(ahead)
+        for g in wanted:  # this one first (start of a run), then the ones to sample while we train
+            carry = self._queue(state, carry, g, rng.fold_in(rng.fold_in(base, g[0]), g[1]))
+        live = {f"pending/{g[0]}.{g[1]}/" for g in wanted}
+        carry = {k: v for k, v in carry.items() if not k.startswith("pending/") or k[:k.index("/", 8) + 1] in live}
+        for g in wanted:  # a resumed run re-submits what the checkpoint had in flight
+            self.producer.submit(g, *self._job(state, carry, g))
+        _, _, key = self._job(state, carry, generation)
+        produced = self.producer.result(generation)
+        name = f"pending/{generation[0]}.{generation[1]}/"
+        return produced, {k: v for k, v in carry.items() if not k.startswith(name)}, key
+
+
+def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: RolloutSchedule, reference_of, sync):
+    """`step(state, slots) -> (state, metrics)`: where a slot starts a generation, take it from the
+    rollouts (sampled now, or prefetched), make its micro-batches under the state's policy; train one
+    optimizer step on the slots' slices, then sync the reference when due.
+    `skip_zero_advantage_batches` skips the update (the step and its key still advance) when every
+    advantage of the step is zero."""
     inner = make_train_step(loss, optimizer, bind)
     skip_zero = generator.config.trl.skip_zero_advantage_batches
 
@@ -267,8 +464,10 @@ def make_grpo_step(loss, optimizer, bind, generator: Generator, batching, refere
         for i, slot in enumerate(slots):
             if int(slot["slice"]) == 0 and int(slot["iteration"]) == 0:
                 key = rng.fold_in(rng.fold_in(state.rng_key, ROLLOUT_STREAM), i)
-                batches, metrics, all_zero, gen_tokens = generator(
-                    state.trainable, reference_of(carry), slot["prompts"].tolist(), key)
+                generation = tuple(int(x) for x in slot["generation"])
+                produced, carry, key = rollouts.take(state, carry, generation, slot["prompts"].tolist(), key)
+                batches, metrics, all_zero, gen_tokens, carry = generator.consume(
+                    produced, state.trainable, reference_of(carry), key, carry)
                 carry = {k: v for k, v in carry.items() if not k.startswith(BUFFER)}
                 carry.update(pack_buffer(batches, slot["generation"]))
                 carry[f"{BUFFER}all_zero"] = all_zero
@@ -327,7 +526,7 @@ def make_reference(config, trainable: dict, lora_config):
 
 # ---- eval: the mean reward on held-out prompts
 
-def make_eval(generator: Generator, config):
+def make_eval(generator: Generator, producer, config):
     """`eval_step(trainable, batches)`: completions for the held-out prompts from a fixed key (the same
     at every eval, so evals compare policies, not luck), their rewards under TRL's metric names."""
     key = rng.fold_in(rng.key(config.seed), EVAL_STREAM)
@@ -336,7 +535,8 @@ def make_eval(generator: Generator, config):
         scores, completions, reasons = [], [], []
         for i, batch in enumerate(batches):
             with torch.no_grad():
-                _, out, _, batch_scores, _ = generator.sample(trainable, batch["prompts"].tolist(), rng.fold_in(key, i))
+                _, out, _, batch_scores, _ = producer.call(generator.sample, trainable, batch["prompts"].tolist(),
+                                                           rng.fold_in(key, i))
             scores.append(batch_scores)
             completions += out.completion_ids
             reasons += out.finish_reasons
@@ -348,7 +548,7 @@ def make_eval(generator: Generator, config):
 
 def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
     from backends.prompt_data import load_prompt_rows, split_prompt_rows, tokenize_prompts
-    from backends.rollout.native import NativeEngine
+    from programs.grpo_backend import Producer, make_backend
 
     kind = training_kind(config)
     if kind not in KINDS:
@@ -385,20 +585,32 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     bind = common.make_bind(config, model_config, frozen, lora_config)
     reference_of, sync = make_reference(config, trainable, lora_config)
-    engine = NativeEngine(model_config, frozen, lora_config=lora_config, ops=common.quantized_ops(frozen),
-                          pad_token_id=pad_id)
     rewards = Rewards(config, tokenizer)
-    generator = Generator(config, batching, rows + eval_rows, engine, sampling_of(config, tokenizer), rewards,
-                          tokenizer, bind, pad_id)
+    backend = None
+    try:
+        backend = make_backend(config, model_config, frozen, lora_config, tokenizer, pad_id)
+        generator = Generator(config, batching, rows + eval_rows, backend, sampling_of(config, tokenizer), rewards,
+                              tokenizer, bind, pad_id)
+    except BaseException:
+        rewards.close()
+        raise
     loss = objective(config)
     seed = common.data_seed_of(config)
 
     def epoch_batches(epoch: int) -> list[dict]:
         return epoch_slots(len(rows), batching, seed, epoch)
 
+    def generation_after(generation: tuple[int, int]) -> tuple[int, int]:
+        epoch, index = generation
+        return (epoch, index + 1) if index + 1 < len(rows) // batching.prompts_per_generation else (epoch + 1, 0)
+
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
                                                               config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
+    producer = Producer(generator.produce, prefetch_depth_of(config))
+    rollouts = RolloutSchedule(generator, producer, generation_after,
+                               lambda epoch, index: generation_prompts(len(rows), batching, seed, epoch, index).tolist(),
+                               total)
     per_eval = max(1, config.eval_batch_size // batching.num_generations)
     held_out = list(range(len(rows), len(rows) + len(eval_rows)))
     eval_batches = [{"prompts": torch.tensor(held_out[i:i + per_eval])} for i in range(0, len(held_out), per_eval)]
@@ -407,21 +619,46 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
           f"loss_type {trl.loss_type or 'dapo'}, beta {beta_of(config):g}, rewards {', '.join(rewards.names)}"
           + (", aggregation normalize_then_sum (GDPO)" if generator.aggregation == "normalize_then_sum" else ""),
           flush=True)
+    print(describe_rollouts(config, backend, producer.depth, generator.corrections), flush=True)
 
     try:
         return loop.fit(config, loop.Run(
             state=init_train_state(trainable, optimizer, init_key),
-            train_step=make_grpo_step(loss, optimizer, bind, generator, batching, reference_of, sync),
+            train_step=make_grpo_step(loss, optimizer, bind, generator, rollouts, reference_of, sync),
             epoch_batches=epoch_batches,
             schedule=schedule,
             export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-            eval_step=make_eval(generator, config) if eval_rows else None,
+            eval_step=make_eval(generator, producer, config) if eval_rows else None,
             eval_batches=eval_batches,
             num_examples=(len(rows), len(eval_rows)),
             summary=lambda before, after: summary(len(eval_rows), before, after),
         ), resume_from=resume_from, stop_after_step=stop_after_step)
     finally:
+        producer.close()
+        if backend.sync_seconds:
+            seconds = sorted(backend.sync_seconds)
+            print(f"weight sync to {backend.kind} vLLM: {len(seconds)} syncs, median {seconds[len(seconds) // 2]:.2f} s",
+                  flush=True)
+        backend.close()
         rewards.close()
+
+
+def describe_rollouts(config, backend, depth: int, corrections: dict) -> str:
+    """One line: which engine samples, how the policy reaches it, how stale rollouts are corrected."""
+    trl = config.trl
+    parts = {"native": "rollouts: native engine",
+             "server": f"rollouts: vLLM server at {backend.where}",
+             "colocate": "rollouts: in-process vLLM (colocate)"}[backend.kind]
+    if backend.kind != "native":
+        parts += (", LoRA sync" if backend.lora_sync else ", full-weight sync") + \
+            f" every {trl.vllm_sync_interval or 1} step(s)"
+    if depth:
+        parts += f", async prefetch depth {depth}"
+    if corrections["on"]:
+        parts += f", IS correction {corrections['mode']} cap {corrections['cap']:g}"
+    if trl.off_policy_mask_threshold is not None:
+        parts += f", off-policy mask {trl.off_policy_mask_threshold:g}"
+    return parts
 
 
 def summary(rows: int, before: dict, after: dict) -> str:

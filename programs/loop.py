@@ -28,6 +28,12 @@ from pure.train import TrainState
 from pure.tree import tree_leaves
 
 
+class StepAborted(RuntimeError):
+    """A step that could not run for a reason outside the training (GRPO's rollout server stopped
+    answering): `fit` saves the state from before the step as a resumable checkpoint and re-raises
+    with where it is, so the program exits non-zero and a rerun resumes from there."""
+
+
 class StopRequested:
     """SIGTERM / SIGINT set a flag; the loop saves a resumable checkpoint and exits cleanly."""
 
@@ -227,7 +233,15 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         logger.log(0, evaluate())
     while state.step < total:
         cursor, micro, epoch_progress = next(steps)
-        new_state, metrics = train_step(state, [common.tensors_only(b) for b in micro])
+        try:
+            new_state, metrics = train_step(state, [common.tensors_only(b) for b in micro])
+        except StepAborted as err:
+            last_saved = save("aborted")
+            logger.close()
+            stop.close()
+            raise StepAborted(f"step {state.step + 1} aborted: {err}. The state before it is saved in {last_saved}; "
+                              f"rerun with --resume_from_checkpoint {last_saved} (or auto_resume_from_checkpoints: "
+                              "true) once the cause is fixed") from None
         loss = metrics["train/loss"].item()
         if not math.isfinite(loss):
             where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
@@ -363,6 +377,7 @@ def main_for(run_fn: Callable, description: str, argv=None) -> int:
     try:
         config, extra = parse_cli(argv, description, program_flags={"--overwrite": False})
         run_fn(config, overwrite="--overwrite" in extra)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError, AdapterError, FloatingPointError, ValueError) as e:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, AdapterError, FloatingPointError, ValueError,
+            StepAborted) as e:
         common.fail(str(e))
     return 0

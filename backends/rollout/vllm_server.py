@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,6 +214,17 @@ class VllmServerEngine:
                  key: torch.Tensor) -> Rollouts:
         """n completions per prompt from the server's current weights (sync them first); `policy` is
         not sent: the server holds the weights of the last sync."""
+        parts = dict(self.generate_each(prompt_token_ids, n, sampling, key))
+        out = Rollouts([], [], [], [])
+        for i in range(len(prompt_token_ids)):
+            for name in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons"):
+                getattr(out, name).extend(getattr(parts[i], name))
+        return out
+
+    def generate_each(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: Sampling,
+                      key: torch.Tensor):
+        """(prompt index, that prompt's n Rollouts) in the order the server finishes them; each
+        prompt's request and seed are the same as `generate`'s."""
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         seeds = request_seeds(key, len(prompts))
         body = {"model": self.lora_name or self.model, "n": n, "max_tokens": sampling.max_tokens,
@@ -224,17 +235,20 @@ class VllmServerEngine:
         if not sampling.stop_token_ids:
             body["ignore_eos"] = True
         with ThreadPoolExecutor(min(self.max_concurrency, max(1, len(prompts)))) as pool:
-            answers = list(pool.map(lambda a: self._post("/v1/completions", {**body, "prompt": a[0], "seed": a[1]}),
-                                    zip(prompts, seeds)))
+            futures = {pool.submit(self._post, "/v1/completions", {**body, "prompt": p, "seed": s}): i
+                       for i, (p, s) in enumerate(zip(prompts, seeds))}
+            for future in as_completed(futures):
+                i = futures[future]
+                yield i, self._rollouts(prompts[i], future.result())
+
+    @staticmethod
+    def _rollouts(prompt: list[int], answer: dict) -> Rollouts:
         out = Rollouts([], [], [], [])
-        for prompt, answer in zip(prompts, answers):
-            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-                ids = list(choice["token_ids"])
-                logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
-                out.prompt_ids.append(prompt)
-                out.completion_ids.append(ids)
-                out.logprobs.append(logprobs)
-                out.finish_reasons.append("stop" if choice.get("finish_reason") == "stop" else "length")
+        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+            out.prompt_ids.append(prompt)
+            out.completion_ids.append(list(choice["token_ids"]))
+            out.logprobs.append([float(x) for x in choice["logprobs"]["token_logprobs"]])
+            out.finish_reasons.append("stop" if choice.get("finish_reason") == "stop" else "length")
         return out
 
     # -- weight sync

@@ -5,8 +5,9 @@
 
 The config trains `--warmup + --steps` steps into a temporary output_dir (no eval, no checkpoints;
 `--key value` overrides a key as in every program, e.g. `--trl.beta 0.04` to add the reference
-pass). The program times its phases itself (`time/*` in metrics.jsonl): `rollout` (the engine's
-sampling), `reward` (decoding and the reward functions), `logps` (the old policy's and the
+pass, `--trl.use_vllm true` to sample through a running vLLM server). The program times its phases
+itself (`time/*` in metrics.jsonl): `sync` (sending the policy to a vLLM engine: LoRA adapter or full
+weights; 0 for the native engine), `rollout` (the engine's sampling), `reward` (decoding and the reward functions), `logps` (the old policy's and the
 reference's log-probs, when the run needs them) and `train` (the optimizer step: forwards,
 backwards, update). The table is their mean over the measured steps that generated (steps that
 only replay a stored generation have no rollout), as seconds and as shares of the step.
@@ -21,7 +22,7 @@ from programs.bench import BenchError
 
 OPTIONS = {"--suite": (str, None), "--config": (str, None), "--steps": (int, 6), "--warmup": (int, 1),
            "--out": (str, "grpo_step.json")}
-PHASES = ("rollout", "reward", "logps", "train")
+PHASES = ("sync", "rollout", "reward", "logps", "train")
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -100,10 +100,8 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_otel_metrics": (_truthy, ""),
     "qat": (_truthy, ""),
     "quantization": (_truthy, ""),
-    # online RL: EBFT (issue 18), and GRPO's vLLM backend and async producer (issue 16)
+    # online RL: EBFT (issue 18)
     "rl": (_one_of("ebft"), "supported: dpo, ipo, simpo, orpo, kto, grpo, gdpo (and reward_model, process_reward_model)"),
-    "trl.use_vllm": (_truthy, "the vLLM rollout backend comes with its own issue; set trl.use_vllm: false to "
-                              "generate with puretune's native engine"),
     # the vllm: block is read by programs.vllm_serve; these of its keys are not
     "vllm.device": (GIVEN, "the server takes the machine's device"),
     "vllm.enable_reasoning": (_truthy, "reasoning parsers"),
@@ -111,17 +109,11 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "vllm.serve_module": (GIVEN, "programs.vllm_serve starts vLLM's OpenAI server itself"),
     "vllm.worker_extension_cls": (GIVEN, "TRL's NCCL weight-sync worker; puretune syncs over HTTP"),
     "ebft": (GIVEN, "rl: ebft"),
-    **{f"trl.{key}": (GIVEN, "a key of the vLLM rollout backend (trl.use_vllm: true), which is not built yet")
-       for key in ("vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
-                   "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_sync_interval",
-                   "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-                   "vllm_importance_sampling_cap")},
-    **{f"trl.{key}": (GIVEN, "axolotl's async GRPO data producer; puretune generates each batch in step")
-       for key in ("use_data_producer", "async_prefetch", "prefetch_depth", "streaming_partial_batch",
-                   "streaming_min_groups", "replay_buffer_size", "replay_recompute_logps", "reroll_start_fraction",
-                   "reroll_max_groups")},
-    "trl.off_policy_mask_threshold": (GIVEN, "off-policy sequence masking"),
-    "trl.use_bias_correction_kl": (_truthy, "the importance-weighted KL"),
+    "trl.replay_recompute_logps": (_one_of(False), "stale old log-probs for replayed groups: puretune takes every "
+                                                   "group's old log-probs under the policy that trains on it"),
+    "trl.vllm_guided_decoding_regex": (GIVEN, "guided (regex-constrained) decoding"),
+    "trl.vllm_enable_sleep_mode": (_truthy, "vLLM's sleep mode (it frees GPU memory between generations; "
+                                            "the CPU build accepts it and does nothing)"),
     "trl.use_liger_loss": (_truthy, "puretune's GRPO loss runs its own lm_head path"),
     "dpo_generate_during_eval": (_truthy, ""),
     "dpo_norm_loss": (_truthy, "length-normalised DPO log-probabilities"),

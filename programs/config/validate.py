@@ -336,7 +336,28 @@ GRPO_ONLY_TRL_KEYS = (
     "ref_model_mixup_alpha", "ref_model_sync_steps", "scale_rewards", "temperature", "top_p", "top_k", "min_p",
     "repetition_penalty", "generation_kwargs", "chat_template_kwargs", "num_iterations", "epsilon", "epsilon_high",
     "delta", "sapo_temperature_pos", "sapo_temperature_neg", "steps_per_generation", "mask_truncated_completions",
-    "rollout_func", "multi_objective_aggregation", "reward_num_workers", "skip_zero_advantage_batches")
+    "rollout_func", "multi_objective_aggregation", "reward_num_workers", "skip_zero_advantage_batches",
+    "use_vllm", "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_sync_interval",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_cap",
+    "off_policy_mask_threshold", "use_bias_correction_kl", "use_data_producer", "async_prefetch", "prefetch_depth",
+    "streaming_partial_batch", "streaming_min_groups", "replay_buffer_size",
+    "reroll_start_fraction", "reroll_max_groups")
+
+# trl: keys that only mean something with another one (key, needs, why)
+_NEEDS = (
+    ("vllm_mode", "use_vllm", "it picks the vLLM mode"),
+    ("vllm_server_host", "use_vllm", "the native engine has no server"),
+    ("vllm_server_port", "use_vllm", "the native engine has no server"),
+    ("vllm_server_timeout", "use_vllm", "the native engine has no server"),
+    ("vllm_sync_interval", "use_vllm", "the native engine samples from the trained weights themselves"),
+    ("async_prefetch", "use_data_producer", "async prefetch is the data producer's (axolotl)"),
+    ("prefetch_depth", "async_prefetch", "it is how many generations the background producer samples ahead"),
+    ("streaming_partial_batch", "use_data_producer", "streamed scoring is the data producer's (axolotl)"),
+    ("streaming_min_groups", "streaming_partial_batch", "it sizes the streamed scoring chunks"),
+    ("replay_buffer_size", "use_data_producer", "the replay buffer is the data producer's (axolotl)"),
+    ("reroll_start_fraction", "use_data_producer", "re-rolling is the data producer's (axolotl)"),
+    ("reroll_max_groups", "reroll_start_fraction", "it caps the re-rolled groups"),
+)
 
 
 # Keys of the prepared-example pipelines and the preference objectives that GRPO has no use for.
@@ -382,6 +403,7 @@ def _check_grpo(c: Config) -> None:
     if c.rl == "gdpo" and trl.multi_objective_aggregation == "sum_then_normalize":
         raise ConfigError("rl: gdpo is GRPO with multi_objective_aggregation: normalize_then_sum; "
                           "trl.multi_objective_aggregation: sum_then_normalize contradicts it (use rl: grpo)")
+    _check_grpo_rollouts(c)
     extra = sorted(set(trl.generation_kwargs or {}) - {"stop_token_ids"})
     if extra:
         raise ConfigError(f"trl.generation_kwargs.{extra[0]} is not supported yet by puretune's native rollout "
@@ -390,6 +412,43 @@ def _check_grpo(c: Config) -> None:
     from programs.config.derived import grpo_batching
 
     grpo_batching(c)
+
+
+def _check_grpo_rollouts(c: Config) -> None:
+    """The vLLM backend's, async producer's and off-policy keys: each only where it takes effect."""
+    trl = c.trl
+    given = trl.model_fields_set
+    for key, needs, why in _NEEDS:
+        value = getattr(trl, needs)
+        on = value > 0 if needs == "replay_buffer_size" else value < 1.0 if needs == "reroll_start_fraction" \
+            else bool(value)
+        if key in given and not on:
+            raise ConfigError(f"trl.{key} needs trl.{needs} ({why}); this config does not set it")
+    stale = trl.use_vllm or trl.async_prefetch
+    for key in ("vllm_importance_sampling_mode", "vllm_importance_sampling_cap"):
+        if key in given and (not stale or trl.vllm_importance_sampling_correction is False):
+            raise ConfigError(f"trl.{key} shapes the importance-sampling correction of rollouts from another policy, "
+                              "which is on with trl.use_vllm or trl.async_prefetch unless "
+                              "vllm_importance_sampling_correction: false; here it is off")
+    if trl.vllm_importance_sampling_correction and not stale:
+        raise ConfigError("trl.vllm_importance_sampling_correction corrects rollouts sampled by vLLM or by the async "
+                          "producer's older policy; this config has neither (trl.use_vllm, trl.async_prefetch)")
+    if trl.use_bias_correction_kl and beta_given(c) == 0:
+        raise ConfigError("trl.use_bias_correction_kl weights the KL term, but trl.beta is 0 (no KL)")
+    if trl.streaming_partial_batch and trl.rollout_func:
+        raise ConfigError("trl.streaming_partial_batch scores prompt groups as the engine finishes them; a "
+                          "trl.rollout_func returns all its rollouts at once")
+    if trl.vllm_lora_sync and not trl.use_vllm and c.rl in ("grpo", "gdpo"):
+        raise ConfigError("trl.vllm_lora_sync syncs the adapter to vLLM; set trl.use_vllm: true")
+    if trl.vllm_lora_sync and c.lora_modules_to_save:
+        raise ConfigError("trl.vllm_lora_sync serves the adapter alone, without lora_modules_to_save; "
+                          "set vllm_lora_sync: false (merged full weights are synced instead)")
+
+
+def beta_given(c: Config) -> float:
+    if c.rl_beta is not None:
+        return float(c.rl_beta)
+    return float(c.trl.beta or 0.0)
 
 
 # The model class names axolotl configs give as type_of_model / model_type, by the head each means.

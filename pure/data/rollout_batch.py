@@ -18,10 +18,13 @@ from pure.data.settings import IGNORE_INDEX
 
 def collate_rollouts(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                      advantages: Sequence[float] | torch.Tensor, pad_id: int,
-                     masked: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
+                     masked: Sequence[bool] | None = None,
+                     sampling_logps: Sequence[Sequence[float]] | None = None) -> dict[str, torch.Tensor]:
     """input_ids / positions / segment_ids / labels [B, P+C], completion_ids / completion_mask [B, C]
     (1.0 on every completion token that trains, including the stop token; a row in `masked`, e.g. a
-    truncated completion under `mask_truncated_completions`, trains on none), advantages [B] (fp32)."""
+    truncated completion under `mask_truncated_completions`, trains on none), advantages [B] (fp32);
+    with `sampling_logps` (the sampler's log-prob of each completion token), sampling_logps [B, C]
+    (fp32, 0 on padding)."""
     if not (len(prompt_ids) == len(completion_ids) == len(advantages)):
         raise ValueError(f"collate_rollouts: {len(prompt_ids)} prompts, {len(completion_ids)} completions and "
                          f"{len(advantages)} advantages; expected one of each per row")
@@ -42,8 +45,20 @@ def collate_rollouts(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
             input_ids[i, P:P + len(c)] = torch.tensor(list(c), dtype=torch.long)
             completions[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
             mask[i, :len(c)] = 0.0 if masked[i] else 1.0
+    if sampling_logps is not None:
+        bad = [i for i, (c, lp) in enumerate(zip(completion_ids, sampling_logps)) if len(c) != len(lp)]
+        if len(sampling_logps) != B or bad:
+            raise ValueError(f"collate_rollouts: sampling_logps needs one log-prob per completion token of each row; "
+                             f"rows {bad[:5]} differ" if bad else f"collate_rollouts: {len(sampling_logps)} rows of "
+                             f"sampling_logps for {B} rows")
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, P:] = completions.masked_fill(mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "positions": (segments.cumsum(-1) - 1).clamp(min=0), "segment_ids": segments,
-            "completion_ids": completions, "completion_mask": mask, "labels": labels,
-            "advantages": torch.as_tensor(advantages, dtype=torch.float32).reshape(B)}
+    batch = {"input_ids": input_ids, "positions": (segments.cumsum(-1) - 1).clamp(min=0), "segment_ids": segments,
+             "completion_ids": completions, "completion_mask": mask, "labels": labels,
+             "advantages": torch.as_tensor(advantages, dtype=torch.float32).reshape(B)}
+    if sampling_logps is not None:
+        logps = torch.zeros(B, C)
+        for i, lp in enumerate(sampling_logps):
+            logps[i, :len(lp)] = torch.tensor(list(lp), dtype=torch.float32)
+        batch["sampling_logps"] = logps
+    return batch

@@ -34,6 +34,15 @@ C; completion token j is predicted by the final hidden state at position P-1+j, 
 only on the completion tokens that count. `temperature` divides the logits as TRL does with its
 sampling temperature (the hidden states are divided instead, which is the same for a linear head);
 `old_logps` and `ref_logps` a batch brings must be taken at the same temperature.
+
+Rollouts sampled by another engine or an older policy (vLLM, async prefetch) are corrected as TRL
+does. The truncated importance-sampling (IS) correction multiplies each token's loss by a detached
+weight w = π_old / π_sampling (`importance_sampling_ratio`: per token, or per sequence as
+exp Σ_t m_t Δ_t; `*_truncate` clamps w to the cap, `*_mask` zeroes it above the cap); π_old is the
+policy the step starts from, π_sampling the sampler's log-probs. The off-policy sequence mask
+(OPSM, DeepSeek-V3.2) drops a row with a negative advantage whose mean KL(π_sampling || πθ) over
+its tokens exceeds `off_policy_mask_threshold`; `use_bias_correction_kl` weights the KL term by r.
+In TRL's order: loss x OPSM x w, then + β KL (x r with the bias correction).
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from pure.losses.core import Loss
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ENTROPY_CHUNK_ROWS = 1024  # rows of [rows, vocab] logits the entropy metric holds at once
 
 
@@ -75,19 +85,77 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
+def importance_sampling_ratio(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                              mode: str, cap_max: float | None = 3.0, cap_min: float | None = None) -> torch.Tensor:
+    """The IS weight π_old / π_sampling of rollouts from another sampler (no gradient): [B, C] for
+    the token modes, [B, 1] (exp of the masked sum of the log-ratios) for the sequence modes.
+    `*_truncate` clamps it into [cap_min, cap_max]; `*_mask` sets it to 0 outside (None: no bound)."""
+    if mode not in IS_MODES:
+        raise ValueError(f"importance sampling mode {mode!r} is not one of {', '.join(IS_MODES)}")
+    mask = mask.to(old_logps.dtype)
+    diff = (old_logps.detach() - sampling_logps.to(old_logps.dtype)) * mask
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=cap_min, max=cap_max)
+    outside = torch.zeros_like(ratio, dtype=torch.bool)
+    if cap_min is not None:
+        outside |= ratio < cap_min
+    if cap_max is not None:
+        outside |= ratio > cap_max
+    return ratio.masked_fill(outside, 0.0)
+
+
+def off_policy_mask(advantages: torch.Tensor, logps: torch.Tensor, sampling_logps: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """OPSM's keep mask [B, 1] (1 keep, 0 drop): a row stays when its advantage is >= 0 or the mean
+    over its tokens of ℓ_sampling - sg(ℓ) is at most `threshold`."""
+    mask = mask.to(logps.dtype)
+    kl = ((sampling_logps.to(logps.dtype) - logps.detach()) * mask).sum(-1, keepdim=True) / \
+        mask.sum(-1, keepdim=True).clamp(min=1.0)
+    adv = advantages.reshape(-1, 1) if advantages.dim() == 1 else advantages
+    return ((adv >= 0) | (kl <= threshold)).to(mask.dtype)
+
+
+def sampling_metrics(micro_batches: Sequence[dict], mode: str) -> dict[str, float]:
+    """TRL's `sampling/*` metrics of a generation's micro-batches (each with old_logps,
+    sampling_logps, completion_mask and is_ratio): |ℓ_old - ℓ_sampling| mean and max over the
+    completion tokens, and the IS weight's min / mean / max over tokens (token modes) or rows."""
+    deltas, ratios = [], []
+    for mb in micro_batches:
+        active = mb["completion_mask"] > 0
+        deltas.append((mb["old_logps"] - mb["sampling_logps"].to(mb["old_logps"].dtype)).abs()[active])
+        ratio = mb["is_ratio"]
+        ratios.append(ratio.flatten() if mode.startswith("sequence") else ratio[active])
+    delta, ratio = torch.cat(deltas).double(), torch.cat(ratios).double()
+
+    def stat(x, fn):
+        return float(fn(x)) if x.numel() else 0.0
+
+    return {"sampling/sampling_logp_difference/mean": stat(delta, torch.mean),
+            "sampling/sampling_logp_difference/max": stat(delta, torch.max),
+            "sampling/importance_sampling_ratio/min": stat(ratio, torch.min),
+            "sampling/importance_sampling_ratio/mean": stat(ratio, torch.mean),
+            "sampling/importance_sampling_ratio/max": stat(ratio, torch.max)}
+
+
 def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
                       advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str, epsilon: float = 0.2,
                       epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
                       importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
-                      sapo_temperature_neg: float = 1.05) -> tuple[torch.Tensor, dict]:
-    """The per-token loss [B, C] of the module docstring's table (before any masking or reduction),
-    for log-probs [B, C] (`logps` differentiable), advantages [B] and the completion mask [B, C].
+                      sapo_temperature_neg: float = 1.05, is_ratio: torch.Tensor | None = None,
+                      sampling_logps: torch.Tensor | None = None, off_policy_mask_threshold: float | None = None,
+                      use_bias_correction_kl: bool = False) -> tuple[torch.Tensor, dict]:
+    """The per-token loss [B, C] of the module docstring's table (before the completion mask and the
+    reduction), for log-probs [B, C] (`logps` differentiable), advantages [B] and the completion
+    mask [B, C]; times the OPSM keep mask (with `off_policy_mask_threshold`: from `sampling_logps`,
+    else from the old log-probs) and the IS weight `is_ratio` ([B, C] or [B, 1]) when given, then
+    plus β KL (times r with `use_bias_correction_kl`).
 
     `parts` holds, for metrics, TRL's `coef_1` (r, after the δ cap), `per_token_kl` (None without
     KL), and the masks `is_low_clipped` (r < 1-ε_lo and A < 0), `is_high_clipped` (r > 1+ε_hi and
     A > 0), `is_region_clipped` (either) for the clip types, `is_cispo_clipped` (r > ε_hi and A > 0)
     for cispo; the masks are [B, C] at token level, [B, 1] at sequence level, None where they do not
-    apply.
+    apply; `off_policy_mask` [B, 1] (None without the threshold).
     """
     _check_options(loss_type, importance_sampling_level, beta)
     mask = mask.to(logps.dtype)
@@ -97,7 +165,14 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_l
     adv = advantages.to(logps.dtype).unsqueeze(-1)  # [B, 1]
     coef_1 = torch.exp(importance_log_weights(logps, old_logps, mask, importance_sampling_level))
     parts = {"per_token_kl": None, "is_low_clipped": None, "is_high_clipped": None, "is_region_clipped": None,
-             "is_cispo_clipped": None}
+             "is_cispo_clipped": None, "off_policy_mask": None}
+    kl = None
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError(f"grpo_token_losses: beta = {beta} > 0 needs ref_logps [B, C], got None")
+        kl = k3_kl(logps, ref_logps.to(logps.dtype))
+        if use_bias_correction_kl:
+            kl = kl * coef_1
 
     if loss_type == "cispo":
         loss = -torch.clamp(coef_1, max=epsilon_high).detach() * adv * logps
@@ -115,10 +190,14 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_l
         parts.update(is_low_clipped=low, is_high_clipped=high, is_region_clipped=low | high)
     parts["coef_1"] = coef_1
 
-    if beta > 0:
-        if ref_logps is None:
-            raise ValueError(f"grpo_token_losses: beta = {beta} > 0 needs ref_logps [B, C], got None")
-        kl = k3_kl(logps, ref_logps.to(logps.dtype))
+    if off_policy_mask_threshold is not None:
+        keep = off_policy_mask(advantages, logps, old_logps if sampling_logps is None else sampling_logps, mask,
+                               off_policy_mask_threshold)
+        loss = loss * keep
+        parts["off_policy_mask"] = keep
+    if is_ratio is not None:
+        loss = loss * is_ratio.to(logps.dtype).detach()
+    if kl is not None:
         loss = loss + beta * kl
         parts["per_token_kl"] = kl
     return loss.expand_as(mask), parts
@@ -212,19 +291,23 @@ def entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int = EN
 def make_grpo(loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None,
               delta: float | None = None, beta: float = 0.0, importance_sampling_level: str = "token",
               max_completion_length: int | None = None, sapo_temperature_pos: float = 1.0,
-              sapo_temperature_neg: float = 1.05, temperature: float = 1.0, name: str = "grpo") -> Loss:
+              sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+              off_policy_mask_threshold: float | None = None, use_bias_correction_kl: bool = False,
+              name: str = "grpo") -> Loss:
     """The GRPO `Loss` (module docstring) on one micro-batch of sampled completions:
 
         input_ids, positions, segment_ids [B, P+C]   prompt left-padded to P, completion right-padded to C
         completion_ids [B, C], completion_mask [B, C] (1.0 on the tokens that count)
-        advantages [B]; optional old_logps, ref_logps [B, C]; optional generation_tokens (0-dim)
+        advantages [B]; optional old_logps, ref_logps, sampling_logps [B, C]; optional is_ratio
+        [B, C] or [B, 1] (`importance_sampling_ratio`); optional generation_tokens (0-dim)
 
     ref_logps, when beta > 0 and the batch has none, come from `apply.reference`. dapo and cispo
     divide by `generation_tokens`, else by the accumulated batch's completion tokens (`count_grpo`).
 
     Metrics, each summing over the micro-batches of a step to the step's value: `entropy` (mean per
     token), `kl` (beta > 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`
-    (clip types; mean over tokens, or over rows at sequence level), `cispo_clip_ratio` (cispo).
+    (clip types; mean over tokens, or over rows at sequence level), `cispo_clip_ratio` (cispo),
+    `off_policy_mask/dropped_ratio` (the share of rows OPSM drops, with its threshold).
     """
     _check_options(loss_type, importance_sampling_level, beta)
     if loss_type == "dr_grpo" and not max_completion_length:
@@ -238,7 +321,8 @@ def make_grpo(loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float
         raise ValueError(f"temperature must be > 0, got {temperature}")
     options = dict(loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta,
                    importance_sampling_level=importance_sampling_level,
-                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                   off_policy_mask_threshold=off_policy_mask_threshold, use_bias_correction_kl=use_bias_correction_kl)
 
     def grpo_loss(apply, batch, key=None):
         total_tokens = batch_total(batch, "total_completion_tokens", name)
@@ -251,7 +335,8 @@ def make_grpo(loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float
             ref_logps = completion_token_logps(apply.reference, batch, temperature=temperature)
         old_logps = batch.get("old_logps")
         per_token, parts = grpo_token_losses(logps, None if old_logps is None else old_logps.to(logps.dtype),
-                                             ref_logps, batch["advantages"], mask, **options)
+                                             ref_logps, batch["advantages"], mask, is_ratio=batch.get("is_ratio"),
+                                             sampling_logps=batch.get("sampling_logps"), **options)
         generation_tokens = batch.get("generation_tokens", total_tokens)
         value = reduce_grpo_loss(per_token, mask, loss_type, accumulation_steps=micro_batches,
                                  generation_tokens=generation_tokens, max_completion_length=max_completion_length)
@@ -273,6 +358,9 @@ def make_grpo(loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float
             metrics["clip_ratio/region_mean"] = clip_mean(parts["is_region_clipped"])
         if parts["is_cispo_clipped"] is not None:
             metrics["cispo_clip_ratio"] = clip_mean(parts["is_cispo_clipped"])
+        if parts["off_policy_mask"] is not None:
+            metrics["off_policy_mask/dropped_ratio"] = (1 - parts["off_policy_mask"]).sum() / \
+                batch_total(batch, "total_rows", name)
         return value, metrics
 
     return Loss(grpo_loss, name, count_fn=count_grpo)

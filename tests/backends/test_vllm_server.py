@@ -1,63 +1,31 @@
-"""The vLLM server engine against a real vLLM server (one per pytest run, started by
-`python -m programs.vllm_serve` from `.venv-vllm`, on 127.0.0.1 and a free port, stopped by Ctrl-C
-at the end, which must take its children with it): its rollout log-probs against
+"""The vLLM server engine against the run's real vLLM server (tests/conftest.py: one per pytest
+run, started by `python -m programs.vllm_serve` from `.venv-vllm`): its rollout log-probs against
 our forward on the same tokens, seeded reproducibility, and our forward again after a LoRA sync and
 after a full-weight sync, on prompts longer than one 16-token KV block (the stale-cache trap)."""
 import pytest
 import torch
 
 from backends.rollout import Sampling
-from backends.rollout.vllm_server import VLLM_VENV, SETUP_HINT, VllmServerEngine, VllmServerError, free_port, save_untied
+from backends.rollout.vllm_server import VllmServerEngine, VllmServerError, free_port, save_untied
 from pure import rng
-
-pytestmark = pytest.mark.skipif(not (VLLM_VENV / "bin" / "python").is_file(),
-                                reason=f"no vLLM venv ({VLLM_VENV}); create it with `{SETUP_HINT}`")
 
 PROMPTS = ["Tell me three things about the sea and the sky, please, in order, and then say why each is true.",
            "What is the capital of France? Answer in one long sentence, with all of your reasons, and a date."]
 
 
-@pytest.fixture(scope="module")  # this module is the only user: one server per pytest run, gone after it
-def served(tmp_path_factory):
-    """`python -m programs.vllm_serve` on a tiny model, as a user starts it; Ctrl-C (SIGINT) at the end."""
-    import signal
-    import subprocess
-    import sys
-
-    import yaml
-
-    from backends.hf import load_tokenizer, save_pretrained
-    from backends.rollout.vllm_server import wait_healthy
-    from pure.models import ModelConfig, init
-
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    # head size 64: vLLM's CPU attention kernels take the usual head sizes only
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    root = tmp_path_factory.mktemp("vllm")
-    params = init(config, rng.key(0))
-    save_pretrained(params, config, tokenizer, root / "model")
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+@pytest.fixture(scope="module")
+def served(vllm_server):
+    """The run's server (tests/conftest.py) with what these tests compare against."""
+    prompts = [vllm_server.tokenizer(p)["input_ids"] for p in PROMPTS]
     assert all(len(p) > 16 for p in prompts), [len(p) for p in prompts]
-    port = free_port()
-    (root / "serve.yaml").write_text(yaml.safe_dump({
-        "base_model": str(root / "model"), "datasets": [{"path": "unused.jsonl"}], "learning_rate": 1e-5,
-        "adapter": "lora", "lora_r": 8, "lora_target_linear": True, "sequence_len": 256, "output_dir": str(root / "run"),
-        "vllm": {"host": "127.0.0.1", "port": port}, "trl": {"vllm_lora_sync": True}}))
-    proc = subprocess.Popen([sys.executable, "-m", "programs.vllm_serve", "--config", str(root / "serve.yaml")],
-                            stdout=open(root / "serve.out", "wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_healthy("127.0.0.1", port, 400, proc, root / "serve.out")
-        yield {"engine": VllmServerEngine("127.0.0.1", port), "config": config, "params": params,
-               "tokenizer": tokenizer, "root": root, "prompts": prompts, "port": port, "proc": proc}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-        out = (root / "serve.out").read_text()
-        assert code == 0 and "vLLM server stopped" in out, out[-2000:]
-        with pytest.raises(VllmServerError):  # the server and its children are gone
-            VllmServerEngine("127.0.0.1", port, timeout=2)
+    engine = vllm_server.engine()
+    yield {"engine": engine, "config": vllm_server.config, "params": vllm_server.params,
+           "tokenizer": vllm_server.tokenizer, "root": vllm_server.root, "prompts": prompts, "port": vllm_server.port}
+    # leave the server as it was started: the base weights, no adapter
+    from backends.rollout.vllm_server import save_untied
+
+    save_untied(vllm_server.params, vllm_server.config, vllm_server.tokenizer, vllm_server.root / "base-again")
+    engine.sync_full(vllm_server.root / "base-again")
 
 
 def our_logprobs(params, config, prompt, completion, temperature, lora=None, lora_config=None):

@@ -163,8 +163,8 @@ def test_a_rollout_function_gives_the_completions(workdir, tiny_model):
 def test_config_checks_come_before_anything_loads(workdir, tiny_model):
     with pytest.raises(ConfigError, match="divisible by trl.num_generations"):
         load_config(write_config(workdir, tiny_model, "x", micro_batch_size=3, gradient_accumulation_steps=1))
-    with pytest.raises(ConfigError, match="use_vllm"):
-        load_config(write_config(workdir, tiny_model, "x", trl={"use_vllm": True}))
+    with pytest.raises(ConfigError, match="vllm_sync_interval .*use_vllm"):
+        load_config(write_config(workdir, tiny_model, "x", trl={"vllm_sync_interval": 2}))
     with pytest.raises(ConfigError, match="reward_weights has 1 weights for 2"):
         load_config(write_config(workdir, tiny_model, "x", trl={"reward_weights": [1.0]}))
     with pytest.raises(ConfigError, match="precompute_ref_log_probs does not apply to rl: grpo"):
