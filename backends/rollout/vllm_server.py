@@ -31,6 +31,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ class VllmServerEngine:
         self.model = model or self._served_model()
         self.lora_name: str | None = None
         self.lora_versions = 0
+        self.run_tag = uuid.uuid4().hex[:8]
 
     # -- HTTP
     def _post(self, path: str, body: dict | None = None) -> dict:
@@ -256,10 +258,14 @@ class VllmServerEngine:
         """Serve the PEFT adapter in `adapter_folder` (a new folder per version); seconds taken."""
         start = time.perf_counter()
         self.lora_versions += 1
-        name = f"policy-{self.lora_versions}"
+        # unique on the server, which may still hold another run's policy-<n>
+        name = f"policy-{self.run_tag}-{self.lora_versions}"
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_folder)})
         if self.lora_name is not None:
-            self._post("/v1/unload_lora_adapter", {"lora_name": self.lora_name})
+            try:
+                self._post("/v1/unload_lora_adapter", {"lora_name": self.lora_name})
+            except VllmServerError:
+                pass  # a restarted server no longer has it: nothing to unload
         self.lora_name = name
         return time.perf_counter() - start
 
