@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from programs.config.schema import SECTIONS, Config, ConfigError
+from programs.config.schema import SECTIONS, Config, ConfigError, TRLConfig
 from programs.config.unsupported import LEGACY_ALIASES, NOT_SUPPORTED_YET, refuses_every_value
 from programs.config.validate import _closest, _field_type_name, _type_name, validate
 
@@ -78,11 +78,17 @@ def _is_bool_key(key: str) -> bool:
     return field is not None and "bool" in _type_name(field.annotation)
 
 
+def _is_trl_bool_key(key: str) -> bool:
+    field = TRLConfig.model_fields.get(key)
+    return field is not None and "bool" in _type_name(field.annotation)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `--key value`, `--key=value`, `--kebab-key value` and `--a.b value` overrides.
 
     Values are YAML scalars (`1e-4`, `true`, `[a, b]`); a boolean key given alone means true;
-    `None`/`null` values are dropped like axolotl does.
+    `None`/`null` values are dropped like axolotl does. A `trl:` key that is no top-level key may
+    be given bare: `--use_vllm true` sets `trl.use_vllm`.
     """
     raw = copy.deepcopy(raw)
     items = list(overrides)
@@ -102,10 +108,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             i += 1
         key = _flag_key(name)
         top = key.split(".")[0]
-        if top not in Config.model_fields and top not in LEGACY_ALIASES:
+        if top not in Config.model_fields and top not in LEGACY_ALIASES and top in TRLConfig.model_fields:
+            key = f"trl.{key}"
+        elif top not in Config.model_fields and top not in LEGACY_ALIASES:
             raise ConfigError(f"unknown option {name!r}{_closest(top, Config.model_fields)}")
         if text is None:
-            if not _is_bool_key(top):
+            if not (_is_bool_key(top) or (key.startswith("trl.") and _is_trl_bool_key(key[4:]))):
                 raise ConfigError(f"{name} needs a value")
             value: Any = True
         else:
@@ -228,7 +236,7 @@ def parse_cli(
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}")
         key = _flag_key(name).split(".")[0]
-        if key not in Config.model_fields and key not in LEGACY_ALIASES:
+        if key not in Config.model_fields and key not in LEGACY_ALIASES and key not in TRLConfig.model_fields:
             options = list(Config.model_fields) + [f.lstrip("-").replace("-", "_") for f in program_flags]
             raise ConfigError(f"unknown option {name!r}{_closest(key, options)}")
         overrides.append(arg)

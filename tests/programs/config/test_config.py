@@ -315,3 +315,17 @@ def test_apply_overrides_does_not_mutate_its_input():
     assert raw["trl"]["beta"] == 0.5
     out = apply_overrides({"base_model": "m"}, ["--base-model", "x"])
     assert out["base_model"] == "x"
+
+
+def test_a_bare_trl_key_on_the_command_line_sets_it_under_trl(tmp_path):
+    """`--use_vllm true` (the GRPO docs' form) is `--trl.use_vllm true`; a top-level key keeps its meaning."""
+    out = apply_overrides({"base_model": "m", "trl": {"beta": 0.5}}, ["--use_vllm", "true", "--num-generations=4",
+                                                                      "--vllm_lora_sync"])
+    assert out["trl"] == {"beta": 0.5, "use_vllm": True, "num_generations": 4, "vllm_lora_sync": True}
+    assert "use_vllm" not in out
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError, match="trl.use_vllm is a GRPO key"):  # it reached trl: and its checks
+        parse_cli(["--config", str(path), "--use_vllm", "false", "--seed", "3"], "d")
+    with pytest.raises(ConfigError, match="unknown option '--use_vllmm'"):
+        parse_cli(["--config", str(path), "--use_vllmm", "true"], "d")
