@@ -144,3 +144,34 @@ def test_a_server_killed_mid_run_checkpoints_and_the_rerun_resumes(workdir, vllm
     assert result["step"] == 4
     # vLLM's seeded sampling is reproducible across server restarts: the rerun ends where an unbroken run ends
     assert comparable(records_of(result))[-2:] == comparable(records_of(lora_run[1]))[-2:]
+
+
+def test_async_prefetch_through_the_server(workdir, vllm_server):
+    """The producer thread syncs the policy it samples under (one step old) while the step trains."""
+    result = grpo.run(load_config(write_config(workdir, vllm_server, "async", max_steps=3, trl={
+        "use_data_producer": True, "async_prefetch": True, "prefetch_depth": 1})))
+    diff = [r["sampling/sampling_logp_difference/max"] for r in records_of(result)]
+    assert diff[0] < SAME_WEIGHTS and all(d > 10 * SAME_WEIGHTS for d in diff[1:]), diff
+
+
+@pytest.mark.parametrize("lora_sync", [True, False])
+def test_colocate_mode_trains_on_an_in_process_engine(workdir, vllm_server, lora_sync):
+    """`vllm_mode: colocate` where vLLM is importable: programs.grpo run by the vLLM venv's Python."""
+    import json
+    import subprocess
+
+    from backends.rollout.vllm_server import VLLM_VENV
+
+    path = write_config(workdir, vllm_server, "colocate", max_steps=2,
+                        trl={"vllm_mode": "colocate", "vllm_lora_sync": lora_sync})
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-m", "programs.grpo", "--config", str(path)],
+                          cwd=workdir, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rollouts: in-process vLLM (colocate)" in done.stdout
+    records = [json.loads(x) for x in (workdir / "colocate" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:  # synced from memory every step: the engine samples the trained policy
+        assert r["sampling/sampling_logp_difference/max"] < SAME_WEIGHTS, r
