@@ -5,6 +5,7 @@
 with LoRA serving and the dev endpoints for full-weight sync. Ctrl-C (SIGINT) at the end must stop
 it and its children. A test that kills the server (the fault tests) calls `restart()`.
 Outside CI, without the venv, the tests that use it skip with a reason naming the setup script."""
+import os
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ class VllmServer:
         serve = self.root / f"serve-{self.starts}.yaml"
         serve.write_text(yaml.safe_dump({
             "base_model": str(self.model), "datasets": [{"path": "unused.jsonl"}], "learning_rate": 1e-5,
-            "adapter": "lora", "lora_r": 8, "lora_target_linear": True, "sequence_len": 256,
+            "adapter": "lora", "lora_r": 32,  # LoRA up to rank 32 (the GRPO quick start's)
+            "lora_target_linear": True, "sequence_len": 256,
             "output_dir": str(self.root / "run"), "vllm": {"host": self.host, "port": self.port},
             "trl": {"vllm_lora_sync": True}}))
         self.log = self.root / f"serve-{self.starts}.out"
@@ -71,20 +73,26 @@ class VllmServer:
         self.proc = None
 
 
+def skip_without_vllm(reason: str) -> None:
+    """Skip a test that needs the vLLM venv, or fail it where it must run (PURETUNE_REQUIRE_VLLM=1: CI)."""
+    if os.environ.get("PURETUNE_REQUIRE_VLLM") == "1":
+        pytest.fail(f"PURETUNE_REQUIRE_VLLM=1 but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     from backends.rollout.vllm_server import SETUP_HINT, VLLM_VENV, VllmServerError
 
     if not (VLLM_VENV / "bin" / "python").is_file():
-        pytest.skip(f"no vLLM venv ({VLLM_VENV}); create it with `{SETUP_HINT}`")
+        skip_without_vllm(f"no vLLM venv ({VLLM_VENV}); create it with `{SETUP_HINT}`")
     from backends.hf import load_tokenizer, save_pretrained
     from pure import rng
-    from pure.models import ModelConfig, init
+    from pure.models import init
+    from tests.tiny import vllm_tiny
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = vllm_tiny(tokenizer)
     root = tmp_path_factory.mktemp("vllm")
     params = init(config, rng.key(0))
     save_pretrained(params, config, tokenizer, root / "model")

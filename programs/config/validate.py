@@ -438,8 +438,7 @@ def _check_grpo_rollouts(c: Config) -> None:
     if trl.streaming_partial_batch and trl.rollout_func:
         raise ConfigError("trl.streaming_partial_batch scores prompt groups as the engine finishes them; a "
                           "trl.rollout_func returns all its rollouts at once")
-    if trl.vllm_lora_sync and not trl.use_vllm and c.rl in ("grpo", "gdpo"):
-        raise ConfigError("trl.vllm_lora_sync syncs the adapter to vLLM; set trl.use_vllm: true")
+    # vllm_lora_sync without use_vllm is kept: programs.vllm_serve reads it (LoRA serving) from the same config
     if trl.vllm_lora_sync and c.lora_modules_to_save:
         raise ConfigError("trl.vllm_lora_sync serves the adapter alone, without lora_modules_to_save; "
                           "set vllm_lora_sync: false (merged full weights are synced instead)")

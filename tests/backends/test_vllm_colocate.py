@@ -26,7 +26,9 @@ def venv_has_vllm() -> bool:
     return found.returncode == 0
 
 
-needs_vllm_venv = pytest.mark.skipif(not venv_has_vllm(), reason=f"no vLLM in {VLLM_VENV}; create it with `{SETUP_HINT}`")
+# skipped without the venv, except where it must run (PURETUNE_REQUIRE_VLLM=1, as in CI: then it fails)
+needs_vllm_venv = pytest.mark.skipif(not venv_has_vllm() and os.environ.get("PURETUNE_REQUIRE_VLLM") != "1",
+                                     reason=f"no vLLM in {VLLM_VENV}; create it with `{SETUP_HINT}`")
 
 # Runs in .venv-vllm; argv[1] is a JSON file of folders and prompts; prints one line "RESULT <json>".
 SCRIPT = r"""
@@ -78,13 +80,11 @@ def colocated(tmp_path_factory):
     from backends.export import save_peft_adapter
     from backends.hf import load_tokenizer
     from pure.lora import LoraConfig, init_lora
-    from pure.models import ModelConfig, init
+    from pure.models import init
+    from tests.tiny import vllm_tiny
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    # head size 64: vLLM's CPU attention kernels take the usual head sizes only
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = vllm_tiny(tokenizer)
     root = tmp_path_factory.mktemp("colocate")
     params = init(config, rng.key(0))
     save_untied(params, config, tokenizer, root / "model")

@@ -126,7 +126,7 @@ def test_the_corrections_change_the_loss(workdir, tiny_model):
     ({"streaming_min_groups": 2}, "streaming_min_groups .*streaming_partial_batch"),
     ({"vllm_importance_sampling_mode": "token_mask"}, "vllm_importance_sampling_mode"),
     ({"use_bias_correction_kl": True}, "use_bias_correction_kl .*beta"),
-    ({"vllm_lora_sync": True}, "vllm_lora_sync .*use_vllm"),
+    ({"vllm_sync_interval": 2}, "vllm_sync_interval .*use_vllm"),
 ])
 def test_keys_that_need_another_key_are_refused_by_name(workdir, tiny_model, trl, match):
     with pytest.raises(ConfigError, match=match):

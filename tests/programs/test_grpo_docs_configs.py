@@ -138,14 +138,14 @@ def local(raw, tmp_path, tiny_model, name):
     return path
 
 
-def test_the_quick_start_with_use_vllm_false_trains_natively(gsm8k_like, tiny_model, capsys):
+def test_the_quick_start_trains_through_vllm_and_natively(gsm8k_like, tiny_model, vllm_server):
     raw = yaml.safe_load(QUICK_START)
-    as_written = local(raw, gsm8k_like, tiny_model, "vllm")
-    with pytest.raises(SystemExit):
-        train.main(["--config", str(as_written)])
-    err = capsys.readouterr().err
-    # as written it samples from a vLLM server; none runs on its port, so one line says how to start one
-    assert "no vLLM server answers at" in err and "programs.vllm_serve" in err and "native engine" in err
+    # as written, but at the run's vLLM server (its tiny model, on its port)
+    served = dict(raw, vllm=dict(raw["vllm"], host=vllm_server.host, port=vllm_server.port),
+                  trl=dict(raw["trl"], vllm_server_host=vllm_server.host, vllm_server_port=vllm_server.port))
+    assert train.main(["--config", str(local(served, gsm8k_like, vllm_server.model, "vllm"))]) == 0
+    records = [json.loads(line) for line in (gsm8k_like / "vllm" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and "sampling/importance_sampling_ratio/mean" in records[-1]
     raw.pop("vllm")
     raw["trl"] = {k: v for k, v in raw["trl"].items() if not k.startswith("vllm") and k != "use_data_producer"}
     raw["trl"]["use_vllm"] = False

@@ -204,15 +204,15 @@ def test_type_of_model_must_agree_with_the_head(tmp_path, tiny_model):
 
 
 def test_a_key_only_an_unbuilt_feature_reads_is_refused_by_name(tmp_path, tiny_model):
-    with pytest.raises(ConfigError, match="trl.vllm_server_port is not supported yet by puretune .*vLLM"):
-        load_config(config_file(tmp_path, tiny_model, trl={"vllm_server_port": 9000}))
+    with pytest.raises(ConfigError, match="trl.vllm_enable_sleep_mode is not supported yet by puretune .*sleep mode"):
+        load_config(config_file(tmp_path, tiny_model, trl={"vllm_enable_sleep_mode": True}))
     with pytest.raises(ConfigError, match="trl.num_generations is a GRPO key .* without rl: "):
         load_config(config_file(tmp_path, tiny_model, trl={"num_generations": 4}))
     with pytest.raises(ConfigError, match=r"datasets\[0\].prompt_format is not supported yet"):
         load_config(config_file(tmp_path, tiny_model, datasets=[{"path": "x.jsonl", "type": "alpaca",
                                                                   "prompt_format": "{prompt}"}]))
     # at its default the same key is fine
-    assert load_config(config_file(tmp_path, tiny_model, trl={"vllm_server_port": 8000})).trl.vllm_server_port == 8000
+    assert load_config(config_file(tmp_path, tiny_model, trl={"vllm_enable_sleep_mode": False})).trl.vllm_enable_sleep_mode is False
 
 
 # --- model and tokenizer ----------------------------------------------------------------------------
