@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from backends.rollout import Rollouts, Sampling
-from backends.rollout.vllm_server import SETUP_HINT, VllmServerError, request_seeds
+from backends.rollout.vllm_server import PREFILL_BUDGET, SETUP_HINT, VllmServerError, request_seeds
 
 
 class VllmColocateError(VllmServerError):
@@ -93,8 +93,10 @@ class VllmColocateEngine:
         _in_process_environment()
         from vllm import LLM
 
+        # chunked prefill off, as the server runs (`vllm_server.whole_prefill_args`: seeded requests on CPU)
         options = dict(model=str(model_folder), dtype=dtype, seed=seed, enforce_eager=True,
-                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs")
+                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
+                       enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len or 0, PREFILL_BUDGET))
         if max_model_len:
             options["max_model_len"] = max_model_len
         if enable_prefix_caching is not None:

@@ -85,6 +85,19 @@ def vllm_python() -> Path:
     return python
 
 
+# vLLM's token budget per engine step with chunked prefill off (at least max_model_len)
+PREFILL_BUDGET = 8192
+
+
+def whole_prefill_args(max_model_len: int | None) -> list[str]:
+    """Chunked prefill off: every prompt is prefilled in one engine step. A prompt split over steps
+    makes vLLM throw away the token it sampled for it and rewind that request's generator, which
+    fails for a seeded request on CPU ("CPU Generator does not use offset"), killing the engine:
+    every GRPO request is seeded, so a generation whose prompts exceed one step's budget (2048
+    tokens by default) would crash it."""
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len or 0, PREFILL_BUDGET))]
+
+
 def server_command(settings: ServerSettings, python: str | os.PathLike) -> tuple[list[str], dict]:
     """(argv, environment) of the server process."""
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(settings.model),
@@ -92,6 +105,7 @@ def server_command(settings: ServerSettings, python: str | os.PathLike) -> tuple
             "--seed", str(settings.seed), "--logprobs-mode", "processed_logprobs"]
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
+    argv += whole_prefill_args(settings.max_model_len)
     if settings.enforce_eager:
         argv.append("--enforce-eager")
     if settings.gpu_memory_utilization is not None and torch.cuda.is_available():

@@ -53,6 +53,17 @@ def test_rollout_logprobs_match_our_forward_and_seeds_reproduce(served):
     assert engine.generate({}, served["prompts"], 3, sampling, rng.key(2)).completion_ids != a.completion_ids
 
 
+def test_a_generation_over_one_steps_token_budget_samples_seeded(served):
+    """24 requests x n 4 of 100-token prompts: 9600 prompt tokens, over vLLM's default 2048 per step.
+    With chunked prefill on, a split prompt rewinds its seeded CPU generator and kills the engine."""
+    prompts = [rng.randint(rng.fold_in(rng.key(11), i), 0, served["config"].vocab_size, (100,)).tolist()
+               for i in range(24)]
+    sampling = Sampling(max_tokens=2, temperature=1.0)
+    a = served["engine"].generate({}, prompts, 4, sampling, rng.key(3))
+    assert len(a) == 96 and all(len(c) == 2 for c in a.completion_ids)
+    assert served["engine"].generate({}, prompts, 4, sampling, rng.key(3)) == a
+
+
 def test_after_a_lora_sync_the_server_samples_the_new_policy(served):
     from backends.export import save_peft_adapter
     from pure.lora import LoraConfig, init_lora
