@@ -27,3 +27,12 @@ def test_the_split_averages_generating_steps_after_the_warmup():
     assert sum(split["share"].values()) == pytest.approx(1.0)
     with pytest.raises(BenchError, match="raise --steps"):
         split_of(records, warmup=4)
+
+
+def test_the_wall_time_of_a_step_comes_from_its_tokens_and_the_loops_rate():
+    records = [{"step": s, "train/loss": 0.1, "time/train_s": 1.0, "time/rollout_s": 2.0, "completions/mean_length": 8.0,
+                "rollout/tokens_per_second": 10.0, "num_tokens": 100.0 * s, "train/tokens_per_second": tps}
+               for s, tps in ((1, 50.0), (2, 50.0), (3, 25.0))]
+    split = split_of(records, warmup=1)
+    assert split["wall_seconds"] == pytest.approx((100 / 50 + 100 / 25) / 2)  # less than the phases' 3 s sum: overlap
+    assert split["step_seconds"] == pytest.approx(3.0)
