@@ -191,17 +191,24 @@ def run_rollout_bench(options: dict, log=print) -> dict:
         sampling_of(options, ())  # the sampling settings checked before the model loads
     except ValueError as e:
         raise BenchError(str(e)) from None
+    # --threads holds for the measurement only: the caller's thread count (and with it how torch splits
+    # its reductions, so the bits of everything it computes afterwards) comes back after it
+    threads = torch.get_num_threads()
     torch.set_num_threads(options["threads"])
-    params, config, tokenizer = load_pretrained(options["model"], dtype=torch.float32)
-    if tokenizer is None:
-        raise BenchError(f"--model {options['model']!r} has no tokenizer; the rollout suite needs one for its prompts")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts, sampling = chat_prompts(tokenizer, options["prompts"]), sampling_of(options, (tokenizer.eos_token_id,))
-    report = measure_rollouts(params, config, prompts, options["n"], sampling, pad_token_id=pad,
-                              repeats=options["repeats"], seed=options["seed"], log=log)
-    if options.get("vllm"):
-        report["variants"]["vllm"] = measure_vllm(params, config, tokenizer, prompts, options["n"], sampling,
-                                                  repeats=options["repeats"], seed=options["seed"], log=log)
+    try:
+        params, config, tokenizer = load_pretrained(options["model"], dtype=torch.float32)
+        if tokenizer is None:
+            raise BenchError(f"--model {options['model']!r} has no tokenizer; the rollout suite needs one for its "
+                             "prompts")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        prompts, sampling = chat_prompts(tokenizer, options["prompts"]), sampling_of(options, (tokenizer.eos_token_id,))
+        report = measure_rollouts(params, config, prompts, options["n"], sampling, pad_token_id=pad,
+                                  repeats=options["repeats"], seed=options["seed"], log=log)
+        if options.get("vllm"):
+            report["variants"]["vllm"] = measure_vllm(params, config, tokenizer, prompts, options["n"], sampling,
+                                                      repeats=options["repeats"], seed=options["seed"], log=log)
+    finally:
+        torch.set_num_threads(threads)
     return {"suite": "rollout", "model": str(options["model"]), **report}
 
 

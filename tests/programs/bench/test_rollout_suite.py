@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from programs.bench.__main__ import main, read_options, suite_of
 from programs.bench.rollout import OPTIONS
@@ -30,9 +31,13 @@ def test_a_wrong_rollout_option_is_named(args, message, capsys):
 
 def test_the_rollout_suite_writes_the_report_and_prints_the_table(tiny_model, tmp_path, capsys):
     out = tmp_path / "rollout.json"
+    threads = torch.get_num_threads()
     assert main(["--suite", "rollout", "--model", str(tiny_model), "--prompts", "2", "--n", "2", "--max-tokens", "2",
-                 "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+                 "--repeats", "1", "--threads", str(threads + 1), "--out", str(out)]) == 0
+    # measured at --threads, and the caller's count is back after (it decides the bits of later runs here)
+    assert torch.get_num_threads() == threads
     report = json.loads(out.read_text())
+    assert report["threads"] == threads + 1
     assert report["suite"] == "rollout" and (report["prompts"], report["n"], report["max_tokens"]) == (2, 2, 2)
     for side in ("native", "transformers"):
         r = report["variants"][side]
