@@ -20,7 +20,7 @@ from pure import rng
 from pure.losses import sft
 from pure.lora import LoraConfig, init_lora
 from pure.models import init
-from pure.optim import adamw, sgd
+from pure.optim import adamw, chain, clip_by_global_norm, sgd
 from pure.train import init_train_state, make_apply, make_train_step
 from pure.tree import leaves_with_paths
 from tests.tiny import TINY
@@ -104,25 +104,30 @@ def _global_batches() -> list[list[dict]]:
 
 
 def _setup(variant: str):
-    """(trainable, frozen, optimizer, lora_config) of a full fine-tune (SGD with momentum) or a LoRA
-    (AdamW) of the tiny model."""
+    """(trainable, frozen, optimizer, lora_config) of a full fine-tune (SGD with momentum after a
+    global-norm clip that is active: the norm is ~1) or a LoRA (AdamW) of the tiny model."""
     params = init(TINY, rng.key(0))
     if variant == "full":
-        return {"params": params}, {}, sgd(0.5, momentum=0.9), None
+        return {"params": params}, {}, chain(clip_by_global_norm(0.5), sgd(0.5, momentum=0.9)), None
     lora_config = LoraConfig(r=4, alpha=8)
     delta = init_lora(params, lora_config, rng.key(1), target_modules=["q_proj", "v_proj"])
     return {"lora": delta}, params, adamw(1e-2, weight_decay=0.01), lora_config
 
 
 def _train_one_process(variant: str):
+    """`{"metrics": [(loss, grad_norm, trained tokens) per step], "params": {path: final tensor}}`."""
     trainable, frozen, optimizer, lora_config = _setup(variant)
     step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
     state = init_train_state(trainable, optimizer, rng.key(2))
-    losses = []
+    history = []
     for micro_batches in _global_batches():
         state, metrics = step(state, micro_batches)
-        losses.append(float(metrics["train/loss"]))
-    return losses, dict(leaves_with_paths(state.trainable))
+        history.append(_step_metrics(metrics))
+    return {"metrics": history, "params": dict(leaves_with_paths(state.trainable))}
+
+
+def _step_metrics(metrics: dict) -> tuple[float, float, float]:
+    return tuple(float(metrics[name]) for name in ("train/loss", "train/grad_norm", "num_trained_tokens"))
 
 
 def _train_sharded(variant: str, mesh, rank: int, world: int):
@@ -132,11 +137,14 @@ def _train_sharded(variant: str, mesh, rank: int, world: int):
     step = make_sharded_train_step(sft, optimizer, lambda full: make_apply(TINY, full, lora_config=lora_config),
                                    mesh, frozen=place(frozen, mesh))
     state = shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
-    losses = []
+    history = []
     for micro_batches in _global_batches():
         state, metrics = step(state, shard_micro_batches(micro_batches, rank, world))
-        losses.append(float(metrics["train/loss"]))
-    return losses, dict(leaves_with_paths(gather(state.trainable)))
+        history.append(_step_metrics(metrics))
+    placed = leaves_with_paths({"trainable": state.trainable, "opt_state": state.opt_state})
+    return {"metrics": history, "params": dict(leaves_with_paths(gather(state.trainable))),
+            "placements": {path: tuple(str(p) for p in x.placements) for path, x in placed},
+            "local_numel": sum(x.to_local().numel() for _, x in placed), "full_numel": sum(x.numel() for _, x in placed)}
 
 
 def _torchrun_main(out: str) -> None:
@@ -167,14 +175,28 @@ def two_rank_results(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fsdp_at_two_ranks_equals_one_process(two_rank_results, variant):
-    losses, params = two_rank_results[variant]
-    ref_losses, ref_params = _train_one_process(variant)
+    sharded, reference = two_rank_results[variant], _train_one_process(variant)
     # fp32: the two ranks add the same terms in a different order (per-rank partial sums, then the
     # reduce-scatter), so agreement is to rounding, not bitwise; 1e-5 is ~100 ulps at these magnitudes.
-    assert losses == pytest.approx(ref_losses, abs=1e-5)
-    assert params.keys() == ref_params.keys()
-    for path, value in ref_params.items():
-        torch.testing.assert_close(params[path], value, atol=1e-5, rtol=1e-5, msg=path)
+    for got, want in zip(sharded["metrics"], reference["metrics"], strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert sharded["params"].keys() == reference["params"].keys()
+    for path, value in reference["params"].items():
+        torch.testing.assert_close(sharded["params"][path], value, atol=1e-5, rtol=1e-5, msg=path)
+
+
+def test_fsdp_state_is_sharded_on_dim_0_and_replicated_where_it_does_not_divide(two_rank_results):
+    full = two_rank_results["full"]
+    placements = full["placements"]
+    # 61 vocabulary rows do not split over 2 ranks; a 0-dim grad norm or step count cannot split.
+    assert placements["trainable.params.model.embed_tokens.weight"] == ("R",)
+    assert placements["trainable.params.model.layers.0.mlp.up_proj.weight"] == ("S(0)",)
+    assert placements["opt_state.1.1.momentum.params.model.layers.0.mlp.up_proj.weight"] == ("S(0)",)
+    assert placements["opt_state.0.grad_norm"] == ("R",)
+    lora = two_rank_results["lora"]["placements"]
+    assert all(p == ("S(0)",) for path, p in lora.items() if path.startswith("trainable.")), lora
+    # Rank 0 holds about half of the params and optimizer state (the replicated embedding aside).
+    assert full["local_numel"] < 0.7 * full["full_numel"]
 
 
 if __name__ == "__main__":
