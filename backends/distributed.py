@@ -3,7 +3,8 @@
     sizes = mesh_sizes(world_size, dp_shard=..., tp=...)       # pure: defaults and checks
     mesh = make_mesh(sizes, "cpu")                              # init_device_mesh, named dims
     state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard
-    step = make_sharded_train_step(loss, optimizer, bind, mesh)
+    step = make_sharded_train_step(loss, optimizer, lambda frozen: make_apply(config, frozen), mesh,
+                                   frozen=place(frozen_params, mesh))
     state, metrics = step(state, shard_micro_batches(global_micro_batches, rank, world))
 
 The step is FSDP's: every rank all-gathers the params (`DTensor.full_tensor`), runs the pure
@@ -53,6 +54,7 @@ class MeshSizes:
 
     @property
     def world_size(self) -> int:
+        """The number of processes the mesh spans: the product of the sizes."""
         return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     def as_dict(self) -> dict[str, int]:
@@ -200,19 +202,21 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     (same micro-batch count, each micro-batch the ranks' rows concatenated): params are gathered,
     each micro-batch's gradient is `torch.func.grad_and_value` of the loss divided by global totals
     (`global_loss`), the local sums become `Partial()` DTensors redistributed to the params'
-    placements, and the optimizer updates the shards. Micro-batch `i` of rank `r` draws its key as
-    the global micro-batch `r * len(micro_batches) + i` (one process: `i`, as the pure step).
+    placements, and the optimizer updates the shards. Micro-batch `i` of rank `r` draws its key
+    from `fold_in(step_key, r * len(micro_batches) + i)`: the pure step's keys at world size 1, a
+    distinct key per rank otherwise (so dropout masks differ between ranks, and a run with dropout
+    equals one process in distribution, not sample by sample).
 
     `frozen`: the frozen params, `place`d (FSDP-sharded too); `make_bind(frozen_full) -> bind` gets
     them gathered once per step, e.g. `lambda frozen: make_apply(config, frozen, lora_config=...)`,
     and `bind(trainable)` gets plain gathered trainable tensors. The gathers happen outside
     `torch.func.grad`: a DTensor redistribute inside it fails (torch 2.13: "In order to use an
     autograd.Function with functorch transforms ... it must override the setup_context staticmethod").
-    Metrics are those of the global batch (summed over ranks), plain tensors on every rank."""
+    Metrics are those of the global batch, plain tensors on every rank: summed over the ranks as the
+    pure step sums them over micro-batches."""
     dp = data_parallel_mesh(mesh)
     loss = global_loss(loss, mesh)
     rank = dp.get_local_rank()
-
     frozen = {} if frozen is None else frozen
 
     def micro_loss(trainable, batch, key, bind):

@@ -150,12 +150,19 @@ def _train_sharded(variant: str, mesh, rank: int, world: int):
 def _torchrun_main(out: str) -> None:
     import torch.distributed as dist
 
-    from backends.distributed import make_mesh
+    from backends.distributed import make_mesh, place
 
     world = int(os.environ["WORLD_SIZE"])
     mesh = make_mesh(mesh_sizes(world), "cpu")
     rank = dist.get_rank()
     results = {variant: _train_sharded(variant, mesh, rank, world) for variant in VARIANTS}
+    results["mesh_dims"] = mesh.mesh_dim_names
+    try:
+        place({"w": torch.zeros(4)}, make_mesh(mesh_sizes(world, tp=world), "cpu"))
+    except NotImplementedError as error:
+        results["tp_refusal"] = str(error)
+    else:
+        results["tp_refusal"] = "a tp mesh was accepted"
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -197,6 +204,11 @@ def test_fsdp_state_is_sharded_on_dim_0_and_replicated_where_it_does_not_divide(
     assert all(p == ("S(0)",) for path, p in lora.items() if path.startswith("trainable.")), lora
     # Rank 0 holds about half of the params and optimizer state (the replicated embedding aside).
     assert full["local_numel"] < 0.7 * full["full_numel"]
+
+
+def test_the_two_rank_mesh_is_dp_shard_and_other_dimensions_are_refused_by_key(two_rank_results):
+    assert two_rank_results["mesh_dims"] == ("dp_shard",)
+    assert "tensor_parallel_size > 1 is not supported yet" in two_rank_results["tp_refusal"]
 
 
 if __name__ == "__main__":
