@@ -1,0 +1,257 @@
+"""The device mesh, DTensor placements and the data-parallel (FSDP-style) train step under torchrun.
+
+    sizes = mesh_sizes(world_size, dp_shard=..., tp=...)       # pure: defaults and checks
+    mesh = make_mesh(sizes, "cpu")                              # init_device_mesh, named dims
+    state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard
+    step = make_sharded_train_step(loss, optimizer, lambda frozen: make_apply(config, frozen), mesh,
+                                   frozen=place(frozen_params, mesh))
+    state, metrics = step(state, shard_micro_batches(global_micro_batches, rank, world))
+
+The step is FSDP's: every rank all-gathers the params (`DTensor.full_tensor`), runs the pure
+forward/backward (`torch.func.grad_and_value`, as `pure.train.make_train_step`) on its rows of the
+global batch, and the local gradients become one `Partial()` DTensor redistributed to the params'
+placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`). The losses are
+divided by totals of the *global* batch (the loss's `count_fn`, summed over the ranks), so the
+summed gradient is the gradient of the global-batch mean: the same step as one process on the whole
+batch, up to the order of fp32 additions. The optimizer then runs on the sharded DTensors (its
+`_foreach_*` ops keep the placements; a global norm reduces over the ranks by itself).
+
+`torch.func.grad` is never taken over DTensor params: over `Shard(0)` params it returned
+`Replicate()` gradients in a probe (torch 2.13), so the placement is set here, explicitly.
+
+Only the `dp_shard` dimension is implemented so far; a mesh with `dp_replicate`, `cp` or `tp` larger
+than 1 is refused by name (HSDP, context and tensor parallelism are later steps of issue 17).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from pure import rng
+from pure.losses.core import Loss
+from pure.optim import apply_updates, grad_norm_from_state
+from pure.train import TrainState
+from pure.tree import global_norm, tree_map
+
+MESH_DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
+_SIZE_KEYS = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size",
+              "cp": "context_parallel_size", "tp": "tensor_parallel_size"}
+
+
+@dataclass(frozen=True)
+class MeshSizes:
+    """The size of each mesh dimension; their product is the world size."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes the mesh spans: the product of the sizes."""
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    def as_dict(self) -> dict[str, int]:
+        """`{dim name: size}` in the mesh's dimension order (`MESH_DIM_NAMES`)."""
+        return {name: getattr(self, name) for name in MESH_DIM_NAMES}
+
+
+def mesh_sizes(world_size: int, dp_shard: int | None = None, dp_replicate: int | None = None,
+               tp: int | None = None, cp: int | None = None) -> MeshSizes:
+    """The mesh sizes for `world_size` processes: an unset `dp_replicate`, `tp` or `cp` is 1, an unset
+    `dp_shard` takes what the others leave (world / (dp_replicate * cp * tp)).
+
+    Raises ValueError naming the config key (`dp_shard_size`, `dp_replicate_size`,
+    `tensor_parallel_size`, `context_parallel_size`) and the world size when a size is not a positive
+    integer, when the given sizes do not divide the world size, or when all four are given and their
+    product is not the world size."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"the world size must be a positive integer, got {world_size!r}")
+    given = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp}
+    for name, size in given.items():
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"{_SIZE_KEYS[name]} must be a positive integer, got {size!r} "
+                             f"(world size {world_size})")
+    fixed = {name: 1 if given[name] is None else given[name] for name in ("dp_replicate", "cp", "tp")}
+    for name, size in fixed.items():
+        if world_size % size:
+            raise ValueError(f"{_SIZE_KEYS[name]}={size} does not divide the world size {world_size}")
+    others = math.prod(fixed.values())
+    if world_size % others:
+        raise ValueError(f"dp_replicate_size={fixed['dp_replicate']} x context_parallel_size={fixed['cp']} x "
+                         f"tensor_parallel_size={fixed['tp']} = {others} does not divide the world size {world_size}")
+    if dp_shard is None:
+        dp_shard = world_size // others
+    elif others * dp_shard != world_size:
+        raise ValueError(f"dp_shard_size={dp_shard} times dp_replicate_size={fixed['dp_replicate']}, "
+                         f"context_parallel_size={fixed['cp']}, tensor_parallel_size={fixed['tp']} is "
+                         f"{others * dp_shard}, not the world size {world_size}")
+    return MeshSizes(dp_replicate=fixed["dp_replicate"], dp_shard=dp_shard, cp=fixed["cp"], tp=fixed["tp"])
+
+
+def make_mesh(sizes: MeshSizes, device_type: str) -> DeviceMesh:
+    """The DeviceMesh of `sizes` over the initialised process group (`init_device_mesh` initialises
+    the default one when none is): one named dimension per size > 1, in `MESH_DIM_NAMES` order, or a
+    1-D `("dp_shard",)` mesh when every size is 1."""
+    dims = {name: size for name, size in sizes.as_dict().items() if size > 1} or {"dp_shard": 1}
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+
+def shard_batch_indices(num_rows_in_global_batch: int, rank: int, world: int) -> range:
+    """The rows of one global (micro-)batch that data-parallel `rank` of `world` takes: the rank's
+    contiguous, equal slice, so the ranks' rows in rank order are the global batch, whatever `world`.
+
+    Raises ValueError when the rows do not split evenly (the global batch size must be a multiple of
+    the data-parallel world size) or the rank is outside the world."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a data-parallel world of size {world}")
+    if num_rows_in_global_batch % world:
+        raise ValueError(f"a global batch of {num_rows_in_global_batch} rows does not split evenly over "
+                         f"{world} data-parallel ranks: make the global batch size (micro_batch_size x "
+                         f"gradient_accumulation_steps x data-parallel world) a multiple of {world}")
+    per_rank = num_rows_in_global_batch // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int) -> list[dict]:
+    """Each micro-batch of a global step cut to `rank`'s rows (`shard_batch_indices`): every tensor
+    with the micro-batch's row count as its dim 0 is sliced; other values pass unchanged."""
+    out = []
+    for mb in micro_batches:
+        rows = int(mb["input_ids"].shape[0])
+        take = shard_batch_indices(rows, rank, world)
+        out.append({k: v[take.start:take.stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
+                    else v for k, v in mb.items()})
+    return out
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The `dp_shard` dimension of `mesh`, the one this module shards over. Raises NotImplementedError
+    naming the config key of any other dimension larger than 1 (not implemented yet)."""
+    names = mesh.mesh_dim_names or ()
+    for name in names:
+        if name != "dp_shard" and mesh[name].size() > 1:
+            raise NotImplementedError(f"{_SIZE_KEYS.get(name, name)} > 1 is not supported yet: only "
+                                      f"dp_shard (FSDP-style) sharding is implemented")
+    if "dp_shard" not in names:
+        raise ValueError(f"the mesh has no 'dp_shard' dimension (its dimensions: {names}); build it with make_mesh")
+    return mesh["dp_shard"] if len(names) > 1 else mesh
+
+
+def place(tree, mesh: DeviceMesh):
+    """`tree` with every tensor leaf a DTensor on the data-parallel dimension of `mesh`: `Shard(0)`
+    when its dim 0 divides by that dimension's size, else (0-dim tensors such as an optimizer's step
+    count, or an odd dim 0) `Replicate()`. Every rank passes the same full values; each keeps its
+    shard."""
+    dp = data_parallel_mesh(mesh)
+
+    def one(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        shardable = x.dim() > 0 and x.shape[0] % dp.size() == 0
+        return distribute_tensor(x, dp, [Shard(0) if shardable else Replicate()])
+
+    return tree_map(one, tree)
+
+
+def gather(tree):
+    """`tree` with every DTensor leaf all-gathered into a plain full tensor (FSDP's unshard)."""
+    return tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+
+
+def shard_state(state: TrainState, mesh: DeviceMesh) -> TrainState:
+    """`state` with its trainable params and optimizer state placed by `place` (Shard(0) on
+    `dp_shard`, Replicate where dim 0 does not divide). Frozen params are placed the same way with
+    `place(frozen, mesh)` and passed to `make_sharded_train_step`, which gathers them every step."""
+    if state.loss_scale is not None:
+        raise NotImplementedError("fp16 dynamic loss scaling is not supported by the sharded step yet")
+    return state.replace(trainable=place(state.trainable, mesh), opt_state=place(state.opt_state, mesh))
+
+
+def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
+    """The sum of each rank's `x` (an all-reduce through a `Partial()` DTensor), as a plain tensor."""
+    return DTensor.from_local(torch.as_tensor(x), dp, [Partial()]).full_tensor()
+
+
+def global_loss(loss: Loss, mesh: DeviceMesh) -> Loss:
+    """`loss` normalised by totals of the global batch: its `count_fn` summed over the data-parallel
+    ranks. A loss with whole-batch statistics (`batch_stats_fn`, KTO's KL baseline) is refused: they
+    are not sums, and reducing them is not implemented yet."""
+    if loss.batch_stats_fn is not None:
+        raise NotImplementedError(f"the loss {loss.name!r} has whole-batch statistics (batch_stats_fn), "
+                                  "which the sharded step does not reduce over ranks yet")
+    dp = data_parallel_mesh(mesh)
+
+    def count_fn(micro_batches):
+        return {name: _sum_over_ranks(total, dp) for name, total in loss.count_fn(micro_batches).items()}
+
+    return Loss(loss.fn, loss.name, count_fn=count_fn)
+
+
+def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None):
+    """Build `train_step(state, micro_batches) -> (state, metrics)` for a `shard_state`d state, each
+    rank passing its rows of the global step's micro-batches (`shard_micro_batches`).
+
+    The result equals `pure.train.make_train_step(loss, optimizer, bind)` on the whole global batch
+    (same micro-batch count, each micro-batch the ranks' rows concatenated): params are gathered,
+    each micro-batch's gradient is `torch.func.grad_and_value` of the loss divided by global totals
+    (`global_loss`), the local sums become `Partial()` DTensors redistributed to the params'
+    placements, and the optimizer updates the shards. Micro-batch `i` of rank `r` draws its key
+    from `fold_in(step_key, r * len(micro_batches) + i)`: the pure step's keys at world size 1, a
+    distinct key per rank otherwise (so dropout masks differ between ranks, and a run with dropout
+    equals one process in distribution, not sample by sample).
+
+    `frozen`: the frozen params, `place`d (FSDP-sharded too); `make_bind(frozen_full) -> bind` gets
+    them gathered once per step, e.g. `lambda frozen: make_apply(config, frozen, lora_config=...)`,
+    and `bind(trainable)` gets plain gathered trainable tensors. The gathers happen outside
+    `torch.func.grad`: a DTensor redistribute inside it fails (torch 2.13: "In order to use an
+    autograd.Function with functorch transforms ... it must override the setup_context staticmethod").
+    Metrics are those of the global batch, plain tensors on every rank: summed over the ranks as the
+    pure step sums them over micro-batches."""
+    dp = data_parallel_mesh(mesh)
+    loss = global_loss(loss, mesh)
+    rank = dp.get_local_rank()
+    frozen = {} if frozen is None else frozen
+
+    def micro_loss(trainable, batch, key, bind):
+        value, metrics = loss(bind(trainable), batch, key)
+        return value, (value, metrics)
+
+    grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
+
+    def to_placement(local_grad: torch.Tensor, param: DTensor) -> DTensor:
+        # The ranks' local grads sum to the global one: reduce-scatter onto Shard(0), all-reduce onto Replicate.
+        return DTensor.from_local(local_grad, dp, [Partial()]).redistribute(dp, param.placements)
+
+    def train_step(state: TrainState, micro_batches: Sequence[dict]):
+        step_key, next_key = rng.split(state.rng_key, 2)
+        bind = make_bind(gather(frozen))
+        full = gather(state.trainable)
+        counts = loss.totals(bind(full), micro_batches)
+        grads, total, aux = None, torch.zeros(()), {}
+        for i, mb in enumerate(micro_batches):
+            key = rng.fold_in(step_key, rank * len(micro_batches) + i)
+            g, (_, (value, metrics)) = grad_fn(full, {**mb, **counts}, key, bind)
+            grads = g if grads is None else tree_map(torch.add, grads, g)
+            total = total + value.detach()
+            for name, v in metrics.items():
+                aux[name] = aux.get(name, 0) + v.detach()
+        grads = tree_map(to_placement, grads, state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
+        grad_norm = grad_norm_from_state(opt_state)
+        if grad_norm is None:
+            grad_norm = global_norm(grads)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        trainable = apply_updates(state.trainable, updates)
+        metrics = {"train/loss": _sum_over_ranks(total, dp), "train/grad_norm": grad_norm,
+                   **{name: _sum_over_ranks(v, dp) for name, v in aux.items()}}
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
+
+    return train_step
