@@ -316,15 +316,20 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
         tmp.mkdir(parents=True)
     if distributed:
         torch.distributed.barrier()
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not distributed)
-    if distributed:
-        torch.distributed.barrier()  # every rank's shards are written
-    if rank == 0:
-        (tmp / SHARDED_STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        fsync_tree(tmp)
-        _swap_into_place(tmp, folder)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not distributed)
+        if distributed:
+            torch.distributed.barrier()  # every rank's shards are written
+        if rank == 0:
+            (tmp / SHARDED_STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+            _swap_into_place(tmp, folder)
+    except BaseException:
+        if rank == 0:  # DCP raises on every rank when one fails; `folder` is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if distributed:
         torch.distributed.barrier()  # no rank returns before `folder` is there
     return folder
@@ -369,9 +374,13 @@ def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh |
                               "different run setup")
     for name in carry_names:  # carry has no template: full plain tensors of the saved size
         tensors[name] = torch.empty(tuple(saved[name].size), dtype=saved[name].properties.dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=mesh is None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=mesh is None)
+    except dcp.CheckpointException as e:  # a shard file missing or truncated
+        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
+                              f"({str(e).strip().splitlines()[-1]})") from e
     carry = dict(meta["carry"]["values"])
     carry.update({name.split("/", 1)[1]: tensors.pop(name) for name in carry_names})
     restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]

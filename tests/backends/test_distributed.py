@@ -335,5 +335,49 @@ def test_a_missing_or_differently_shaped_sharded_checkpoint_is_refused_naming_fo
         load_sharded(_plain_like("full"), folder, mesh=None)
 
 
+def test_a_one_process_sharded_checkpoint_restores_carry_and_values_as_saved(tmp_path):
+    from backends.distributed import load_sharded, save_sharded
+
+    state = _plain_like("lora").replace(step=4, data_cursor={"epoch": 1, "batch": 3},
+                                        carry={"old_logprobs": torch.arange(6.0).reshape(2, 3), "round": 2})
+    save_sharded(state, tmp_path / "ckpt")
+    loaded = load_sharded(_plain_like("lora"), tmp_path / "ckpt", mesh=None)
+    assert loaded.step == 4 and loaded.data_cursor == {"epoch": 1, "batch": 3} and loaded.carry["round"] == 2
+    assert torch.equal(loaded.carry["old_logprobs"], state.carry["old_logprobs"])
+    _assert_bitwise_equal(_gathered(loaded), _gathered(state))
+
+
+def test_a_failed_sharded_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from backends.distributed import load_sharded, save_sharded
+
+    first = _plain_like("lora")
+    save_sharded(first, tmp_path / "ckpt")
+    (tmp_path / "ckpt.tmp").mkdir()  # a crashed save's leftovers are cleared by the next one
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_sharded(first.replace(step=9), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert load_sharded(_plain_like("lora"), tmp_path / "ckpt", mesh=None).step == 0
+
+
+def test_a_sharded_checkpoint_with_a_missing_shard_file_is_refused_as_damaged(two_rank_results, tmp_path):
+    import shutil
+
+    from backends.checkpoint import CheckpointError
+    from backends.distributed import load_sharded
+
+    damaged = tmp_path / "sharded"
+    shutil.copytree(two_rank_results["checkpoints"] / "lora" / "sharded", damaged)
+    (damaged / "__1_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=f"{damaged}: the shards cannot be read"):
+        load_sharded(_plain_like("lora"), damaged, mesh=None)
+
+
 if __name__ == "__main__":
     _torchrun_main(sys.argv[1], sys.argv[2])
