@@ -313,6 +313,9 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
     tensors, meta = _tensors_and_values(state)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+        aside = tmp.with_name(tmp.name + ".old")  # where `_swap_into_place` moves the previous `folder`
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
         tmp.mkdir(parents=True)
     if distributed:
         torch.distributed.barrier()
