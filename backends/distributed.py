@@ -19,24 +19,38 @@ batch, up to the order of fp32 additions. The optimizer then runs on the sharded
 `torch.func.grad` is never taken over DTensor params: over `Shard(0)` params it returned
 `Replicate()` gradients in a probe (torch 2.13), so the placement is set here, explicitly.
 
+Checkpoints: `save_sharded(state, folder)` writes the whole train state with
+`torch.distributed.checkpoint` (each rank its shards, keyed by `backends.checkpoint`'s pytree paths,
+plus a `state.json` of the non-tensor fields from rank 0), into `<folder>.tmp` renamed by rank 0 after
+a barrier; `load_sharded(like, folder, mesh)` reads it into `like`'s placements at any world size, or
+(mesh None) into plain tensors in one process with no process group.
+
 Only the `dp_shard` dimension is implemented so far; a mesh with `dp_replicate`, `cp` or `tp` larger
 than 1 is refused by name (HSDP, context and tensor parallelism are later steps of issue 17).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
+from backends.atomic import _swap_into_place, fsync_tree
+from backends.checkpoint import CheckpointError, _split_carry, _state_tree
 from pure import rng
 from pure.losses.core import Loss
 from pure.optim import apply_updates, grad_norm_from_state
 from pure.train import TrainState
-from pure.tree import global_norm, tree_map
+from pure.tree import global_norm, leaves_with_paths, replace_leaves, tree_map
 
 MESH_DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 _SIZE_KEYS = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size",
@@ -255,3 +269,122 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
 
     return train_step
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
+
+SHARDED_STATE_JSON = "state.json"
+
+
+def _tensors_and_values(state: TrainState) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state's tensors by pytree path (`backends.checkpoint`'s keys; DTensors as they are
+    placed, `carry` tensors under `carry/<name>`) and the JSON of the rest (step, data cursor,
+    non-tensor leaves, carry values, the tensor keys)."""
+    tensors, values = {}, {}
+    for name, leaf in leaves_with_paths(_state_tree(state), none_is_leaf=True):
+        if isinstance(leaf, torch.Tensor):
+            tensors[name] = leaf.detach()
+        else:
+            values[name] = leaf
+    carry_tensors, carry_values = _split_carry(state.carry)
+    tensors.update(carry_tensors)
+    meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values, "tensors": sorted(tensors),
+            "carry": {"values": carry_values, "tensors": sorted(carry_tensors)}}
+    return tensors, meta
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
+    """Save the whole train state into `folder` with `torch.distributed.checkpoint`: every rank
+    writes its shards (`dcp.save`, one `FileSystemWriter` file per rank; a replicated tensor is
+    written once), rank 0 writes `state.json` (the non-tensor fields). Collective: every rank calls
+    it with its `shard_state`d state; without a process group it saves one process's plain state.
+
+    Atomic: the ranks write into `<folder>.tmp`, and after a barrier rank 0 fsyncs it and renames it
+    to `folder` (swapping out an existing one), so a crash leaves the previous `folder` or none,
+    never a half-written one. Returns `folder`."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    distributed = _is_distributed()
+    rank = torch.distributed.get_rank() if distributed else 0
+    tensors, meta = _tensors_and_values(state)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+        aside = tmp.with_name(tmp.name + ".old")  # where `_swap_into_place` moves the previous `folder`
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if distributed:
+        torch.distributed.barrier()
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not distributed)
+        if distributed:
+            torch.distributed.barrier()  # every rank's shards are written
+        if rank == 0:
+            (tmp / SHARDED_STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+            _swap_into_place(tmp, folder)
+    except BaseException:
+        if rank == 0:  # DCP raises on every rank when one fails; `folder` is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if distributed:
+        torch.distributed.barrier()  # no rank returns before `folder` is there
+    return folder
+
+
+def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh | None) -> TrainState:
+    """The state saved by `save_sharded` in `folder`, in the placements of `like`: a state of the
+    same run placed with `shard_state` on `mesh`, at any world size (DCP reads each rank's part of
+    the saved shards, whatever world size wrote them). With `mesh` None, `like` is a plain state and
+    one process loads the full tensors, no process group needed. `carry` is restored as saved.
+
+    Raises CheckpointError naming the folder and the key when the folder is not a sharded
+    checkpoint, or its tensors or values do not match `like` (another run setup or model shape)."""
+    folder = Path(folder)
+    if not (folder / SHARDED_STATE_JSON).is_file() or not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} is not a puretune sharded checkpoint (no {SHARDED_STATE_JSON} / "
+                              ".metadata written by save_sharded)")
+    meta = json.loads((folder / SHARDED_STATE_JSON).read_text())
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    template = _state_tree(like)
+    named = leaves_with_paths(template, none_is_leaf=True)
+    tensors = {}
+    for name, leaf in named:
+        if not isinstance(leaf, torch.Tensor):
+            if name not in meta["values"]:
+                raise CheckpointError(f"{folder}: value {name!r} is missing from {SHARDED_STATE_JSON}; the "
+                                      "checkpoint is from a different run setup")
+            continue
+        if isinstance(leaf, DTensor) and mesh is None:
+            raise ValueError(f"load_sharded({folder}): `like` holds DTensor {name!r} but no mesh was given")
+        if name not in saved:
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing; the checkpoint is from a different run setup")
+        size, dtype = saved[name].size, saved[name].properties.dtype
+        if tuple(size) != tuple(leaf.shape) or dtype != leaf.dtype:
+            raise CheckpointError(f"{folder}: {name} is {dtype} {list(size)} in the checkpoint, expected "
+                                  f"{leaf.dtype} {list(leaf.shape)}")
+        tensors[name] = leaf.detach().clone()  # loaded in place: `like` keeps its values
+    carry_names = meta["carry"]["tensors"]
+    unexpected = set(saved) - set(tensors) - set(carry_names)
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a "
+                              "different run setup")
+    for name in carry_names:  # carry has no template: full plain tensors of the saved size
+        tensors[name] = torch.empty(tuple(saved[name].size), dtype=saved[name].properties.dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=mesh is None)
+    except dcp.CheckpointException as e:  # a shard file missing or truncated
+        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
+                              f"({str(e).strip().splitlines()[-1]})") from e
+    carry = dict(meta["carry"]["values"])
+    carry.update({name.split("/", 1)[1]: tensors.pop(name) for name in carry_names})
+    restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]
+    return like.replace(**replace_leaves(template, restored, none_is_leaf=True), carry=carry)

@@ -147,7 +147,44 @@ def _train_sharded(variant: str, mesh, rank: int, world: int):
             "local_numel": sum(x.to_local().numel() for _, x in placed), "full_numel": sum(x.numel() for _, x in placed)}
 
 
-def _torchrun_main(out: str) -> None:
+def _gathered(state) -> dict:
+    """`{path: full tensor}` of the state's trainable params, optimizer state and RNG key, and its step."""
+    from backends.distributed import gather
+
+    tree = gather({"trainable": state.trainable, "opt_state": state.opt_state, "rng_key": state.rng_key})
+    return {**dict(leaves_with_paths(tree)), "step": state.step}
+
+
+def _checkpoint_sharded(variant: str, mesh, rank: int, world: int, folder: Path, one_process: Path) -> dict:
+    """Train 2 steps, `save_sharded` (and on rank 0 a plain `save_checkpoint` of the gathered state),
+    take step 3 (the uninterrupted run); then load the checkpoint into a fresh sharded state and take
+    step 3 again (the resumed run), and load the one-process checkpoint `one_process`."""
+    from backends.checkpoint import save_checkpoint
+    from backends.distributed import gather, load_sharded, make_sharded_train_step, place, save_sharded, shard_state
+
+    trainable, frozen, optimizer, lora_config = _setup(variant)
+    step = make_sharded_train_step(sft, optimizer, lambda full: make_apply(TINY, full, lora_config=lora_config),
+                                   mesh, frozen=place(frozen, mesh))
+
+    def fresh():
+        return shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
+
+    batches = [shard_micro_batches(micro_batches, rank, world) for micro_batches in _global_batches()]
+    state = fresh()
+    for micro_batches in batches[:2]:
+        state, _ = step(state, micro_batches)
+    save_sharded(state, folder / "sharded")
+    full = state.replace(trainable=gather(state.trainable), opt_state=gather(state.opt_state))
+    if rank == 0:
+        save_checkpoint(full, folder / "plain")
+    state, metrics = step(state, batches[2])
+    resumed, resumed_metrics = step(load_sharded(fresh(), folder / "sharded", mesh), batches[2])
+    return {"uninterrupted": _gathered(state), "resumed": _gathered(resumed),
+            "metrics": (_step_metrics(metrics), _step_metrics(resumed_metrics)),
+            "from_one_process": _gathered(load_sharded(fresh(), one_process, mesh))}
+
+
+def _torchrun_main(out: str, checkpoints: str) -> None:
     import torch.distributed as dist
 
     from backends.distributed import make_mesh, place
@@ -156,6 +193,9 @@ def _torchrun_main(out: str) -> None:
     mesh = make_mesh(mesh_sizes(world), "cpu")
     rank = dist.get_rank()
     results = {variant: _train_sharded(variant, mesh, rank, world) for variant in VARIANTS}
+    results["checkpoint"] = {variant: _checkpoint_sharded(variant, mesh, rank, world, Path(checkpoints) / variant,
+                                                          Path(checkpoints) / "one-process" / variant)
+                             for variant in VARIANTS}
     results["mesh_dims"] = mesh.mesh_dim_names
     try:
         place({"w": torch.zeros(4)}, make_mesh(mesh_sizes(world, tp=world), "cpu"))
@@ -168,16 +208,37 @@ def _torchrun_main(out: str) -> None:
     dist.destroy_process_group()
 
 
+def _save_one_process_checkpoints(folder: Path) -> dict:
+    """`save_sharded` without a process group, after 2 one-process steps of each variant, into
+    `folder/<variant>`; returns the saved states' `_gathered` tensors for the 2-rank load to match."""
+    from backends.distributed import save_sharded
+
+    saved = {}
+    for variant in VARIANTS:
+        trainable, frozen, optimizer, lora_config = _setup(variant)
+        step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
+        state = init_train_state(trainable, optimizer, rng.key(2))
+        for micro_batches in _global_batches()[:2]:
+            state, _ = step(state, micro_batches)
+        save_sharded(state, folder / variant)
+        saved[variant] = _gathered(state)
+    return saved
+
+
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out = tmp_path_factory.mktemp("distributed") / "results.pt"
+    root = tmp_path_factory.mktemp("distributed")
+    out, checkpoints = root / "results.pt", root / "checkpoints"
+    one_process = _save_one_process_checkpoints(checkpoints / "one-process")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           __file__, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           __file__, str(out), str(checkpoints)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(out)
+    results = torch.load(out)
+    results["checkpoints"], results["one_process_saved"] = checkpoints, one_process
+    return results
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -211,5 +272,112 @@ def test_the_two_rank_mesh_is_dp_shard_and_other_dimensions_are_refused_by_key(t
     assert "tensor_parallel_size > 1 is not supported yet" in two_rank_results["tp_refusal"]
 
 
+# ---- sharded checkpoints ----------------------------------------------------------------------
+
+
+def _assert_bitwise_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[path].dtype == value.dtype and torch.equal(got[path], value), path
+        else:
+            assert got[path] == value, path
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_two_rank_checkpoint_resumes_at_two_ranks_bitwise_identical(two_rank_results, variant):
+    run = two_rank_results["checkpoint"][variant]
+    assert run["uninterrupted"]["step"] == 3
+    _assert_bitwise_equal(run["resumed"], run["uninterrupted"])
+    assert run["metrics"][0] == run["metrics"][1]
+
+
+def _plain_like(variant: str):
+    trainable, _, optimizer, _ = _setup(variant)
+    return init_train_state(trainable, optimizer, rng.key(5))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_two_rank_checkpoint_loads_in_one_process_as_the_gathered_state(two_rank_results, variant):
+    from backends.checkpoint import latest_checkpoint, load_checkpoint
+    from backends.distributed import load_sharded
+
+    folder = two_rank_results["checkpoints"] / variant
+    loaded = load_sharded(_plain_like(variant), folder / "sharded", mesh=None)
+    gathered, _ = load_checkpoint(latest_checkpoint(folder / "plain"), _plain_like(variant))
+    assert loaded.step == gathered.step == 2 and loaded.data_cursor == gathered.data_cursor
+    _assert_bitwise_equal(_gathered(loaded), _gathered(gathered))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_one_process_checkpoint_loads_at_two_ranks_as_saved(two_rank_results, variant):
+    _assert_bitwise_equal(two_rank_results["checkpoint"][variant]["from_one_process"],
+                          two_rank_results["one_process_saved"][variant])
+
+
+def test_the_sharded_save_leaves_no_temporary_folder(two_rank_results):
+    left = sorted(p.name for p in two_rank_results["checkpoints"].rglob("*.tmp*"))
+    assert left == []
+
+
+def test_a_missing_or_differently_shaped_sharded_checkpoint_is_refused_naming_folder_and_key(two_rank_results, tmp_path):
+    from backends.checkpoint import CheckpointError
+    from backends.distributed import load_sharded
+
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nowhere'} is not a puretune sharded checkpoint"):
+        load_sharded(_plain_like("lora"), tmp_path / "nowhere", mesh=None)
+    folder = two_rank_results["checkpoints"] / "lora" / "sharded"
+    params = init(TINY, rng.key(0))
+    wider = init_lora(params, LoraConfig(r=8, alpha=8), rng.key(1), target_modules=["q_proj", "v_proj"])
+    with pytest.raises(CheckpointError, match=r"sharded: trainable\.lora\..*q_proj.* is torch.float32 \[4, "):
+        load_sharded(init_train_state({"lora": wider}, adamw(1e-2), rng.key(2)), folder, mesh=None)
+    with pytest.raises(CheckpointError, match=r"sharded: tensor 'trainable\.params\..*' is missing"):
+        load_sharded(_plain_like("full"), folder, mesh=None)
+
+
+def test_a_one_process_sharded_checkpoint_restores_carry_and_values_as_saved(tmp_path):
+    from backends.distributed import load_sharded, save_sharded
+
+    state = _plain_like("lora").replace(step=4, data_cursor={"epoch": 1, "batch": 3},
+                                        carry={"old_logprobs": torch.arange(6.0).reshape(2, 3), "round": 2})
+    save_sharded(state, tmp_path / "ckpt")
+    loaded = load_sharded(_plain_like("lora"), tmp_path / "ckpt", mesh=None)
+    assert loaded.step == 4 and loaded.data_cursor == {"epoch": 1, "batch": 3} and loaded.carry["round"] == 2
+    assert torch.equal(loaded.carry["old_logprobs"], state.carry["old_logprobs"])
+    _assert_bitwise_equal(_gathered(loaded), _gathered(state))
+
+
+def test_a_failed_sharded_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from backends.distributed import load_sharded, save_sharded
+
+    first = _plain_like("lora")
+    save_sharded(first, tmp_path / "ckpt")
+    (tmp_path / "ckpt.tmp").mkdir()  # a crashed save's leftovers are cleared by the next one
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_sharded(first.replace(step=9), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert load_sharded(_plain_like("lora"), tmp_path / "ckpt", mesh=None).step == 0
+
+
+def test_a_sharded_checkpoint_with_a_missing_shard_file_is_refused_as_damaged(two_rank_results, tmp_path):
+    import shutil
+
+    from backends.checkpoint import CheckpointError
+    from backends.distributed import load_sharded
+
+    damaged = tmp_path / "sharded"
+    shutil.copytree(two_rank_results["checkpoints"] / "lora" / "sharded", damaged)
+    (damaged / "__1_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=f"{damaged}: the shards cannot be read"):
+        load_sharded(_plain_like("lora"), damaged, mesh=None)
+
+
 if __name__ == "__main__":
-    _torchrun_main(sys.argv[1])
+    _torchrun_main(sys.argv[1], sys.argv[2])
