@@ -66,12 +66,14 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
+def swap_into_place(new: Path, target: Path) -> None:
+    """Put the folder `new` at `target` by renames (the previous `target` moved aside to `<new>.old`
+    and removed once `new` is in place, or put back if that fails), then fsync their parent."""
     if not target.exists():
         os.rename(new, target)
     else:

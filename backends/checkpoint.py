@@ -45,13 +45,13 @@ def _flatten(tree) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 CARRY = "carry"  # the state field restored as saved (its structure is not the template's)
 
 
-def _state_tree(state: TrainState) -> dict:
+def state_tree(state: TrainState) -> dict:
     """Every field of the state by name but `carry`: its tensor leaves go to the safetensors file,
     the other leaves (step, data cursor, hyperparameters in the optimizer state) to `values` in the JSON."""
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != CARRY}
 
 
-def _split_carry(carry: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def split_carry(carry: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`state.carry`'s tensors under `carry/<name>` in the safetensors file, its other values for the JSON."""
     bad = [k for k in carry if not isinstance(k, str)]
     if bad:
@@ -66,8 +66,8 @@ def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dic
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"checkpoint-{state.step}"
-    tensors, values = _flatten(_state_tree(state))
-    carry_tensors, carry_values = _split_carry(state.carry)
+    tensors, values = _flatten(state_tree(state))
+    carry_tensors, carry_values = split_carry(state.carry)
     tensors.update(carry_tensors)
     meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values,
             "tensors": sorted(tensors), "carry": {"values": carry_values, "tensors": sorted(carry_tensors)},
@@ -117,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike, like: TrainState) -> tuple[TrainSta
     device = next((t.device for t in tree_leaves(like.trainable) if isinstance(t, torch.Tensor)), None)
     if device is not None:
         carry = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in carry.items()}
-    template = _state_tree(like)
+    template = state_tree(like)
     named = leaves_with_paths(template, none_is_leaf=True)
     restored = []
     for name, leaf in named:

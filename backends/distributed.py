@@ -44,8 +44,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from backends.atomic import _swap_into_place, fsync_tree
-from backends.checkpoint import CheckpointError, _split_carry, _state_tree
+from backends.atomic import swap_into_place, fsync_tree
+from backends.checkpoint import CheckpointError, split_carry, state_tree
 from pure import rng
 from pure.losses.core import Loss
 from pure.optim import apply_updates, grad_norm_from_state
@@ -281,12 +281,12 @@ def _tensors_and_values(state: TrainState) -> tuple[dict[str, torch.Tensor], dic
     placed, `carry` tensors under `carry/<name>`) and the JSON of the rest (step, data cursor,
     non-tensor leaves, carry values, the tensor keys)."""
     tensors, values = {}, {}
-    for name, leaf in leaves_with_paths(_state_tree(state), none_is_leaf=True):
+    for name, leaf in leaves_with_paths(state_tree(state), none_is_leaf=True):
         if isinstance(leaf, torch.Tensor):
             tensors[name] = leaf.detach()
         else:
             values[name] = leaf
-    carry_tensors, carry_values = _split_carry(state.carry)
+    carry_tensors, carry_values = split_carry(state.carry)
     tensors.update(carry_tensors)
     meta = {"step": state.step, "data_cursor": state.data_cursor, "values": values, "tensors": sorted(tensors),
             "carry": {"values": carry_values, "tensors": sorted(carry_tensors)}}
@@ -313,7 +313,7 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
     tensors, meta = _tensors_and_values(state)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
-        aside = tmp.with_name(tmp.name + ".old")  # where `_swap_into_place` moves the previous `folder`
+        aside = tmp.with_name(tmp.name + ".old")  # where `swap_into_place` moves the previous `folder`
         if folder.exists():
             shutil.rmtree(aside, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -328,7 +328,7 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
         if rank == 0:
             (tmp / SHARDED_STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
             fsync_tree(tmp)
-            _swap_into_place(tmp, folder)
+            swap_into_place(tmp, folder)
     except BaseException:
         if rank == 0:  # DCP raises on every rank when one fails; `folder` is untouched
             shutil.rmtree(tmp, ignore_errors=True)
@@ -352,7 +352,7 @@ def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh |
                               ".metadata written by save_sharded)")
     meta = json.loads((folder / SHARDED_STATE_JSON).read_text())
     saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    template = _state_tree(like)
+    template = state_tree(like)
     named = leaves_with_paths(template, none_is_leaf=True)
     tensors = {}
     for name, leaf in named:
