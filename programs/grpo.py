@@ -31,6 +31,7 @@ KINDS = ("grpo", "gdpo")
 ROLLOUT_STREAM, EVAL_STREAM, REPLAY_STREAM = 0x524F4C4C, 0x4556414C, 0x5245504C
 TRL_MAX_COMPLETION_LENGTH = 512  # TRL GRPOConfig's default
 BUFFER = "buffer/"
+SERVED, PENDING = "served/", "pending/"
 
 
 def objective(config):
@@ -199,10 +200,7 @@ class Generator:
                     self._score_groups(ready, parts, repeated, scores)
                     reward_s += time.perf_counter() - t0
                     ready = []
-            out = Rollouts([], [], [], [])
-            for i in range(len(chosen)):
-                for name in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons"):
-                    getattr(out, name).extend(getattr(parts[i], name))
+            out = Rollouts.concat([parts[i] for i in range(len(chosen))])
         sync_s = sum(self.backend.sync_seconds[synced:])  # the weights sent to a vLLM engine first
         rollout_s = time.perf_counter() - start - reward_s - sync_s
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -359,6 +357,35 @@ class Rewards:
 
 # ---- the step
 
+def without(carry: dict, prefix: str) -> dict:
+    """`carry` less its entries under `prefix`."""
+    return {k: v for k, v in carry.items() if not k.startswith(prefix)}
+
+
+def holds(carry: dict, prefix: str) -> bool:
+    """Whether `carry` has an entry under `prefix`."""
+    return any(k.startswith(prefix) for k in carry)
+
+
+def stash(carry: dict, prefix: str, tree: dict) -> dict:
+    """`carry` with the leaves of `tree` under `prefix` + their paths (replacing what was there)."""
+    from pure.tree import leaves_with_paths
+
+    return {**without(carry, prefix), **{prefix + path: leaf for path, leaf in leaves_with_paths(tree)}}
+
+
+def unstash(carry: dict, prefix: str, like: dict) -> dict:
+    """The tree shaped like `like` whose leaves `stash` put under `prefix`."""
+    from pure.tree import leaves_with_paths, replace_leaves
+
+    return replace_leaves(like, [carry[prefix + path] for path, _ in leaves_with_paths(like)])
+
+
+def pending_name(generation: tuple[int, int]) -> str:
+    """The carry prefix of the queued job of generation (epoch, index)."""
+    return f"{PENDING}{generation[0]}.{generation[1]}/"
+
+
 class RolloutSchedule:
     """Which policy and key each generation is sampled with, and when: the producer's jobs.
 
@@ -381,16 +408,11 @@ class RolloutSchedule:
 
     def policy(self, state, carry: dict) -> tuple[dict, dict]:
         """(the policy rollouts are sampled under now, carry): `vllm_sync_interval` keeps the last synced one."""
-        from pure.tree import leaves_with_paths, replace_leaves
-
         if self.sync_every == 1:
             return state.trainable, carry
-        if state.step % self.sync_every == 0 or not any(k.startswith("served/") for k in carry):
-            carry = {k: v for k, v in carry.items() if not k.startswith("served/")}
-            carry.update({f"served/{path}": leaf for path, leaf in leaves_with_paths(state.trainable)})
-            return state.trainable, carry
-        names = [path for path, _ in leaves_with_paths(state.trainable)]
-        return replace_leaves(state.trainable, [carry[f"served/{n}"] for n in names]), carry
+        if state.step % self.sync_every == 0 or not holds(carry, SERVED):
+            return state.trainable, stash(carry, SERVED, state.trainable)
+        return unstash(carry, SERVED, state.trainable), carry
 
     def prompts(self, state, carry: dict, generation: tuple[int, int], prompts: list[int]) -> tuple[list[int], dict]:
         """Deferred re-rolling: once past `reroll_start_fraction` of training, up to `reroll_max_groups`
@@ -407,24 +429,17 @@ class RolloutSchedule:
 
     def _queue(self, state, carry: dict, generation: tuple[int, int], key: torch.Tensor) -> dict:
         """Put a job for `generation` in carry (policy snapshot, prompts, key)."""
-        from pure.tree import leaves_with_paths
-
-        name = f"pending/{generation[0]}.{generation[1]}/"
-        if any(k.startswith(name) for k in carry):
+        name = pending_name(generation)
+        if holds(carry, name):
             return carry
         policy, carry = self.policy(state, carry)
         prompts, carry = self.prompts(state, carry, generation, self.prompts_of(*generation))
-        carry = {**carry, name + "key": key, name + "prompts": list(prompts)}
-        carry.update({name + f"policy/{path}": leaf for path, leaf in leaves_with_paths(policy)})
-        return carry
+        return stash({**carry, name + "key": key, name + "prompts": list(prompts)}, name + "policy/", policy)
 
     def _job(self, state, carry: dict, generation: tuple[int, int]):
-        from pure.tree import leaves_with_paths, replace_leaves
-
-        name = f"pending/{generation[0]}.{generation[1]}/"
-        paths = [path for path, _ in leaves_with_paths(state.trainable)]
-        policy = replace_leaves(state.trainable, [carry[name + f"policy/{p}"] for p in paths])
-        return policy, carry[name + "prompts"], carry[name + "key"]
+        """(policy, prompts, key) of the job `_queue` put in carry for `generation`."""
+        name = pending_name(generation)
+        return unstash(carry, name + "policy/", state.trainable), carry[name + "prompts"], carry[name + "key"]
 
     def take(self, state, carry: dict, generation: tuple[int, int], prompts: list[int], slot_key: torch.Tensor):
         """(produced generation, carry) for the generation this step starts."""
@@ -439,14 +454,13 @@ class RolloutSchedule:
             wanted.append(ahead)
         for g in wanted:  # this one first (start of a run), then the ones to sample while we train
             carry = self._queue(state, carry, g, rng.fold_in(rng.fold_in(base, g[0]), g[1]))
-        live = {f"pending/{g[0]}.{g[1]}/" for g in wanted}
-        carry = {k: v for k, v in carry.items() if not k.startswith("pending/") or k[:k.index("/", 8) + 1] in live}
+        live = [pending_name(g) for g in wanted]  # jobs queued for generations no longer wanted are dropped
+        carry = {k: v for k, v in carry.items() if not k.startswith(PENDING) or any(k.startswith(n) for n in live)}
         for g in wanted:  # a resumed run re-submits what the checkpoint had in flight
             self.producer.submit(g, *self._job(state, carry, g))
         _, _, key = self._job(state, carry, generation)
         produced = self.producer.result(generation)
-        name = f"pending/{generation[0]}.{generation[1]}/"
-        return produced, {k: v for k, v in carry.items() if not k.startswith(name)}, key
+        return produced, without(carry, pending_name(generation)), key
 
 
 def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: RolloutSchedule, reference_of, sync):
@@ -468,7 +482,7 @@ def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: Rollou
                 produced, carry, key = rollouts.take(state, carry, generation, slot["prompts"].tolist(), key)
                 batches, metrics, all_zero, gen_tokens, carry = generator.consume(
                     produced, state.trainable, reference_of(carry), key, carry)
-                carry = {k: v for k, v in carry.items() if not k.startswith(BUFFER)}
+                carry = without(carry, BUFFER)
                 carry.update(pack_buffer(batches, slot["generation"]))
                 carry[f"{BUFFER}all_zero"] = all_zero
                 tokens += gen_tokens

@@ -74,11 +74,10 @@ class Backend:
     def merged_weights(self, policy: dict) -> dict[str, torch.Tensor]:
         """The policy as one set of HF weights: the base (dequantised) with the adapter merged in, or the
         fully trained params over the frozen ones; lm_head untied (what the vLLM engines serve)."""
-        from kernels.quantized import dequantize_params, is_quantized
+        from kernels.quantized import dequantize_params
         from pure.lora import merge_lora
 
-        base = dequantize_params(self.frozen) if is_quantized(self.frozen) else dict(self.frozen)
-        params = {**base, **{k: v.detach() for k, v in policy.get("params", {}).items()}}
+        params = {**dequantize_params(self.frozen), **{k: v.detach() for k, v in policy.get("params", {}).items()}}
         if self.lora_config is not None and policy.get("lora"):
             params = merge_lora(params, {k: {n: t.detach() for n, t in e.items()} for k, e in policy["lora"].items()},
                                 self.lora_config)
@@ -162,11 +161,7 @@ class Backend:
         from backends.rollout import Rollouts
 
         parts = dict(self.generate_each(policy, prompt_ids, n, sampling, key))
-        out = Rollouts([], [], [], [])
-        for i in range(len(prompt_ids)):
-            for field in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons"):
-                getattr(out, field).extend(getattr(parts[i], field))
-        return out
+        return Rollouts.concat([parts[i] for i in range(len(prompt_ids))])
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
@@ -197,13 +192,14 @@ def make_backend(config, model_config, frozen: dict, lora_config, tokenizer, pad
     if kind == "colocate":
         from backends.rollout.vllm_colocate import VllmColocateEngine, vllm_importable
         from backends.rollout.vllm_server import save_untied
+        from kernels.quantized import dequantize_params
 
         if not vllm_importable():
             raise ConfigError("trl.vllm_mode: colocate runs vLLM in this process, but vLLM is not importable in this "
                               "Python; on a CPU machine run the program with `.venv-vllm/bin/python` after "
                               "`bash scripts/setup-vllm.sh` (on CUDA: pip install vllm), or use vllm_mode: server")
         vllm = config.vllm
-        folder = save_untied(frozen_for_serving(frozen), model_config, tokenizer, sync_dir / "base")
+        folder = save_untied(dequantize_params(frozen), model_config, tokenizer, sync_dir / "base")
         engine = VllmColocateEngine(str(folder), max_model_len=(vllm.max_model_len if vllm else None) or config.sequence_len,
                                     seed=config.seed, max_lora_rank=config.lora_r if trl.vllm_lora_sync else None,
                                     enable_prefix_caching=vllm.enable_prefix_caching if vllm else None)
@@ -219,12 +215,6 @@ def make_backend(config, model_config, frozen: dict, lora_config, tokenizer, pad
         raise ConfigError(f"no vLLM server answers at {host}:{port} (trl.vllm_server_host / vllm_server_port); "
                           f"{start_hint(config)}") from None
     return Backend("server", engine, where=f"{host}:{port}", **common_args)
-
-
-def frozen_for_serving(frozen: dict) -> dict:
-    from kernels.quantized import dequantize_params, is_quantized
-
-    return dequantize_params(frozen) if is_quantized(frozen) else frozen
 
 
 class Producer:

@@ -72,6 +72,12 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    @classmethod
+    def concat(cls, parts: Sequence["Rollouts"]) -> "Rollouts":
+        """The entries of `parts`, one after another (per-prompt parts in prompt order: prompt-major)."""
+        return cls([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.completion_ids],
+                   [x for p in parts for x in p.logprobs], [x for p in parts for x in p.finish_reasons])
+
 
 class RolloutEngine(Protocol):
     def generate(self, policy: dict, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: Sampling,

@@ -231,11 +231,7 @@ class VllmServerEngine:
         """n completions per prompt from the server's current weights (sync them first); `policy` is
         not sent: the server holds the weights of the last sync."""
         parts = dict(self.generate_each(prompt_token_ids, n, sampling, key))
-        out = Rollouts([], [], [], [])
-        for i in range(len(prompt_token_ids)):
-            for name in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons"):
-                getattr(out, name).extend(getattr(parts[i], name))
-        return out
+        return Rollouts.concat([parts[i] for i in range(len(prompt_token_ids))])
 
     def generate_each(self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: Sampling,
                       key: torch.Tensor):
