@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from programs import common, loop
-from programs.config.derived import data_settings, grpo_batching, training_kind
+from programs.config.derived import data_settings, grpo_batching, grpo_beta, stale_rollouts, training_kind
 from pure import rng
 from pure.train import init_train_state, make_train_step
 
@@ -41,19 +41,12 @@ def objective(config):
     trl = config.trl
     return make_grpo(
         loss_type=trl.loss_type or "dapo", epsilon=0.2 if trl.epsilon is None else trl.epsilon,
-        epsilon_high=trl.epsilon_high, delta=trl.delta, beta=beta_of(config),
+        epsilon_high=trl.epsilon_high, delta=trl.delta, beta=grpo_beta(config),
         importance_sampling_level=trl.importance_sampling_level or "token",
         max_completion_length=trl.max_completion_length or TRL_MAX_COMPLETION_LENGTH,
         sapo_temperature_pos=trl.sapo_temperature_pos, sapo_temperature_neg=trl.sapo_temperature_neg,
         temperature=temperature_of(config), off_policy_mask_threshold=trl.off_policy_mask_threshold,
         use_bias_correction_kl=bool(trl.use_bias_correction_kl))
-
-
-def beta_of(config) -> float:
-    """The KL coefficient: `trl.beta` (or `rl_beta`); TRL's default 0 runs no reference model."""
-    if config.rl_beta is not None:
-        return float(config.rl_beta)
-    return float(config.trl.beta) if config.trl.beta is not None else 0.0
 
 
 def temperature_of(config) -> float:
@@ -127,7 +120,7 @@ def corrections_of(config) -> dict:
     the step starts from, so the micro-batches carry its log-probs (OPSM reads them, as TRL's does
     with vLLM; otherwise it reads the old log-probs)."""
     trl = config.trl
-    stale = bool(trl.use_vllm) or bool(trl.async_prefetch)
+    stale = stale_rollouts(config)
     on = stale if trl.vllm_importance_sampling_correction is None else bool(trl.vllm_importance_sampling_correction)
     return {"on": on, "stale": stale, "mode": trl.vllm_importance_sampling_mode or "sequence_mask",
             "cap": 3.0 if trl.vllm_importance_sampling_cap is None else float(trl.vllm_importance_sampling_cap)}
@@ -155,7 +148,7 @@ class Generator:
         self.weights = torch.tensor(trl.reward_weights or [1.0] * len(rewards.funcs), dtype=torch.float64)
         self.aggregation = "normalize_then_sum" if config.rl == "gdpo" else \
             (trl.multi_objective_aggregation or "sum_then_normalize")
-        self.beta, self.temperature = beta_of(config), temperature_of(config)
+        self.beta, self.temperature = grpo_beta(config), temperature_of(config)
         self.corrections = corrections_of(config)
         # TRL computes the old log-probs whenever the vLLM correction is on; the OPSM needs them too
         self.needs_old_logps = batching.stores_old_logps or self.corrections["on"]
@@ -630,7 +623,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     eval_batches = [{"prompts": torch.tensor(held_out[i:i + per_eval])} for i in range(0, len(held_out), per_eval)]
     print(f"GRPO: {batching.prompts_per_generation} prompts x {batching.num_generations} completions per "
           f"generation, {batching.steps_per_generation} slices x {batching.num_iterations} iteration(s), "
-          f"loss_type {trl.loss_type or 'dapo'}, beta {beta_of(config):g}, rewards {', '.join(rewards.names)}"
+          f"loss_type {trl.loss_type or 'dapo'}, beta {grpo_beta(config):g}, rewards {', '.join(rewards.names)}"
           + (", aggregation normalize_then_sum (GDPO)" if generator.aggregation == "normalize_then_sum" else ""),
           flush=True)
     print(describe_rollouts(config, backend, producer.depth, generator.corrections), flush=True)

@@ -246,3 +246,16 @@ def grpo_batching(config: Config) -> GrpoBatching:
         raise ConfigError(f"the generation batch of {size} completions ({where}) must be divisible by "
                           f"trl.num_generations ({num_generations}), so that it holds whole prompt groups")
     return GrpoBatching(num_generations, steps, size, trl.num_iterations or 1, accumulation)
+
+
+def grpo_beta(config: Config) -> float:
+    """GRPO's KL coefficient: `trl.beta` (or `rl_beta`); TRL's default 0 runs no reference model."""
+    if config.rl_beta is not None:
+        return float(config.rl_beta)
+    return float(config.trl.beta) if config.trl.beta is not None else 0.0
+
+
+def stale_rollouts(config: Config) -> bool:
+    """Whether GRPO's rollouts may come from another policy than the step's: sampled by vLLM
+    (`trl.use_vllm`) or ahead of time by the async producer (`trl.async_prefetch`)."""
+    return bool(config.trl.use_vllm) or bool(config.trl.async_prefetch)

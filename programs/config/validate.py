@@ -424,7 +424,9 @@ def _check_grpo_rollouts(c: Config) -> None:
             else bool(value)
         if key in given and not on:
             raise ConfigError(f"trl.{key} needs trl.{needs} ({why}); this config does not set it")
-    stale = trl.use_vllm or trl.async_prefetch
+    from programs.config.derived import grpo_beta, stale_rollouts
+
+    stale = stale_rollouts(c)
     for key in ("vllm_importance_sampling_mode", "vllm_importance_sampling_cap"):
         if key in given and (not stale or trl.vllm_importance_sampling_correction is False):
             raise ConfigError(f"trl.{key} shapes the importance-sampling correction of rollouts from another policy, "
@@ -433,7 +435,7 @@ def _check_grpo_rollouts(c: Config) -> None:
     if trl.vllm_importance_sampling_correction and not stale:
         raise ConfigError("trl.vllm_importance_sampling_correction corrects rollouts sampled by vLLM or by the async "
                           "producer's older policy; this config has neither (trl.use_vllm, trl.async_prefetch)")
-    if trl.use_bias_correction_kl and beta_given(c) == 0:
+    if trl.use_bias_correction_kl and grpo_beta(c) == 0:
         raise ConfigError("trl.use_bias_correction_kl weights the KL term, but trl.beta is 0 (no KL)")
     if trl.streaming_partial_batch and trl.rollout_func:
         raise ConfigError("trl.streaming_partial_batch scores prompt groups as the engine finishes them; a "
@@ -442,12 +444,6 @@ def _check_grpo_rollouts(c: Config) -> None:
     if trl.vllm_lora_sync and c.lora_modules_to_save:
         raise ConfigError("trl.vllm_lora_sync serves the adapter alone, without lora_modules_to_save; "
                           "set vllm_lora_sync: false (merged full weights are synced instead)")
-
-
-def beta_given(c: Config) -> float:
-    if c.rl_beta is not None:
-        return float(c.rl_beta)
-    return float(c.trl.beta or 0.0)
 
 
 # The model class names axolotl configs give as type_of_model / model_type, by the head each means.
