@@ -8,7 +8,7 @@
     state, metrics = step(state, shard_micro_batches(global_micro_batches, rank, world))
 
 The step is FSDP's: every rank all-gathers the params (`DTensor.full_tensor`), runs the pure
-forward/backward (`torch.func.grad_and_value`, as `pure.train.make_train_step`) on its rows of the
+forward/backward (`pure.train.make_accumulator`, the pure step's own) on its rows of the
 global batch, and the local gradients become one `Partial()` DTensor redistributed to the params'
 placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`). The losses are
 divided by totals of the *global* batch (the loss's `count_fn`, summed over the ranks), so the
@@ -49,7 +49,7 @@ from backends.checkpoint import CheckpointError, split_carry, state_tree
 from pure import rng
 from pure.losses.core import Loss
 from pure.optim import apply_updates, grad_norm_from_state
-from pure.train import TrainState
+from pure.train import TrainState, make_accumulator
 from pure.tree import global_norm, leaves_with_paths, replace_leaves, tree_map
 
 MESH_DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
@@ -233,11 +233,7 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     rank = dp.get_local_rank()
     frozen = {} if frozen is None else frozen
 
-    def micro_loss(trainable, batch, key, bind):
-        value, metrics = loss(bind(trainable), batch, key)
-        return value, (value, metrics)
-
-    grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
+    accumulate = make_accumulator(loss)
 
     def to_placement(local_grad: torch.Tensor, param: DTensor) -> DTensor:
         # The ranks' local grads sum to the global one: reduce-scatter onto Shard(0), all-reduce onto Replicate.
@@ -248,14 +244,8 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         bind = make_bind(gather(frozen))
         full = gather(state.trainable)
         counts = loss.totals(bind(full), micro_batches)
-        grads, total, aux = None, torch.zeros(()), {}
-        for i, mb in enumerate(micro_batches):
-            key = rng.fold_in(step_key, rank * len(micro_batches) + i)
-            g, (_, (value, metrics)) = grad_fn(full, {**mb, **counts}, key, bind)
-            grads = g if grads is None else tree_map(torch.add, grads, g)
-            total = total + value.detach()
-            for name, v in metrics.items():
-                aux[name] = aux.get(name, 0) + v.detach()
+        keys = [rng.fold_in(step_key, rank * len(micro_batches) + i) for i in range(len(micro_batches))]
+        grads, total, aux = accumulate(full, micro_batches, counts, keys, bind)
         grads = tree_map(to_placement, grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
         grad_norm = grad_norm_from_state(opt_state)

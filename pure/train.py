@@ -199,6 +199,34 @@ def make_apply(
     return bind
 
 
+def make_accumulator(loss: Loss):
+    """`accumulate(trainable, micro_batches, counts, keys, bind, scale=None) -> (grads, loss, metrics)`:
+    the gradients of `loss` over the micro-batches (micro-batch i with the batch totals `counts`
+    merged in and drawing from `keys[i]`, through `torch.func.grad_and_value` of `bind(trainable)`),
+    their loss values and metrics, each summed in micro-batch order. With `scale` (fp16 loss
+    scaling) the gradients are those of the scaled loss; the values stay unscaled."""
+
+    def micro_loss(trainable, batch, key, bind, scale):
+        value, metrics = loss(bind(trainable), batch, key)
+        if scale is None:
+            return value, (value, metrics)
+        return value * scale, (value, metrics)  # fp16: differentiate the scaled loss
+
+    grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
+
+    def accumulate(trainable, micro_batches: Sequence[dict], counts: dict, keys, bind, scale=None):
+        grads, total, aux = None, torch.zeros(()), {}
+        for mb, key in zip(micro_batches, keys, strict=True):
+            (g, (_, (value, metrics))) = grad_fn(trainable, {**mb, **counts}, key, bind, scale)
+            grads = g if grads is None else tree_map(torch.add, grads, g)
+            total = total + value.detach()
+            for name, v in metrics.items():
+                aux[name] = aux.get(name, 0) + v.detach()
+        return grads, total, aux
+
+    return accumulate
+
+
 def make_train_step(loss: Loss, optimizer, bind):
     """Build `train_step(state, micro_batches) -> (state, metrics)`.
 
@@ -211,14 +239,7 @@ def make_train_step(loss: Loss, optimizer, bind):
     Then one optimizer update. Metrics are floats-as-tensors with stable names.
     """
     _check_is_loss(loss, "make_train_step")
-
-    def micro_loss(trainable, batch, key, scale):
-        value, metrics = loss(bind(trainable), batch, key)
-        if scale is None:
-            return value, (value, metrics)
-        return value * scale, (value, metrics)  # fp16: differentiate the scaled loss
-
-    grad_fn = torch.func.grad_and_value(micro_loss, has_aux=True)
+    accumulate = make_accumulator(loss)
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)
@@ -226,13 +247,8 @@ def make_train_step(loss: Loss, optimizer, bind):
         scaler = state.loss_scale
         # The scale on the trainable params' device, moved once per step.
         scale = scaler["scale"].to(tree_leaves(state.trainable)[0].device) if scaler is not None else None
-        grads, total, aux = None, torch.zeros(()), {}
-        for i, mb in enumerate(micro_batches):
-            (g, (_, (value, metrics))) = grad_fn(state.trainable, {**mb, **counts}, rng.fold_in(step_key, i), scale)
-            grads = g if grads is None else tree_map(torch.add, grads, g)
-            total = total + value.detach()
-            for name, v in metrics.items():
-                aux[name] = aux.get(name, 0) + v.detach()
+        keys = [rng.fold_in(step_key, i) for i in range(len(micro_batches))]
+        grads, total, aux = accumulate(state.trainable, micro_batches, counts, keys, bind, scale)
         if scaler is not None:
             grads = tree_map(lambda g: g / scale, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
