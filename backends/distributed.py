@@ -118,24 +118,23 @@ def make_mesh(sizes: MeshSizes, device_type: str) -> DeviceMesh:
 
 
 def shard_batch_indices(num_rows_in_global_batch: int, rank: int, world: int) -> range:
-    """The rows of one global (micro-)batch that data-parallel `rank` of `world` takes: the rank's
-    contiguous, equal slice, so the ranks' rows in rank order are the global batch, whatever `world`.
+    """The rows of one global (micro-)batch that data-parallel `rank` of `world` takes: a contiguous
+    slice, the first `rows % world` ranks one row more than the others, so the ranks' rows in rank
+    order are the global batch, whatever `world`. A rank may get no rows (a micro-batch of fewer rows
+    than ranks); the sharded step then adds nothing for it, and the sum over ranks is unchanged.
 
-    Raises ValueError when the rows do not split evenly (the global batch size must be a multiple of
-    the data-parallel world size) or the rank is outside the world."""
+    Raises ValueError when the rank is outside the world."""
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a data-parallel world of size {world}")
-    if num_rows_in_global_batch % world:
-        raise ValueError(f"a global batch of {num_rows_in_global_batch} rows does not split evenly over "
-                         f"{world} data-parallel ranks: make the global batch size (micro_batch_size x "
-                         f"gradient_accumulation_steps x data-parallel world) a multiple of {world}")
-    per_rank = num_rows_in_global_batch // world
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    per_rank, extra = divmod(num_rows_in_global_batch, world)
+    start = rank * per_rank + min(rank, extra)
+    return range(start, start + per_rank + (rank < extra))
 
 
 def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int) -> list[dict]:
     """Each micro-batch of a global step cut to `rank`'s rows (`shard_batch_indices`): every tensor
-    with the micro-batch's row count as its dim 0 is sliced; other values pass unchanged."""
+    with the micro-batch's row count as its dim 0 is sliced; other values pass unchanged. A
+    micro-batch may come out with no rows."""
     out = []
     for mb in micro_batches:
         rows = int(mb["input_ids"].shape[0])
@@ -158,20 +157,19 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_shard"] if len(names) > 1 else mesh
 
 
-def place(tree, mesh: DeviceMesh):
-    """`tree` with every tensor leaf a DTensor on the data-parallel dimension of `mesh`: `Shard(0)`
-    when its dim 0 divides by that dimension's size, else (0-dim tensors such as an optimizer's step
-    count, or an odd dim 0) `Replicate()`. Every rank passes the same full values; each keeps its
-    shard."""
+def placement_for(x: torch.Tensor, dp: DeviceMesh, shard: bool = True):
+    """`Shard(0)` for a tensor whose dim 0 divides by the size of `dp` (when `shard`), else
+    `Replicate()`: 0-dim tensors such as an optimizer's step count, or an odd dim 0."""
+    return Shard(0) if shard and x.dim() > 0 and x.shape[0] % dp.size() == 0 else Replicate()
+
+
+def place(tree, mesh: DeviceMesh, shard: bool = True):
+    """`tree` with every tensor leaf a DTensor on the data-parallel dimension of `mesh`, placed by
+    `placement_for` (`shard` false: every leaf `Replicate()`, DDP's layout). Every rank passes the
+    same full values; each keeps its shard."""
     dp = data_parallel_mesh(mesh)
-
-    def one(x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        shardable = x.dim() > 0 and x.shape[0] % dp.size() == 0
-        return distribute_tensor(x, dp, [Shard(0) if shardable else Replicate()])
-
-    return tree_map(one, tree)
+    return tree_map(lambda x: distribute_tensor(x, dp, [placement_for(x, dp, shard)])
+                    if isinstance(x, torch.Tensor) else x, tree)
 
 
 def gather(tree):
@@ -179,13 +177,17 @@ def gather(tree):
     return tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
 
 
-def shard_state(state: TrainState, mesh: DeviceMesh) -> TrainState:
-    """`state` with its trainable params and optimizer state placed by `place` (Shard(0) on
-    `dp_shard`, Replicate where dim 0 does not divide). Frozen params are placed the same way with
-    `place(frozen, mesh)` and passed to `make_sharded_train_step`, which gathers them every step."""
+def shard_state(state: TrainState, mesh: DeviceMesh, shard_params: bool = True,
+                shard_optimizer: bool = True) -> TrainState:
+    """`state` with its trainable params and optimizer state placed by `place` on `dp_shard`:
+    `Shard(0)` (where dim 0 divides) for the params when `shard_params` (FSDP, ZeRO-3) and for the
+    optimizer state when `shard_optimizer` (ZeRO-1 and up), `Replicate()` otherwise (DDP: neither).
+    Frozen params are placed with `place(frozen, mesh)` and passed to `make_sharded_train_step`,
+    which gathers them every step, or passed plain (replicated on every rank)."""
     if state.loss_scale is not None:
         raise NotImplementedError("fp16 dynamic loss scaling is not supported by the sharded step yet")
-    return state.replace(trainable=place(state.trainable, mesh), opt_state=place(state.opt_state, mesh))
+    return state.replace(trainable=place(state.trainable, mesh, shard_params),
+                         opt_state=place(state.opt_state, mesh, shard_optimizer))
 
 
 def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
@@ -193,47 +195,44 @@ def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
     return DTensor.from_local(torch.as_tensor(x), dp, [Partial()]).full_tensor()
 
 
-def global_loss(loss: Loss, mesh: DeviceMesh) -> Loss:
-    """`loss` normalised by totals of the global batch: its `count_fn` summed over the data-parallel
-    ranks. A loss with whole-batch statistics (`batch_stats_fn`, KTO's KL baseline) is refused: they
-    are not sums, and reducing them is not implemented yet."""
-    if loss.batch_stats_fn is not None:
-        raise NotImplementedError(f"the loss {loss.name!r} has whole-batch statistics (batch_stats_fn), "
-                                  "which the sharded step does not reduce over ranks yet")
-    dp = data_parallel_mesh(mesh)
+def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None,
+                            shard_optimizer: bool = True):
+    """Build `train_step(state, micro_batches) -> (state, metrics)` for a `shard_state`d state; every
+    rank passes the same micro-batches, those of the global step, and trains on its rows of each
+    (`shard_micro_batches`).
 
-    def count_fn(micro_batches):
-        return {name: _sum_over_ranks(total, dp) for name, total in loss.count_fn(micro_batches).items()}
+    The result equals `pure.train.make_train_step(loss, optimizer, bind)` on the same micro-batches:
+    params are gathered, the loss's totals (its `count_fn`, and `batch_stats_fn` such as KTO's KL
+    baseline) are those of the global batch, computed on every rank, so each rank's micro-batch
+    gradient (`torch.func.grad_and_value`) is its share of the global-batch mean; the local sums
+    become `Partial()` DTensors redistributed to the optimizer state's placements, and the
+    optimizer updates those shards. Micro-batch `i` of rank `r` draws
+    its key from `fold_in(step_key, r * len(micro_batches) + i)`: the pure step's keys at world
+    size 1, a distinct key per rank otherwise (so dropout masks differ between ranks, and a run with
+    dropout equals one process in distribution, not sample by sample). A micro-batch with no rows
+    on this rank (fewer rows than ranks) adds nothing.
 
-    return Loss(loss.fn, loss.name, count_fn=count_fn)
+    `shard_optimizer` says how `shard_state` placed the optimizer state: True (FSDP, ZeRO-1/2/3)
+    reduce-scatters the gradients onto `Shard(0)` and updates each param's shard (a replicated param,
+    ZeRO-1/2, is sliced for the update, a local view, and all-gathered after it); False (DDP)
+    all-reduces them and every rank updates the whole param.
 
-
-def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None):
-    """Build `train_step(state, micro_batches) -> (state, metrics)` for a `shard_state`d state, each
-    rank passing its rows of the global step's micro-batches (`shard_micro_batches`).
-
-    The result equals `pure.train.make_train_step(loss, optimizer, bind)` on the whole global batch
-    (same micro-batch count, each micro-batch the ranks' rows concatenated): params are gathered,
-    each micro-batch's gradient is `torch.func.grad_and_value` of the loss divided by global totals
-    (`global_loss`), the local sums become `Partial()` DTensors redistributed to the params'
-    placements, and the optimizer updates the shards. Micro-batch `i` of rank `r` draws its key
-    from `fold_in(step_key, r * len(micro_batches) + i)`: the pure step's keys at world size 1, a
-    distinct key per rank otherwise (so dropout masks differ between ranks, and a run with dropout
-    equals one process in distribution, not sample by sample).
-
-    `frozen`: the frozen params, `place`d (FSDP-sharded too); `make_bind(frozen_full) -> bind` gets
-    them gathered once per step, e.g. `lambda frozen: make_apply(config, frozen, lora_config=...)`,
+    `frozen`: the frozen params, plain (replicated) or `place`d (FSDP-sharded too); `make_bind(frozen_full) -> bind`
+    gets them gathered once per step, e.g. `lambda frozen: make_apply(config, frozen, lora_config=...)`,
     and `bind(trainable)` gets plain gathered trainable tensors. The gathers happen outside
     `torch.func.grad`: a DTensor redistribute inside it fails (torch 2.13: "In order to use an
     autograd.Function with functorch transforms ... it must override the setup_context staticmethod").
     Metrics are those of the global batch, plain tensors on every rank: summed over the ranks as the
     pure step sums them over micro-batches."""
     dp = data_parallel_mesh(mesh)
-    loss = global_loss(loss, mesh)
-    rank = dp.get_local_rank()
+    rank, world = dp.get_local_rank(), dp.size()
     frozen = {} if frozen is None else frozen
 
     accumulate = make_accumulator(loss)
+
+    def for_update(param: DTensor) -> DTensor:
+        # the param as the optimizer state is placed: a replicated param's shard is a local slice
+        return param.redistribute(dp, [placement_for(param, dp, shard_optimizer)])
 
     def to_placement(local_grad: torch.Tensor, param: DTensor) -> DTensor:
         # The ranks' local grads sum to the global one: reduce-scatter onto Shard(0), all-reduce onto Replicate.
@@ -244,21 +243,37 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         bind = make_bind(gather(frozen))
         full = gather(state.trainable)
         counts = loss.totals(bind(full), micro_batches)
-        keys = [rng.fold_in(step_key, rank * len(micro_batches) + i) for i in range(len(micro_batches))]
-        grads, total, aux = accumulate(full, micro_batches, counts, keys, bind)
-        grads = tree_map(to_placement, grads, state.trainable)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
+        local = shard_micro_batches(micro_batches, rank, world)
+        keys = [rng.fold_in(step_key, rank * len(local) + i) for i in range(len(local))]
+        mine = [i for i, mb in enumerate(local) if mb["input_ids"].shape[0]]
+        grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], bind)
+        if grads is None:  # no rows on this rank in this step
+            grads = tree_map(torch.zeros_like, full)
+            aux = _empty_metrics(loss, bind, full, local[0], counts, keys[0])
+        params = tree_map(for_update, state.trainable)
+        grads = tree_map(to_placement, grads, params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params, state.step)
         grad_norm = grad_norm_from_state(opt_state)
         if grad_norm is None:
             grad_norm = global_norm(grads)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        trainable = apply_updates(state.trainable, updates)
+        trainable = tree_map(lambda new, old: new.redistribute(dp, old.placements),
+                             apply_updates(params, updates), state.trainable)
         metrics = {"train/loss": _sum_over_ranks(total, dp), "train/grad_norm": grad_norm,
-                   **{name: _sum_over_ranks(v, dp) for name, v in aux.items()}}
+                   **{name: _sum_over_ranks(v, dp) for name, v in sorted(aux.items())}}
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
 
     return train_step
+
+
+def _empty_metrics(loss: Loss, bind, full, empty_batch: dict, counts: dict, key) -> dict:
+    """The metrics `loss` reports for no rows (zeros of each metric's dtype), for a rank with no rows
+    in a step: it still joins every metric's sum over the ranks, with the same names and dtypes.
+    From the loss on its empty slice of a micro-batch (the forward takes zero rows)."""
+    with torch.no_grad():
+        _, metrics = loss(bind(full), {**empty_batch, **counts}, key)
+    return {name: torch.zeros_like(v) for name, v in metrics.items()}
 
 
 # ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------

@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 STEPS, MICRO_BATCHES, ROWS, LENGTH = 3, 2, 4, 12
 VARIANTS = ("full", "lora")
+# name -> (variant, shard_params, shard_optimizer, rows per micro-batch): ZeRO-2 (params replicated,
+# optimizer state sharded), DDP (all replicated), and rows that do not split evenly over 2 ranks
+# (3: one rank takes 2 rows, the other 1; 1: one rank has no rows at all).
+LAYOUTS = {"full-zero2": ("full", False, True, ROWS), "full-ddp": ("full", False, False, ROWS),
+           "lora-rows3": ("lora", True, True, 3), "full-rows1": ("full", True, True, 1)}
 
 
 # ---- mesh sizes -------------------------------------------------------------------------------
@@ -64,16 +69,18 @@ def test_mesh_sizes_whose_product_does_not_divide_the_world_name_the_sizes():
 # ---- batch sharding ---------------------------------------------------------------------------
 
 
-def test_ranks_take_contiguous_equal_rows_that_make_the_global_batch_at_any_world_size():
-    for world in (1, 2, 4, 8):
-        rows = [i for rank in range(world) for i in shard_batch_indices(8, rank, world)]
-        assert rows == list(range(8))
+def test_ranks_take_contiguous_rows_that_make_the_global_batch_at_any_world_size():
+    for rows in (1, 3, 6, 8):
+        for world in (1, 2, 4, 8):
+            taken = [shard_batch_indices(rows, rank, world) for rank in range(world)]
+            assert [i for r in taken for i in r] == list(range(rows))
+            assert max(map(len, taken)) - min(map(len, taken)) <= 1  # as even as the rows allow
     assert shard_batch_indices(8, 1, 2) == range(4, 8)
+    assert shard_batch_indices(6, 0, 4) == range(0, 2) and shard_batch_indices(6, 3, 4) == range(5, 6)
+    assert shard_batch_indices(1, 1, 2) == range(1, 1)  # fewer rows than ranks: rank 1 has none
 
 
-def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused():
-    with pytest.raises(ValueError, match="6 rows does not split evenly over 4"):
-        shard_batch_indices(6, 0, 4)
+def test_a_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank 2 is not in a data-parallel world of size 2"):
         shard_batch_indices(4, 2, 2)
 
@@ -87,7 +94,7 @@ def test_shard_micro_batches_slices_the_row_tensors_only():
 # ---- training at 2 ranks equals 1 -------------------------------------------------------------
 
 
-def _global_batches() -> list[list[dict]]:
+def _global_batches(rows: int = ROWS) -> list[list[dict]]:
     """STEPS global steps of MICRO_BATCHES random-token micro-batches; each row's labels mask a random
     prefix, so the ranks hold different numbers of trained tokens (the global normalisation matters)."""
     steps = []
@@ -95,8 +102,8 @@ def _global_batches() -> list[list[dict]]:
         micro = []
         for m in range(MICRO_BATCHES):
             tokens_key, prefix_key = rng.split(rng.fold_in(rng.key(7), s * MICRO_BATCHES + m), 2)
-            ids = rng.randint(tokens_key, 0, TINY.vocab_size, (ROWS, LENGTH))
-            prefix = rng.randint(prefix_key, 0, LENGTH - 2, (ROWS, 1))
+            ids = rng.randint(tokens_key, 0, TINY.vocab_size, (rows, LENGTH))
+            prefix = rng.randint(prefix_key, 0, LENGTH - 2, (rows, 1))
             labels = torch.where(torch.arange(LENGTH) < prefix, torch.full_like(ids, -100), ids)
             micro.append({"input_ids": ids, "labels": labels})
         steps.append(micro)
@@ -114,13 +121,13 @@ def _setup(variant: str):
     return {"lora": delta}, params, adamw(1e-2, weight_decay=0.01), lora_config
 
 
-def _train_one_process(variant: str):
+def _train_one_process(variant: str, rows: int = ROWS):
     """`{"metrics": [(loss, grad_norm, trained tokens) per step], "params": {path: final tensor}}`."""
     trainable, frozen, optimizer, lora_config = _setup(variant)
     step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
     state = init_train_state(trainable, optimizer, rng.key(2))
     history = []
-    for micro_batches in _global_batches():
+    for micro_batches in _global_batches(rows):
         state, metrics = step(state, micro_batches)
         history.append(_step_metrics(metrics))
     return {"metrics": history, "params": dict(leaves_with_paths(state.trainable))}
@@ -130,16 +137,16 @@ def _step_metrics(metrics: dict) -> tuple[float, float, float]:
     return tuple(float(metrics[name]) for name in ("train/loss", "train/grad_norm", "num_trained_tokens"))
 
 
-def _train_sharded(variant: str, mesh, rank: int, world: int):
+def _train_sharded(variant: str, mesh, shard_params: bool = True, shard_optimizer: bool = True, rows: int = ROWS):
     from backends.distributed import gather, make_sharded_train_step, place, shard_state
 
     trainable, frozen, optimizer, lora_config = _setup(variant)
     step = make_sharded_train_step(sft, optimizer, lambda full: make_apply(TINY, full, lora_config=lora_config),
-                                   mesh, frozen=place(frozen, mesh))
-    state = shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
+                                   mesh, frozen=place(frozen, mesh, shard_params), shard_optimizer=shard_optimizer)
+    state = shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh, shard_params, shard_optimizer)
     history = []
-    for micro_batches in _global_batches():
-        state, metrics = step(state, shard_micro_batches(micro_batches, rank, world))
+    for micro_batches in _global_batches(rows):
+        state, metrics = step(state, micro_batches)
         history.append(_step_metrics(metrics))
     placed = leaves_with_paths({"trainable": state.trainable, "opt_state": state.opt_state})
     return {"metrics": history, "params": dict(leaves_with_paths(gather(state.trainable))),
@@ -169,7 +176,7 @@ def _checkpoint_sharded(variant: str, mesh, rank: int, world: int, folder: Path,
     def fresh():
         return shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
 
-    batches = [shard_micro_batches(micro_batches, rank, world) for micro_batches in _global_batches()]
+    batches = _global_batches()
     state = fresh()
     for micro_batches in batches[:2]:
         state, _ = step(state, micro_batches)
@@ -192,7 +199,8 @@ def _torchrun_main(out: str, checkpoints: str) -> None:
     world = int(os.environ["WORLD_SIZE"])
     mesh = make_mesh(mesh_sizes(world), "cpu")
     rank = dist.get_rank()
-    results = {variant: _train_sharded(variant, mesh, rank, world) for variant in VARIANTS}
+    results = {variant: _train_sharded(variant, mesh) for variant in VARIANTS}
+    results.update({name: _train_sharded(variant, mesh, *layout) for name, (variant, *layout) in LAYOUTS.items()})
     results["checkpoint"] = {variant: _checkpoint_sharded(variant, mesh, rank, world, Path(checkpoints) / variant,
                                                           Path(checkpoints) / "one-process" / variant)
                              for variant in VARIANTS}
@@ -251,6 +259,24 @@ def test_fsdp_at_two_ranks_equals_one_process(two_rank_results, variant):
     assert sharded["params"].keys() == reference["params"].keys()
     for path, value in reference["params"].items():
         torch.testing.assert_close(sharded["params"][path], value, atol=1e-5, rtol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_zero2_ddp_and_uneven_rows_at_two_ranks_equal_one_process(two_rank_results, name):
+    variant, _, _, rows = LAYOUTS[name]
+    sharded, reference = two_rank_results[name], _train_one_process(variant, rows)
+    for got, want in zip(sharded["metrics"], reference["metrics"], strict=True):  # fp32 sums, as above
+        assert got == pytest.approx(want, abs=1e-5)
+    for path, value in reference["params"].items():
+        torch.testing.assert_close(sharded["params"][path], value, atol=1e-5, rtol=1e-5, msg=path)
+
+
+def test_zero2_replicates_params_and_shards_optimizer_state_and_ddp_replicates_both(two_rank_results):
+    zero2, ddp = two_rank_results["full-zero2"]["placements"], two_rank_results["full-ddp"]["placements"]
+    name = "layers.0.mlp.up_proj.weight"
+    assert zero2[f"trainable.params.model.{name}"] == ("R",)
+    assert zero2[f"opt_state.1.1.momentum.params.model.{name}"] == ("S(0)",)
+    assert set(ddp.values()) == {("R",)}
 
 
 def test_fsdp_state_is_sharded_on_dim_0_and_replicated_where_it_does_not_divide(two_rank_results):
