@@ -393,3 +393,54 @@ def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh |
     carry.update({name.split("/", 1)[1]: tensors.pop(name) for name in carry_names})
     restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]
     return like.replace(**replace_leaves(template, restored, none_is_leaf=True), carry=carry)
+
+
+def load_sharded_fields(like: dict, folder: str | os.PathLike, exact: bool = True) -> dict:
+    """Some fields of the train state saved by `save_sharded` in `folder`, read in one process with
+    no process group into plain full tensors: `like` maps field names (`"trainable"`, ...) to plain
+    trees of that field (or a part of one, e.g. `{"opt_state": {"schedule_free": {"z": ...}}}`) in
+    the structure the run builds. Only their tensors are read (DCP reads the requested byte ranges),
+    so a merge skips the optimizer state of a 70B run. Non-tensor leaves come from `state.json`.
+    `exact`: the checkpoint must hold no other tensors under the requested fields (False to read a
+    part of a field on purpose).
+
+    Raises CheckpointError naming the folder and the key when the folder is not a sharded
+    checkpoint, a tensor is missing or has another shape or dtype, or the checkpoint holds tensors
+    under a requested field that `like` lacks (another run setup or model shape)."""
+    folder = Path(folder)
+    if not (folder / SHARDED_STATE_JSON).is_file() or not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} is not a puretune sharded checkpoint (no {SHARDED_STATE_JSON} / "
+                              ".metadata written by save_sharded)")
+    meta = json.loads((folder / SHARDED_STATE_JSON).read_text())
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    named = leaves_with_paths(like, none_is_leaf=True)
+    tensors = {}
+    for name, leaf in named:
+        if not isinstance(leaf, torch.Tensor):
+            if name not in meta["values"]:
+                raise CheckpointError(f"{folder}: value {name!r} is missing from {SHARDED_STATE_JSON}; the "
+                                      "checkpoint is from a different run setup")
+            continue
+        if isinstance(leaf, DTensor):
+            raise ValueError(f"load_sharded_fields({folder}): `like` holds DTensor {name!r}; it reads plain tensors")
+        if name not in saved:
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing; the checkpoint is from a different run setup")
+        size, dtype = saved[name].size, saved[name].properties.dtype
+        if tuple(size) != tuple(leaf.shape) or dtype != leaf.dtype:
+            raise CheckpointError(f"{folder}: {name} is {dtype} {list(size)} in the checkpoint, expected "
+                                  f"{leaf.dtype} {list(leaf.shape)}")
+        tensors[name] = torch.empty(tuple(size), dtype=dtype)
+    fields = tuple(f"{field}." for field in like)
+    unexpected = sorted(n for n in saved if n.startswith(fields) and n not in tensors)
+    if unexpected and exact:
+        raise CheckpointError(f"{folder}: unexpected tensors {unexpected[:5]}; the checkpoint is from a "
+                              "different run setup")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    except dcp.CheckpointException as e:  # a shard file missing or truncated
+        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
+                              f"({str(e).strip().splitlines()[-1]})") from e
+    restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]
+    return replace_leaves(like, restored, none_is_leaf=True)
