@@ -455,7 +455,7 @@ def _fsdp_plan(config: Config) -> ShardingPlan:
         lines.append(f"{options['cpu_offload_pin_memory'][1]}: no effect without offload_params: true")
     if reshard is None:
         return ShardingPlan("ddp", lines=tuple(lines))
-    lines.insert(0, "fsdp: run as DTensor sharding of params, gradients and optimizer state (FSDP2, "
+    lines.insert(0, f"{'fsdp_config' if config.fsdp_config else 'fsdp'}: run as DTensor sharding of params, gradients and optimizer state (FSDP2, "
                     f"reshard_after_forward: {str(reshard).lower()})")
     return ShardingPlan(
         "fsdp2", shard_params=True, shard_grads=True, shard_optimizer=True, reshard_after_forward=reshard,
