@@ -259,3 +259,307 @@ def stale_rollouts(config: Config) -> bool:
     """Whether GRPO's rollouts may come from another policy than the step's: sampled by vLLM
     (`trl.use_vllm`) or ahead of time by the async producer (`trl.async_prefetch`)."""
     return bool(config.trl.use_vllm) or bool(config.trl.async_prefetch)
+
+
+# ---- distributed: axolotl's DDP / FSDP / DeepSpeed keys as one plan ---------------------------------
+
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """How a multi-process run (torchrun) shards the train state, read from axolotl's keys.
+
+    `strategy` is "ddp" (every rank holds the whole state; the default), "fsdp2" or "deepspeed"
+    (ZeRO, run as the same DTensor sharding: stage 1 shards the optimizer state, 2 also the gradients,
+    3 also the params). Sizes are the config's (None: unset); whether they divide the world size is
+    `backends.distributed.mesh_sizes`'s check at launch. `lines` say how the keys were read, one line
+    each, for the run to print."""
+
+    strategy: str
+    dp_shard: int | None = None
+    dp_replicate: int | None = None
+    tp: int | None = None
+    cp: int | None = None
+    shard_params: bool = False
+    shard_grads: bool = False
+    shard_optimizer: bool = False
+    reshard_after_forward: bool = False
+    offload_params: bool = False
+    offload_optimizer: bool = False
+    offload_pin_memory: bool = True
+    activation_checkpointing: bool = False
+    cpu_ram_efficient_loading: bool = False
+    state_dict_type: str = "FULL_STATE_DICT"
+    final_state_dict_type: str = "FULL_STATE_DICT"
+    timeout_s: int | None = None
+    lines: tuple[str, ...] = ()
+
+
+# ZeRO stage -> (shard_params, shard_grads, shard_optimizer); FSDP is stage 3, or 2 without resharding
+_ZERO_STAGES = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
+
+# FSDP1's fsdp_sharding_strategy -> reshard_after_forward (None: nothing is sharded, i.e. DDP)
+_SHARDING_STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "HYBRID_SHARD": True, "NO_SHARD": None}
+
+# fsdp_config keys under their FSDP2 names -> the type they take
+_FSDP2_KEYS = {
+    "offload_params": bool, "reshard_after_forward": bool, "state_dict_type": str, "final_state_dict_type": str,
+    "cpu_ram_efficient_loading": bool, "activation_checkpointing": bool, "transformer_layer_cls_to_wrap": str,
+    "auto_wrap_policy": str, "cpu_offload_pin_memory": bool, "mixed_precision_policy": (str, dict),
+    "min_num_params": int, "version": int,
+}
+# FSDP1 keys FSDP2 dropped (multi-gpu.md's mapping table: REMOVED)
+_FSDP1_REMOVED = ("backward_prefetch_policy", "backward_prefetch", "forward_prefetch", "sync_module_states",
+                  "use_orig_params")
+_WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP")
+
+# the legacy `fsdp:` list -> (fsdp_config key, value) it stands for
+_FSDP_LIST = {"full_shard": ("sharding_strategy", "FULL_SHARD"), "shard_grad_op": ("sharding_strategy", "SHARD_GRAD_OP"),
+              "hybrid_shard": ("sharding_strategy", "HYBRID_SHARD"), "no_shard": ("sharding_strategy", "NO_SHARD"),
+              "offload": ("offload_params", True), "auto_wrap": ("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")}
+
+# DeepSpeed keys the config's own keys set: deepspeed key -> the config key that rules ("auto" is silent)
+_DEEPSPEED_FROM_CONFIG = {"train_batch_size": "micro_batch_size x gradient_accumulation_steps x world size",
+                          "train_micro_batch_size_per_gpu": "micro_batch_size",
+                          "gradient_accumulation_steps": "gradient_accumulation_steps",
+                          "gradient_clipping": "max_grad_norm"}
+_DEEPSPEED_PRECISION = ("bf16", "bfloat16", "fp16", "amp")
+_ZERO_READ = ("stage", "offload_param", "offload_optimizer", "gather_16bit_weights_on_model_save",
+              "stage3_gather_16bit_weights_on_model_save")
+
+
+def sharding_plan(config: Config) -> ShardingPlan:
+    """The `ShardingPlan` of the config's distributed keys (multi-gpu.md, nd_parallelism.md): DDP
+    unless `fsdp_config` / `fsdp` or `deepspeed` is set, which exclude each other. A key or value
+    with no meaning here is a ConfigError naming it; one with no effect here gets a line saying so."""
+    sizes = dict(dp_shard=_positive(config.dp_shard_size, "dp_shard_size"),
+                 dp_replicate=_positive(config.dp_replicate_size, "dp_replicate_size"),
+                 tp=_positive(config.tensor_parallel_size, "tensor_parallel_size"),
+                 cp=_positive(config.context_parallel_size, "context_parallel_size"))
+    timeout_s = _positive(config.ddp_timeout, "ddp_timeout")
+    fsdp_set = [key for key in ("fsdp_config", "fsdp") if getattr(config, key)]
+    if config.deepspeed and fsdp_set:
+        raise ConfigError(f"deepspeed and {fsdp_set[0]} cannot both be set: DeepSpeed and FSDP are exclusive "
+                          "sharding strategies; choose one")
+    if config.fsdp_version is not None and not fsdp_set:
+        raise ConfigError(f"fsdp_version: {config.fsdp_version} is set but FSDP is not: add fsdp_config")
+    if config.fsdp_final_state_dict_type is not None and not fsdp_set:
+        raise ConfigError("fsdp_final_state_dict_type applies to FSDP; this config sets no fsdp_config")
+    if fsdp_set:
+        plan = _fsdp_plan(config)
+    elif config.deepspeed:
+        plan = _deepspeed_plan(config.deepspeed)
+    else:
+        plan = ShardingPlan("ddp")
+    if plan.strategy != "fsdp2" and (sizes["dp_shard"] or 1) > 1:
+        raise ConfigError(f"dp_shard_size: {sizes['dp_shard']} shards the model with FSDP, but this config runs "
+                          f"{plan.strategy}; set fsdp_version: 2 and fsdp_config")
+    if plan.strategy == "ddp" and max(sizes["tp"] or 1, sizes["cp"] or 1) > 1:
+        raise ConfigError("tensor_parallel_size / context_parallel_size need FSDP (dp_shard_size), not DDP "
+                          "(nd_parallelism.md: DDP + TP/CP is not supported)")
+    return dataclasses.replace(plan, **sizes, timeout_s=timeout_s)
+
+
+def _positive(value, key: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _fsdp_plan(config: Config) -> ShardingPlan:
+    """FSDP2 from `fsdp_config` (FSDP2 names, or FSDP1's `fsdp_`-prefixed ones translated) and the
+    legacy `fsdp:` list."""
+    version = config.fsdp_version
+    options, renamed, removed = {}, [], []
+
+    def put(key: str, value, given_as: str) -> None:
+        if key in options and options[key][0] != value:
+            raise ConfigError(f"{given_as} repeats {options[key][1]} with another value; set it once")
+        options[key] = (value, given_as)
+
+    for key, value in (config.fsdp_config or {}).items():
+        name = key.removeprefix("fsdp_")
+        where = f"fsdp_config.{key}"
+        if name in _FSDP1_REMOVED:
+            removed.append(key)
+            continue
+        if name == "sharding_strategy":
+            if value not in _SHARDING_STRATEGIES:
+                raise ConfigError(f"{where}: expected one of {', '.join(_SHARDING_STRATEGIES)}, got {value!r}")
+            put("sharding_strategy", value, where)
+            continue
+        if name not in _FSDP2_KEYS:
+            raise ConfigError(f"{where}: unknown FSDP option; accepted (FSDP2 names, or FSDP1's with the fsdp_ "
+                              f"prefix): {', '.join(sorted(_FSDP2_KEYS))}, sharding_strategy")
+        if not isinstance(value, _FSDP2_KEYS[name]) or (_FSDP2_KEYS[name] is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {_type_words(_FSDP2_KEYS[name])}, got {value!r}")
+        if name != key:
+            renamed.append(f"{key} -> {name}")
+        put(name, value, where)
+    for i, item in enumerate(config.fsdp or []):
+        if item not in _FSDP_LIST:
+            raise ConfigError(f"fsdp[{i}]: expected one of {', '.join(_FSDP_LIST)}, got {item!r}")
+        put(*_FSDP_LIST[item], f"fsdp[{i}] ({item})")
+    if config.fsdp_final_state_dict_type is not None:
+        put("final_state_dict_type", config.fsdp_final_state_dict_type, "fsdp_final_state_dict_type")
+    value = {key: given[0] for key, given in options.items()}
+
+    if "version" in value:
+        if version is not None and value["version"] != version:
+            raise ConfigError(f"fsdp_config.version: {value['version']} but fsdp_version: {version}; set it once")
+        version = value.pop("version")
+    if version not in (None, 1, 2):
+        raise ConfigError(f"fsdp_version: expected 1 or 2, got {version!r}")
+    lines = []
+    if version != 2:
+        lines.append(f"fsdp_version {version or 'unset'}: FSDP1's keys are read as FSDP2's (multi-gpu.md's mapping); "
+                     "puretune shards FSDP2-style, with DTensors")
+    if config.fsdp:
+        lines.append(f"fsdp: {list(config.fsdp)} (the deprecated list) read as fsdp_config options")
+    if renamed:
+        lines.append(f"fsdp_config: FSDP1 names read as FSDP2's: {', '.join(renamed)}")
+    lines += [f"fsdp_config.{key}: removed in FSDP2; no effect" for key in removed]
+
+    strategy = value.pop("sharding_strategy", None)
+    if strategy is not None and "reshard_after_forward" in value:
+        raise ConfigError(f"{options['sharding_strategy'][1]} and {options['reshard_after_forward'][1]} both set "
+                          "the resharding; keep reshard_after_forward (FSDP2's name)")
+    reshard = value.get("reshard_after_forward", _SHARDING_STRATEGIES.get(strategy, True))
+    if strategy is not None:
+        lines.append(f"{options['sharding_strategy'][1]}: {strategy} read as " + (
+            "no sharding: run as DDP" if reshard is None else f"reshard_after_forward: {str(reshard).lower()}"))
+    if strategy == "HYBRID_SHARD":
+        lines.append("HYBRID_SHARD is HSDP: set dp_shard_size (within a node) and dp_replicate_size (across nodes); "
+                     "unset, the whole world shards")
+    for key in ("state_dict_type", "final_state_dict_type"):
+        if value.get(key, "FULL_STATE_DICT") not in STATE_DICT_TYPES:
+            raise ConfigError(f"{options[key][1]}: expected one of {', '.join(STATE_DICT_TYPES)}, got {value[key]!r}")
+        if value.get(key) == "LOCAL_STATE_DICT":
+            value[key] = "SHARDED_STATE_DICT"
+            lines.append(f"{options[key][1]}: LOCAL_STATE_DICT written as SHARDED_STATE_DICT (each rank its shards, "
+                         "readable at any world size)")
+    if value.get("auto_wrap_policy", _WRAP_POLICIES[0]) not in _WRAP_POLICIES:
+        raise ConfigError(f"{options['auto_wrap_policy'][1]}: expected one of {', '.join(_WRAP_POLICIES)}, "
+                          f"got {value['auto_wrap_policy']!r}")
+    wrap = [options[key][1] for key in ("auto_wrap_policy", "transformer_layer_cls_to_wrap", "min_num_params")
+            if key in options]
+    if wrap:
+        lines.append(f"{', '.join(wrap)}: no effect; every parameter tensor is sharded on its own (DTensor "
+                     "Shard(0)), so there are no wrapped units to choose")
+    if "mixed_precision_policy" in value:
+        lines.append(f"{options['mixed_precision_policy'][1]}: no effect; the precision comes from the config's "
+                     "bf16 / fp16 keys")
+    offload = bool(value.get("offload_params", False))
+    if "cpu_offload_pin_memory" in value and not offload:
+        lines.append(f"{options['cpu_offload_pin_memory'][1]}: no effect without offload_params: true")
+    if reshard is None:
+        return ShardingPlan("ddp", lines=tuple(lines))
+    lines.insert(0, f"{'fsdp_config' if config.fsdp_config else 'fsdp'}: run as DTensor sharding of params, gradients and optimizer state (FSDP2, "
+                    f"reshard_after_forward: {str(reshard).lower()})")
+    return ShardingPlan(
+        "fsdp2", shard_params=True, shard_grads=True, shard_optimizer=True, reshard_after_forward=reshard,
+        offload_params=offload, offload_optimizer=offload,  # FSDP2's CPU offload moves the optimizer step too
+        offload_pin_memory=value.get("cpu_offload_pin_memory", True),
+        activation_checkpointing=value.get("activation_checkpointing", False),
+        cpu_ram_efficient_loading=value.get("cpu_ram_efficient_loading", False),
+        state_dict_type=value.get("state_dict_type", "FULL_STATE_DICT"),
+        final_state_dict_type=value.get("final_state_dict_type", "FULL_STATE_DICT"), lines=tuple(lines))
+
+
+def _type_words(kind) -> str:
+    names = {bool: "true or false", str: "a string", int: "an integer", dict: "a mapping"}
+    return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _read_deepspeed(value) -> tuple[str, dict]:
+    """(how to name it, the DeepSpeed config): `deepspeed:` is a JSON file's path (relative to the
+    working directory) or the config itself as a mapping."""
+    import json
+    from pathlib import Path
+
+    if isinstance(value, dict):
+        return "deepspeed", value
+    path = Path(value)
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed: {value} not found (a relative path is read from the working directory "
+                          f"{Path.cwd()})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"deepspeed: {value} is not a readable JSON file ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed: {value} must hold a JSON object, got {type(ds).__name__}")
+    return f"deepspeed {path.name}", ds
+
+
+def _offloaded(zero: dict, key: str, where: str) -> tuple[bool, bool | None]:
+    """(whether zero_optimization.`key` offloads to the CPU, its pin_memory). NVMe offload is refused:
+    nothing here swaps to disk, and dropping it would lose the memory it was meant to free."""
+    block = zero.get(key) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: zero_optimization.{key}: expected a mapping, got {block!r}")
+    device = block.get("device", "none")
+    if device == "nvme":
+        raise ConfigError(f"{where}: zero_optimization.{key}.device: nvme is not supported by puretune "
+                          "(no disk offload); use cpu or none")
+    if device not in ("cpu", "none", None):
+        raise ConfigError(f"{where}: zero_optimization.{key}.device: expected cpu, nvme or none, got {device!r}")
+    return device == "cpu", block.get("pin_memory")
+
+
+def _deepspeed_plan(value) -> ShardingPlan:
+    """ZeRO stage 0-3 as DTensor sharding, with its CPU offload and final export."""
+    where, ds = _read_deepspeed(value)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{where}: its {key} block would replace the config's; set optimizer / learning_rate / "
+                              "lr_scheduler in the config instead")
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization: expected a mapping, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in _ZERO_STAGES or isinstance(stage, bool):
+        raise ConfigError(f"{where}: zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    shard_params, shard_grads, shard_optimizer = _ZERO_STAGES[stage]
+    offload_params, pin_params = _offloaded(zero, "offload_param", where)
+    offload_optimizer, pin_optimizer = _offloaded(zero, "offload_optimizer", where)
+    sharded = [name for name, on in (("params", shard_params), ("gradients", shard_grads),
+                                     ("optimizer state", shard_optimizer)) if on]
+    lines = [f"{where}: run as " + (f"DTensor sharding of {_and(sharded)} (ZeRO-{stage})" if sharded else
+                                    "DDP (ZeRO-0 shards nothing)")]
+    if offload_params and stage < 3:
+        lines.append(f"{where}: zero_optimization.offload_param: no effect below ZeRO-3 (the params are not "
+                     "sharded), as in DeepSpeed")
+        offload_params = False
+    if offload_optimizer and stage < 1:
+        lines.append(f"{where}: zero_optimization.offload_optimizer: no effect at ZeRO-0, as in DeepSpeed")
+        offload_optimizer = False
+    gather = zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save"))
+    final = "SHARDED_STATE_DICT" if gather is False and stage == 3 else "FULL_STATE_DICT"
+    if final == "SHARDED_STATE_DICT":
+        lines.append(f"{where}: gather_16bit_weights_on_model_save: false, so the final model is saved sharded")
+    tuning = [key for key in zero if key not in _ZERO_READ]
+    if tuning:
+        lines.append(f"{where}: zero_optimization.{', '.join(tuning)}: DeepSpeed's bucket and communication "
+                     "tuning; no effect (DTensor collectives run per tensor)")
+    precision = [key for key in _DEEPSPEED_PRECISION if key in ds]
+    if precision:
+        lines.append(f"{where}: {' / '.join(precision)}: no effect; the precision comes from the config's "
+                     "bf16 / fp16 keys")
+    lines += [f"{where}: {key}: {ds[key]!r} is not read; {rule} sets it" for key, rule in _DEEPSPEED_FROM_CONFIG.items()
+              if key in ds and ds[key] != "auto"]
+    other = [key for key in ds if key not in ("zero_optimization", *_DEEPSPEED_PRECISION, *_DEEPSPEED_FROM_CONFIG)]
+    if other:
+        lines.append(f"{where}: {', '.join(other)}: DeepSpeed engine options; no effect here")
+    pin = [p for p in (pin_params if offload_params else None, pin_optimizer if offload_optimizer else None)
+           if p is not None]
+    return ShardingPlan(
+        "deepspeed", shard_params=shard_params, shard_grads=shard_grads, shard_optimizer=shard_optimizer,
+        reshard_after_forward=stage == 3, offload_params=offload_params, offload_optimizer=offload_optimizer,
+        offload_pin_memory=all(pin), state_dict_type="SHARDED_STATE_DICT" if sharded else "FULL_STATE_DICT",
+        final_state_dict_type=final, lines=tuple(lines))
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

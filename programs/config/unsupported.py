@@ -53,13 +53,9 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": (_truthy, "multimodal models"),
     "tokenizer_use_mistral_common": (_truthy, ""),
     "trainer_cls": (_truthy, "custom HF trainer classes; puretune has no HF Trainer"),
-    "deepspeed": (_truthy, ""),
+    # distributed: deepspeed, fsdp, fsdp_config, fsdp_version, dp_*_size and ddp_timeout are read by
+    # programs.config.derived.sharding_plan; tensor / context parallelism are not built (issue 17)
     "deepcompile": (_truthy, ""),
-    "fsdp": (_truthy, ""),
-    "fsdp_config": (_truthy, ""),
-    "fsdp_version": (_truthy, ""),
-    "dp_shard_size": (_above_one, ""),
-    "dp_replicate_size": (_above_one, ""),
     "sequence_parallel_degree": (_above_one, ""),
     "context_parallel_size": (_above_one, ""),
     "tensor_parallel_size": (_above_one, ""),
@@ -166,7 +162,7 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "liger_use_token_scaling": (GIVEN, "Liger kernels"),
     # distributed (issue 17)
     **{key: (GIVEN, "multi-process training") for key in (
-        "fsdp_final_state_dict_type", "heads_k_stride", "ring_attn_func", "accelerator_config", "ray_run_name",
+        "heads_k_stride", "ring_attn_func", "accelerator_config", "ray_run_name",
         "ray_num_workers", "resources_per_worker")},
     # evaluation, saving, logging
     **{key: (GIVEN, "generation-based evaluation") for key in (
@@ -254,14 +250,16 @@ IGNORED_KEYS: dict[str, str] = {
                                      "remat (pure/remat.py) has no such switches and the gradients are the same",
     "dpo_padding_free": "preference batches already run with the padding dropped before the first layer",
     "dpo_use_logits_to_keep": "log-probabilities are computed at the completion tokens only, always",
-    "ddp_timeout": "puretune trains in one process (no DDP)",
-    "ddp_bucket_cap_mb": "puretune trains in one process (no DDP)",
-    "ddp_broadcast_buffers": "puretune trains in one process (no DDP)",
-    "ddp_find_unused_parameters": "puretune trains in one process (no DDP), and its step has no search for "
-                                  "unused parameters",
-    "ddp": "puretune trains in one process (no DDP)",
-    "world_size": "set by a launcher; puretune trains in one process",
-    "local_rank": "set by a launcher; puretune trains in one process",
+    "ddp_bucket_cap_mb": "gradients are reduced per tensor by DTensor (a reduce-scatter or all-reduce each), with "
+                         "no buckets to size",
+    "ddp_broadcast_buffers": "puretune's models have no buffers to broadcast: every tensor of the train state is a "
+                             "param or optimizer state, placed by backends.distributed",
+    "ddp_find_unused_parameters": "the step takes the gradient of the whole params pytree (unused params get zero "
+                                  "gradients), so there is no search for unused parameters",
+    "ddp": "ddp: true means DDP, the default; axolotl also sets it for FSDP and DeepSpeed runs, so it chooses "
+           "nothing (sharding_plan reads fsdp_config / deepspeed)",
+    "world_size": "set by the launcher: torchrun's WORLD_SIZE environment variable is read, not this key",
+    "local_rank": "set by the launcher: torchrun's LOCAL_RANK environment variable is read, not this key",
 }
 
 def refuses_every_value(key: str) -> bool:

@@ -290,12 +290,13 @@ def _check_rules(c: Config) -> None:
     if c.float32 and (c.bf16 in (True, "full") or c.fp16 or c.bfloat16 or c.float16):
         raise ConfigError("float32: true cannot be combined with bf16: true/full, fp16, bfloat16 or float16")
     _check_loss_type(c)
-    from programs.config.derived import optimizer_options, quantization_spec, schedule_settings
+    from programs.config.derived import optimizer_options, quantization_spec, schedule_settings, sharding_plan
 
-    # an option the scheduler / optimizer does not take fails here, before anything loads
+    # an option the scheduler / optimizer / sharding does not take fails here, before anything loads
     schedule_settings(c)
     optimizer_options(c)
     quantization_spec(c)
+    sharding_plan(c)
     if c.rl in PREFERENCE_RL and c.sample_packing:
         raise ConfigError(f"rl: {c.rl} needs sample_packing: false (preference pairs are not packed)")
     if c.rl and (c.reward_model or c.process_reward_model):
