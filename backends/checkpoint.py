@@ -26,6 +26,7 @@ from pure.tree import leaves_with_paths, replace_leaves, tree_leaves
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's files
 
 
 class CheckpointError(ValueError):
@@ -77,19 +78,34 @@ def save_checkpoint(state: TrainState, output_dir: str | os.PathLike, extra: dic
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
     if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(output_dir, total_limit)
     return target
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first (temporary folders are not checkpoints)."""
+def is_sharded_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds what `backends.distributed.save_sharded` writes (a multi-process run's
+    checkpoint): DCP's `.metadata` and a `state.json`."""
+    folder = Path(folder)
+    return (folder / SHARDED_METADATA).is_file() and (folder / STATE_JSON).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike, sharded_only: bool = False) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first: one-process ones (`save_checkpoint`) and
+    sharded ones (`backends.distributed.save_sharded`), or only the sharded ones. Temporary folders
+    are not checkpoints."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))
-             and (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file()]
+             and (is_sharded_checkpoint(p) or (not sharded_only and (p / STATE_JSON).is_file()
+                                               and (p / STATE_TENSORS).is_file()))]
     return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int) -> None:
+    """Remove the oldest checkpoints of `output_dir` beyond the newest `total_limit`."""
+    for old in list_checkpoints(output_dir)[:-total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -2,19 +2,22 @@
 
     sizes = mesh_sizes(world_size, dp_shard=..., tp=...)       # pure: defaults and checks
     mesh = make_mesh(sizes, "cpu")                              # init_device_mesh, named dims
-    state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard
+    state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard (FSDP)
     step = make_sharded_train_step(loss, optimizer, lambda frozen: make_apply(config, frozen), mesh,
                                    frozen=place(frozen_params, mesh))
-    state, metrics = step(state, shard_micro_batches(global_micro_batches, rank, world))
+    state, metrics = step(state, global_micro_batches)          # the same batches on every rank
 
 The step is FSDP's: every rank all-gathers the params (`DTensor.full_tensor`), runs the pure
 forward/backward (`pure.train.make_accumulator`, the pure step's own) on its rows of the
-global batch, and the local gradients become one `Partial()` DTensor redistributed to the params'
-placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`). The losses are
-divided by totals of the *global* batch (the loss's `count_fn`, summed over the ranks), so the
-summed gradient is the gradient of the global-batch mean: the same step as one process on the whole
-batch, up to the order of fp32 additions. The optimizer then runs on the sharded DTensors (its
-`_foreach_*` ops keep the placements; a global norm reduces over the ranks by itself).
+global batch, and the local gradients become one `Partial()` DTensor redistributed to the
+optimizer state's placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`).
+The losses are divided by totals of the *global* batch (the loss's `count_fn` on the global
+micro-batches, which every rank holds), so the summed gradient is the gradient of the global-batch
+mean: the same step as one process on the whole batch, up to the order of fp32 additions. The
+optimizer then runs on the sharded DTensors (its `_foreach_*` ops keep the placements; a global
+norm reduces over the ranks by itself). `shard_state`'s flags give the other layouts: ZeRO-1/2
+(params replicated, optimizer state sharded: the update runs on each rank's slice, then the params
+are all-gathered) and DDP (all replicated, gradients all-reduced).
 
 `torch.func.grad` is never taken over DTensor params: over `Shard(0)` params it returned
 `Replicate()` gradients in a probe (torch 2.13), so the placement is set here, explicitly.
@@ -45,7 +48,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from backends.atomic import swap_into_place, fsync_tree
-from backends.checkpoint import CheckpointError, split_carry, state_tree
+from backends.checkpoint import (SHARDED_METADATA, STATE_JSON, CheckpointError, is_sharded_checkpoint,
+                                 split_carry, state_tree)
 from pure import rng
 from pure.losses.core import Loss
 from pure.optim import apply_updates, grad_norm_from_state
@@ -131,15 +135,25 @@ def shard_batch_indices(num_rows_in_global_batch: int, rank: int, world: int) ->
     return range(start, start + per_rank + (rank < extra))
 
 
-def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int) -> list[dict]:
+def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int, paired: bool = False) -> list[dict]:
     """Each micro-batch of a global step cut to `rank`'s rows (`shard_batch_indices`): every tensor
     with the micro-batch's row count as its dim 0 is sliced; other values pass unchanged. A
-    micro-batch may come out with no rows."""
+    micro-batch may come out with no rows.
+
+    `paired`: the micro-batches are pair batches (`pure.data.pair_batch`, `reward_batch`: 2B rows,
+    pair i at rows i and B + i), split by pairs: the rank takes pairs i0..i1, rows i0..i1 and
+    B + i0..B + i1, in that layout."""
     out = []
     for mb in micro_batches:
         rows = int(mb["input_ids"].shape[0])
-        take = shard_batch_indices(rows, rank, world)
-        out.append({k: v[take.start:take.stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
+        if paired:
+            half = rows // 2
+            take = shard_batch_indices(half, rank, world)
+            index = torch.cat([torch.arange(take.start, take.stop), torch.arange(half + take.start, half + take.stop)])
+        else:
+            take = shard_batch_indices(rows, rank, world)
+            index = torch.arange(take.start, take.stop)
+        out.append({k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
                     else v for k, v in mb.items()})
     return out
 
@@ -196,7 +210,7 @@ def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
 
 
 def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None,
-                            shard_optimizer: bool = True):
+                            shard_optimizer: bool = True, paired: bool = False):
     """Build `train_step(state, micro_batches) -> (state, metrics)` for a `shard_state`d state; every
     rank passes the same micro-batches, those of the global step, and trains on its rows of each
     (`shard_micro_batches`).
@@ -212,6 +226,7 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     dropout equals one process in distribution, not sample by sample). A micro-batch with no rows
     on this rank (fewer rows than ranks) adds nothing.
 
+    `paired`: the micro-batches are pair batches, split by pairs (`shard_micro_batches`).
     `shard_optimizer` says how `shard_state` placed the optimizer state: True (FSDP, ZeRO-1/2/3)
     reduce-scatters the gradients onto `Shard(0)` and updates each param's shard (a replicated param,
     ZeRO-1/2, is sliced for the update, a local view, and all-gathered after it); False (DDP)
@@ -243,7 +258,7 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         bind = make_bind(gather(frozen))
         full = gather(state.trainable)
         counts = loss.totals(bind(full), micro_batches)
-        local = shard_micro_batches(micro_batches, rank, world)
+        local = shard_micro_batches(micro_batches, rank, world, paired)
         keys = [rng.fold_in(step_key, rank * len(local) + i) for i in range(len(local))]
         mine = [i for i, mb in enumerate(local) if mb["input_ids"].shape[0]]
         grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], bind)
@@ -278,9 +293,6 @@ def _empty_metrics(loss: Loss, bind, full, empty_batch: dict, counts: dict, key)
 
 # ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
 
-SHARDED_STATE_JSON = "state.json"
-
-
 def _tensors_and_values(state: TrainState) -> tuple[dict[str, torch.Tensor], dict]:
     """The state's tensors by pytree path (`backends.checkpoint`'s keys; DTensors as they are
     placed, `carry` tensors under `carry/<name>`) and the JSON of the rest (step, data cursor,
@@ -302,10 +314,10 @@ def _is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
+def save_sharded(state: TrainState, folder: str | os.PathLike, extra: dict | None = None) -> Path:
     """Save the whole train state into `folder` with `torch.distributed.checkpoint`: every rank
     writes its shards (`dcp.save`, one `FileSystemWriter` file per rank; a replicated tensor is
-    written once), rank 0 writes `state.json` (the non-tensor fields). Collective: every rank calls
+    written once), rank 0 writes `state.json` (the non-tensor fields and `extra`). Collective: every rank calls
     it with its `shard_state`d state; without a process group it saves one process's plain state.
 
     Atomic: the ranks write into `<folder>.tmp`, and after a barrier rank 0 fsyncs it and renames it
@@ -316,6 +328,7 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
     distributed = _is_distributed()
     rank = torch.distributed.get_rank() if distributed else 0
     tensors, meta = _tensors_and_values(state)
+    meta["extra"] = extra or {}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
         aside = tmp.with_name(tmp.name + ".old")  # where `swap_into_place` moves the previous `folder`
@@ -331,7 +344,7 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
         if distributed:
             torch.distributed.barrier()  # every rank's shards are written
         if rank == 0:
-            (tmp / SHARDED_STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
             fsync_tree(tmp)
             swap_into_place(tmp, folder)
     except BaseException:
@@ -343,6 +356,56 @@ def save_sharded(state: TrainState, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _open_sharded(folder: Path) -> tuple[dict, dict]:
+    """(`state.json`, DCP's metadata of each saved tensor) of a `save_sharded` folder."""
+    if not is_sharded_checkpoint(folder):
+        raise CheckpointError(f"{folder} is not a puretune sharded checkpoint (no {STATE_JSON} / "
+                              f"{SHARDED_METADATA} written by save_sharded)")
+    meta = json.loads((folder / STATE_JSON).read_text())
+    return meta, dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+
+
+def _targets(folder: Path, named, meta: dict, saved: dict, plain_only: bool) -> dict[str, torch.Tensor]:
+    """What DCP loads into, by name, for the tensor leaves of `named` (pytree path, leaf), checked
+    against the checkpoint: a DTensor leaf's copy (DCP fills each rank's part of it), a plain
+    tensor of the leaf's shape for a plain leaf. Non-tensor leaves must be in `state.json`."""
+    tensors = {}
+    for name, leaf in named:
+        if not isinstance(leaf, torch.Tensor):
+            if name not in meta["values"]:
+                raise CheckpointError(f"{folder}: value {name!r} is missing from {STATE_JSON}; the "
+                                      "checkpoint is from a different run setup")
+            continue
+        if isinstance(leaf, DTensor) and plain_only:
+            raise ValueError(f"loading {folder}: `like` holds DTensor {name!r} but no mesh was given")
+        if name not in saved:
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing; the checkpoint is from a different run setup")
+        size, dtype = saved[name].size, saved[name].properties.dtype
+        if tuple(size) != tuple(leaf.shape) or dtype != leaf.dtype:
+            raise CheckpointError(f"{folder}: {name} is {dtype} {list(size)} in the checkpoint, expected "
+                                  f"{leaf.dtype} {list(leaf.shape)}")
+        tensors[name] = leaf.detach().clone() if isinstance(leaf, DTensor) else torch.empty(tuple(size), dtype=dtype)
+    return tensors
+
+
+def _read(folder: Path, tensors: dict[str, torch.Tensor], no_dist: bool) -> None:
+    """DCP's load of `tensors` (in place) from `folder`; a missing or truncated shard file is a
+    CheckpointError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=no_dist)
+    except dcp.CheckpointException as e:
+        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
+                              f"({str(e).strip().splitlines()[-1]})") from e
+
+
+def _refuse_unexpected(folder: Path, unexpected) -> None:
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a "
+                              "different run setup")
+
+
 def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh | None) -> TrainState:
     """The state saved by `save_sharded` in `folder`, in the placements of `like`: a state of the
     same run placed with `shard_state` on `mesh`, at any world size (DCP reads each rank's part of
@@ -352,43 +415,15 @@ def load_sharded(like: TrainState, folder: str | os.PathLike, mesh: DeviceMesh |
     Raises CheckpointError naming the folder and the key when the folder is not a sharded
     checkpoint, or its tensors or values do not match `like` (another run setup or model shape)."""
     folder = Path(folder)
-    if not (folder / SHARDED_STATE_JSON).is_file() or not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder} is not a puretune sharded checkpoint (no {SHARDED_STATE_JSON} / "
-                              ".metadata written by save_sharded)")
-    meta = json.loads((folder / SHARDED_STATE_JSON).read_text())
-    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    meta, saved = _open_sharded(folder)
     template = state_tree(like)
     named = leaves_with_paths(template, none_is_leaf=True)
-    tensors = {}
-    for name, leaf in named:
-        if not isinstance(leaf, torch.Tensor):
-            if name not in meta["values"]:
-                raise CheckpointError(f"{folder}: value {name!r} is missing from {SHARDED_STATE_JSON}; the "
-                                      "checkpoint is from a different run setup")
-            continue
-        if isinstance(leaf, DTensor) and mesh is None:
-            raise ValueError(f"load_sharded({folder}): `like` holds DTensor {name!r} but no mesh was given")
-        if name not in saved:
-            raise CheckpointError(f"{folder}: tensor {name!r} is missing; the checkpoint is from a different run setup")
-        size, dtype = saved[name].size, saved[name].properties.dtype
-        if tuple(size) != tuple(leaf.shape) or dtype != leaf.dtype:
-            raise CheckpointError(f"{folder}: {name} is {dtype} {list(size)} in the checkpoint, expected "
-                                  f"{leaf.dtype} {list(leaf.shape)}")
-        tensors[name] = leaf.detach().clone()  # loaded in place: `like` keeps its values
+    tensors = _targets(folder, named, meta, saved, plain_only=mesh is None)
     carry_names = meta["carry"]["tensors"]
-    unexpected = set(saved) - set(tensors) - set(carry_names)
-    if unexpected:
-        raise CheckpointError(f"{folder}: unexpected tensors {sorted(unexpected)[:5]}; the checkpoint is from a "
-                              "different run setup")
+    _refuse_unexpected(folder, set(saved) - set(tensors) - set(carry_names))
     for name in carry_names:  # carry has no template: full plain tensors of the saved size
         tensors[name] = torch.empty(tuple(saved[name].size), dtype=saved[name].properties.dtype)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=mesh is None)
-    except dcp.CheckpointException as e:  # a shard file missing or truncated
-        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
-                              f"({str(e).strip().splitlines()[-1]})") from e
+    _read(folder, tensors, no_dist=mesh is None)
     carry = dict(meta["carry"]["values"])
     carry.update({name.split("/", 1)[1]: tensors.pop(name) for name in carry_names})
     restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]
@@ -408,39 +443,12 @@ def load_sharded_fields(like: dict, folder: str | os.PathLike, exact: bool = Tru
     checkpoint, a tensor is missing or has another shape or dtype, or the checkpoint holds tensors
     under a requested field that `like` lacks (another run setup or model shape)."""
     folder = Path(folder)
-    if not (folder / SHARDED_STATE_JSON).is_file() or not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder} is not a puretune sharded checkpoint (no {SHARDED_STATE_JSON} / "
-                              ".metadata written by save_sharded)")
-    meta = json.loads((folder / SHARDED_STATE_JSON).read_text())
-    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    meta, saved = _open_sharded(folder)
     named = leaves_with_paths(like, none_is_leaf=True)
-    tensors = {}
-    for name, leaf in named:
-        if not isinstance(leaf, torch.Tensor):
-            if name not in meta["values"]:
-                raise CheckpointError(f"{folder}: value {name!r} is missing from {SHARDED_STATE_JSON}; the "
-                                      "checkpoint is from a different run setup")
-            continue
-        if isinstance(leaf, DTensor):
-            raise ValueError(f"load_sharded_fields({folder}): `like` holds DTensor {name!r}; it reads plain tensors")
-        if name not in saved:
-            raise CheckpointError(f"{folder}: tensor {name!r} is missing; the checkpoint is from a different run setup")
-        size, dtype = saved[name].size, saved[name].properties.dtype
-        if tuple(size) != tuple(leaf.shape) or dtype != leaf.dtype:
-            raise CheckpointError(f"{folder}: {name} is {dtype} {list(size)} in the checkpoint, expected "
-                                  f"{leaf.dtype} {list(leaf.shape)}")
-        tensors[name] = torch.empty(tuple(size), dtype=dtype)
-    fields = tuple(f"{field}." for field in like)
-    unexpected = sorted(n for n in saved if n.startswith(fields) and n not in tensors)
-    if unexpected and exact:
-        raise CheckpointError(f"{folder}: unexpected tensors {unexpected[:5]}; the checkpoint is from a "
-                              "different run setup")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-    except dcp.CheckpointException as e:  # a shard file missing or truncated
-        raise CheckpointError(f"{folder}: the shards cannot be read; the checkpoint is damaged "
-                              f"({str(e).strip().splitlines()[-1]})") from e
+    tensors = _targets(folder, named, meta, saved, plain_only=True)
+    if exact:
+        fields = tuple(f"{field}." for field in like)
+        _refuse_unexpected(folder, [n for n in saved if n.startswith(fields) and n not in tensors])
+    _read(folder, tensors, no_dist=True)
     restored = [tensors[name] if isinstance(leaf, torch.Tensor) else meta["values"][name] for name, leaf in named]
     return replace_leaves(like, restored, none_is_leaf=True)

@@ -16,6 +16,28 @@ def _scalar(value):
     return float(value) if isinstance(value, (int, float)) else value
 
 
+class RecordsOnly:
+    """The logger of a process that does not log (a rank other than 0 under torchrun): it keeps the
+    records in memory, as `MetricsLogger.records`, and writes nothing."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def log(self, step: int, metrics: dict, echo: bool = True) -> dict:
+        record = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        return record
+
+    def truncate_after(self, step: int) -> None:
+        self.records = [r for r in self.records if r["step"] <= step]
+
+    def plot_losses(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class MetricsLogger:
     def __init__(self, output_dir, *, use_tensorboard=False, wandb_project=None, wandb_name=None,
                  wandb_mode=None, wandb_entity=None, wandb_run_id=None, config_dict=None, resume=False,

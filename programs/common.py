@@ -291,5 +291,7 @@ def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
                              quantized=is_quantized(frozen))
     if served:
         print(served, flush=True)
-    return make_apply(model_config, frozen, lora_config=lora_config,
-                      checkpoint_layers=bool(config.gradient_checkpointing), **ops, **kwargs)
+    from programs.config.derived import sharding_plan
+
+    remat = bool(config.gradient_checkpointing) or sharding_plan(config).activation_checkpointing  # fsdp_config's
+    return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat, **ops, **kwargs)

@@ -20,9 +20,10 @@ from typing import Callable, Iterator
 import torch
 
 from backends import checkpoint as ckpt
-from backends.metrics import MetricsLogger
+from backends.metrics import MetricsLogger, RecordsOnly
 from kernels.measure import max_rss_mb
 from programs import common
+from programs.launch import ONE_PROCESS, Layout
 from pure.optim import schedule_free_eval_params
 from pure.train import TrainState
 from pure.tree import tree_leaves
@@ -61,6 +62,8 @@ class Run:
     of `epoch_batches`, for streamed datasets whose epoch length is unknown (needs `max_steps`).
     eval_step(trainable, micro_batches) -> metrics named `eval/...`. export(state) -> the folder.
     summary(before, after) -> a line comparing the first and last eval records (or None).
+    layout: the processes it runs in (`programs.launch`): `state` is placed, saved, loaded and
+    exported through it; `train_step` and `eval_step` come from its `steps`.
     """
 
     state: TrainState
@@ -74,17 +77,20 @@ class Run:
     summary: Callable[[dict, dict], str] | None = None
     quiet_metrics: tuple[str, ...] = ()
     stream: Callable[[dict], Iterator[tuple[dict, list[dict]]]] | None = None
+    layout: Layout = ONE_PROCESS
 
 
-def start(config, overwrite: bool) -> tuple[Path, Path | None]:
-    """Check output_dir against the config (or resume), write the resolved config; return
+def start(config, overwrite: bool, layout: Layout = ONE_PROCESS) -> tuple[Path, Path | None]:
+    """Check output_dir against the config (or resume), write the resolved config (rank 0); return
     (output_dir, checkpoint to resume from or None)."""
     from programs.config import write_resolved_config
 
     out = Path(config.output_dir)
     resume_from = find_resume_checkpoint(config)
     check_output_dir(config, overwrite, resume_from is not None)
-    write_resolved_config(config, out)
+    with layout.main_first():  # every rank has checked the folder before rank 0 writes into it
+        if layout.is_main:
+            write_resolved_config(config, out)
     return out, resume_from
 
 
@@ -168,10 +174,11 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     the resume tests use it."""
     out = Path(config.output_dir)
     accumulation = config.gradient_accumulation_steps
-    state = run.state
-    train_step, eval_step, state = wrap_steps(config, run.train_step, run.eval_step, state)
+    layout = run.layout
+    train_step, eval_step, state = wrap_steps(config, run.train_step, run.eval_step, run.state)
+    state = layout.place(state)
     if resume_from is not None:
-        state, _ = ckpt.load_checkpoint(resume_from, state)
+        state = layout.load(resume_from, state)
         print(f"resumed from {resume_from} at step {state.step}", flush=True)
     if run.stream is not None:
         if not config.max_steps:
@@ -187,7 +194,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         total = common.total_steps(config, per_epoch)
         steps = epoch_steps(run.epoch_batches, state.data_cursor, accumulation, first_epoch)
 
-    logger = MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard),
+    logger = RecordsOnly() if not layout.is_main else MetricsLogger(out, use_tensorboard=bool(config.use_tensorboard),
                            wandb_project=config.wandb_project if config.use_wandb is not False else None,
                            wandb_name=config.wandb_name, wandb_mode=config.wandb_mode,
                            wandb_entity=config.wandb_entity, wandb_run_id=config.wandb_run_id,
@@ -222,7 +229,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
         return eval_step(weights, [common.tensors_only(b) for b in run.eval_batches])
 
     def save(reason: str) -> Path:
-        path = ckpt.save_checkpoint(state, out, extra={"reason": reason}, total_limit=config.save_total_limit)
+        path = layout.save(state, out, extra={"reason": reason}, total_limit=config.save_total_limit)
         print(f"saved {path}", flush=True)
         return path
 
@@ -273,6 +280,7 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
             break
         if stop_after_step is not None and state.step >= stop_after_step:
             stop.signal = "stop_after_step"
+        stop.signal = layout.agree(stop.signal)
         if stop.signal:
             last_saved = save(stop.signal)
             print(f"stopped by {stop.signal} at step {state.step}; resume with "
@@ -294,7 +302,8 @@ def fit(config, run: Run, *, resume_from: Path | None = None, stop_after_step: i
     if getattr(train_step, "compile_seconds", None):
         print(f"torch_compile: compiled {len(train_step.compile_seconds)} graph(s) in "
               f"{sum(train_step.compile_seconds):.1f} s (cache {train_step.cache_dir})", flush=True)
-    exported = run.export(state.replace(trainable=schedule_free_eval_params(state.trainable, state.opt_state)))
+    exported = layout.export(run.export, state.replace(
+        trainable=schedule_free_eval_params(state.trainable, state.opt_state)), last_saved)
     print(f"exported to {exported}", flush=True)
     logger.plot_losses()
     logger.close()
@@ -380,4 +389,23 @@ def main_for(run_fn: Callable, description: str, argv=None) -> int:
     except (ConfigError, DataError, ModelLoadError, CheckpointError, AdapterError, FloatingPointError, ValueError,
             StepAborted) as e:
         common.fail(str(e))
+    except RuntimeError as e:
+        if not lost_another_process(e):
+            raise
+        common.fail(f"rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: lost another "
+                    f"process of the run ({str(e).strip().splitlines()[0][:300]}); no checkpoint was left half-written: "
+                    "rerun with auto_resume_from_checkpoints: true to go on from the last one")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def lost_another_process(error: RuntimeError) -> bool:
+    """Whether `error` is a collective of a torchrun world failing because another rank stopped
+    (killed, or failed with its own error): torch's DistError, or gloo's / NCCL's RuntimeError."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        sign in text for sign in ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL"))

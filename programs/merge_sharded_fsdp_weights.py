@@ -18,17 +18,10 @@ from pathlib import Path
 PROGRAM_FLAGS = {"--checkpoint": True, "--output": True}
 
 
-def is_sharded_checkpoint(folder: Path) -> bool:
-    """Whether `folder` holds what `save_sharded` writes: DCP's `.metadata` and a `state.json`."""
-    from backends.distributed import SHARDED_STATE_JSON
-
-    return (folder / ".metadata").is_file() and (folder / SHARDED_STATE_JSON).is_file()
-
-
 def find_sharded_checkpoint(output_dir: str | Path, explicit: str | Path | None = None) -> Path:
     """`explicit` when it is a sharded checkpoint, else the `checkpoint-<step>` of `output_dir` with
     the highest step among the sharded ones. Raises CheckpointError naming the folder otherwise."""
-    from backends.checkpoint import CHECKPOINT_RE, STATE_TENSORS, CheckpointError
+    from backends.checkpoint import STATE_TENSORS, CheckpointError, is_sharded_checkpoint, list_checkpoints
 
     if explicit is not None:
         folder = Path(explicit)
@@ -37,13 +30,11 @@ def find_sharded_checkpoint(output_dir: str | Path, explicit: str | Path | None 
         what = ("a one-process checkpoint (state.safetensors), not a sharded one"
                 if (folder / STATE_TENSORS).is_file() else "not a sharded checkpoint (no .metadata and state.json)")
         raise CheckpointError(f"--checkpoint {folder} is {what}")
-    out = Path(output_dir)
-    found = sorted((int(m.group(1)), p) for p in (out.iterdir() if out.is_dir() else [])
-                   if (m := CHECKPOINT_RE.match(p.name)) and is_sharded_checkpoint(p))
+    found = list_checkpoints(output_dir, sharded_only=True)
     if not found:
         raise CheckpointError(f"no sharded checkpoint (checkpoint-<step>/ with .metadata and state.json, written by "
-                              f"a multi-process run) in output_dir {out}; pass --checkpoint DIR")
-    return found[-1][1]
+                              f"a multi-process run) in output_dir {output_dir}; pass --checkpoint DIR")
+    return found[-1]
 
 
 def schedule_free_part(opt_state):
@@ -68,7 +59,8 @@ def read_trainable(config, folder: Path, params: dict) -> tuple[dict, dict, obje
     checkpoint `folder` of the run `config` describes over the base `params`."""
     import json
 
-    from backends.distributed import SHARDED_STATE_JSON, load_sharded_fields
+    from backends.checkpoint import STATE_JSON
+    from backends.distributed import load_sharded_fields
     from programs import common
     from pure import rng
     from pure.optim import schedule_free_eval_params
@@ -80,7 +72,7 @@ def read_trainable(config, folder: Path, params: dict) -> tuple[dict, dict, obje
         optimizer, _ = common.build_optimizer_from_config(config, config.max_steps or 1)
         part = load_sharded_fields({"opt_state": schedule_free_part(optimizer.init(like))}, folder, exact=False)
         trainable = schedule_free_eval_params(trainable, part["opt_state"])
-    step = json.loads((folder / SHARDED_STATE_JSON).read_text())["step"]
+    step = json.loads((folder / STATE_JSON).read_text())["step"]
     return trainable, frozen, lora_config, step
 
 

@@ -13,10 +13,10 @@ import hashlib
 import sys
 from pathlib import Path
 
-from programs import common, loop
+from programs import common, launch, loop
 from programs.config.derived import training_kind
 from pure import rng
-from pure.train import init_train_state, make_eval_step, make_train_step
+from pure.train import init_train_state
 
 DESCRIPTION = "Preference training (DPO, IPO, SimPO/CPO, ORPO, KTO) with axolotl's config keys."
 PAIRED = ("dpo", "ipo", "simpo", "orpo")
@@ -86,14 +86,16 @@ def precompute_reference(examples, bind, config, pad_id: int, cache: Path | None
 
 def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
     kind = training_kind(config)
-    out, resume_from = loop.start(config, overwrite)
+    layout = launch.layout_of(config)
+    out, resume_from = loop.start(config, overwrite, layout)
 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
     from backends.datasets import prepare_datasets
     from programs.data import data_spec
 
-    data = prepare_datasets(data_spec(config), tokenizer)
+    with layout.main_first():  # rank 0 writes the prepared-data cache, the others read it
+        data = prepare_datasets(data_spec(config), tokenizer)
     keep = ("prompt_ids", "completion_ids", "label") if kind == "kto" else ("prompt_ids", "chosen_ids", "rejected_ids")
     train_examples = [{k: r[k] for k in keep} for r in data.train]
     eval_examples = [{k: r[k] for k in keep} for r in data.eval] if data.eval else []
@@ -112,9 +114,10 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
                              f"{'has no reference model' if kind in REFERENCE_FREE else 'pairs KL rows anew each epoch'})")
         tag = hashlib.sha256(f"{config.base_model}|{model_config}".encode()).hexdigest()[:16]
         where = (lambda name: data.path / f"ref_logps-{name}-{tag}.safetensors") if data.path else (lambda name: None)
-        train_examples = precompute_reference(train_examples, bind, config, pad_id, where("train"))
-        if eval_examples:
-            eval_examples = precompute_reference(eval_examples, bind, config, pad_id, where("eval"))
+        with layout.main_first():  # rank 0 computes and caches them, the others read the cache
+            train_examples = precompute_reference(train_examples, bind, config, pad_id, where("train"))
+            if eval_examples:
+                eval_examples = precompute_reference(eval_examples, bind, config, pad_id, where("eval"))
     loss = objective(config, kind)
 
     def epoch_batches(epoch: int) -> list[dict]:
@@ -123,6 +126,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
                                                               config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
+    train_step, eval_step = layout.steps(loss, optimizer, bind, paired=kind != "kto")
     eval_batches = []
     if eval_examples:
         eval_config = config.model_copy(update={"micro_batch_size": config.eval_batch_size})
@@ -130,14 +134,15 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
 
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
-        train_step=make_train_step(loss, optimizer, bind),
+        train_step=train_step,
         epoch_batches=epoch_batches,
         schedule=schedule,
         export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-        eval_step=make_eval_step(loss, bind),
+        eval_step=eval_step,
         eval_batches=eval_batches,
         num_examples=(len(train_examples), len(eval_examples)),
         summary=lambda before, after: summary(len(eval_examples), before, after),
+        layout=layout,
     ), resume_from=resume_from, stop_after_step=stop_after_step)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from programs import common, loop
+from programs import common, launch, loop
 from programs.config.derived import training_kind
 from pure import rng
-from pure.train import init_train_state, make_eval_step, make_train_step
+from pure.train import init_train_state
 
 DESCRIPTION = "Reward-model training (Bradley-Terry outcome RM, process RM) with axolotl's config keys."
 
@@ -32,14 +32,16 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
                           "(use python -m programs.train to dispatch on the config)")
     head_kind = "sequence" if kind == "rm" else "token"
     num_labels = config.num_labels or (1 if kind == "rm" else 2)
-    out, resume_from = loop.start(config, overwrite)
+    layout = launch.layout_of(config)
+    out, resume_from = loop.start(config, overwrite, layout)
 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
     from backends.datasets import prepare_datasets
     from programs.data import data_spec
 
-    data = prepare_datasets(data_spec(config), tokenizer)
+    with layout.main_first():  # rank 0 writes the prepared-data cache, the others read it
+        data = prepare_datasets(data_spec(config), tokenizer)
     keep = ("chosen_input_ids", "rejected_input_ids") if kind == "rm" else ("input_ids", "labels")
     train_examples = [{k: r[k] for k in keep} for r in data.train]
     eval_examples = [{k: r[k] for k in keep} for r in data.eval] if data.eval else []
@@ -64,6 +66,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
                                                               config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
+    train_step, eval_step = layout.steps(loss, optimizer, bind, paired=kind == "rm")
 
     def export(state) -> Path:
         from backends.export import save_peft_reward_adapter, save_reward_model
@@ -88,14 +91,15 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     eval_size = config.eval_batch_size
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
-        train_step=make_train_step(loss, optimizer, bind),
+        train_step=train_step,
         epoch_batches=epoch_batches,
         schedule=schedule,
         export=export,
-        eval_step=make_eval_step(loss, bind),
+        eval_step=eval_step,
         eval_batches=collate(eval_examples, list(range(len(eval_examples))), eval_size) if eval_examples else [],
         num_examples=(len(train_examples), len(eval_examples)),
         summary=summary,
+        layout=layout,
     ), resume_from=resume_from, stop_after_step=stop_after_step)
 
 

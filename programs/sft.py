@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from programs import common, loop
+from programs import common, launch, loop
 from pure import rng
 from pure.losses import sft
-from pure.train import init_train_state, make_eval_step, make_train_step
+from pure.train import init_train_state
 
 DESCRIPTION = "Supervised fine-tuning (full or LoRA) of a causal LM with axolotl's config keys."
 
 
 def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> dict:
     """Train as the config says; `stop_after_step` stops like a signal would (the resume tests use it)."""
-    out, resume_from = loop.start(config, overwrite)
+    layout = launch.layout_of(config)
+    out, resume_from = loop.start(config, overwrite, layout)
 
     # ---- model and data
     params, model_config, tokenizer = common.load_model(config)
@@ -35,10 +36,12 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
             from programs.config import ConfigError
 
             raise ConfigError("streaming: a streamed dataset has no known length; set max_steps")
-        train_examples, evals = [], prepare_eval_datasets(spec, tokenizer)
+        with layout.main_first():
+            train_examples, evals = [], prepare_eval_datasets(spec, tokenizer)
         total = config.max_steps
     else:
-        data = prepare_datasets(spec, tokenizer)
+        with layout.main_first():  # rank 0 writes the prepared-data cache, the others read it
+            data = prepare_datasets(spec, tokenizer)
         train_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in data.train]
         evals = data.eval
     eval_examples = [dict(input_ids=r["input_ids"], labels=r["labels"]) for r in evals] if evals else []
@@ -54,6 +57,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     optimizer, schedule = common.build_optimizer_from_config(config, total)
     bind = common.make_bind(config, model_config, frozen, lora_config)
+    train_step, eval_step = layout.steps(sft, optimizer, bind)
 
     def summary(before: dict, after: dict) -> str:
         return (f"held-out ({len(eval_examples)} rows): eval/loss {before['eval/loss']:.4f} -> "
@@ -62,16 +66,17 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
 
     return loop.fit(config, loop.Run(
         state=init_train_state(trainable, optimizer, init_key),
-        train_step=make_train_step(sft, optimizer, bind),
+        train_step=train_step,
         epoch_batches=None if streamed else epoch_batches,
         stream=(lambda cursor: stream_train_steps(spec, tokenizer, cursor, accumulation)) if streamed else None,
         schedule=schedule,
         export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-        eval_step=make_eval_step(sft, bind),
+        eval_step=eval_step,
         eval_batches=common.eval_micro_batches(eval_examples, config, pad_id) if eval_examples else [],
         num_examples=(len(train_examples), len(eval_examples)),
         summary=summary,
         quiet_metrics=("num_trained_tokens", "token_accuracy"),
+        layout=layout,
     ), resume_from=resume_from, stop_after_step=stop_after_step)
 
 

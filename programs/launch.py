@@ -1,0 +1,256 @@
+"""The processes a training program runs in: one, or a torchrun world sharded by backends.distributed.
+
+    layout = launch.layout_of(config)          # torchrun's env -> process group, mesh, sharding plan
+    with layout.main_first():                   # rank 0 writes caches, the others then read them
+        data = prepare_datasets(...)
+    train_step, eval_step = layout.steps(loss, optimizer, bind)
+    ... loop.fit places the state (layout.place), saves and loads (layout.save / layout.load),
+    agrees on stops (layout.agree) and exports on rank 0 (layout.export) ...
+
+Without torchrun (no WORLD_SIZE, or 1) the layout is one process and every method is the plain
+one-process path. Under `torchrun --nproc_per_node N -m programs.sft --config x.yaml` every rank
+runs the same program on the same global batches (each a pure function of seed and step, built on
+every rank); the sharded step trains each rank on its rows of them, so the global batch sequence,
+and the result up to fp32 rounding, is the same at any world size: `micro_batch_size` x
+`gradient_accumulation_steps` is the global batch here, not the per-device one of axolotl.
+Only rank 0 prints (the others' stdout goes to /dev/null), logs metrics, writes the resolved config
+and exports; every rank writes its shards of a checkpoint.
+
+The frozen params (a LoRA's base) stay whole on every rank; the trained params, gradients and
+optimizer state are placed as the config's sharding plan says (`programs.config.derived.sharding_plan`).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backends import checkpoint as ckpt
+from programs.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One process (`mesh` None) or rank `rank` of a `world` of data-parallel processes on `mesh`."""
+
+    plan: object = None  # programs.config.derived.ShardingPlan
+    mesh: object = None  # torch.distributed.device_mesh.DeviceMesh
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (it writes what the block caches: a prepared dataset), then the
+        others run it (and read the cache)."""
+        if self.distributed and not self.is_main:
+            torch.distributed.barrier()
+        yield
+        if self.distributed and self.is_main:
+            torch.distributed.barrier()
+
+    def steps(self, loss, optimizer, bind, paired: bool = False) -> tuple[Callable, Callable]:
+        """(train_step, eval_step) of `loss` with `bind` (its frozen params whole on every rank):
+        `pure.train`'s, or the sharded step on the plan's placements with an eval step that gathers
+        the trained params first (every rank evaluates the whole eval set; rank 0 logs it).
+        `paired`: the batches are pair batches, which the ranks split by pairs."""
+        from pure.train import make_eval_step, make_train_step
+
+        if not self.distributed:
+            return make_train_step(loss, optimizer, bind), make_eval_step(loss, bind)
+        from backends.distributed import gather, make_sharded_train_step
+
+        train_step = make_sharded_train_step(loss, optimizer, lambda frozen: bind, self.mesh,
+                                             shard_optimizer=self.plan.shard_optimizer, paired=paired)
+        plain_eval = make_eval_step(loss, bind)
+        return train_step, lambda trainable, micro_batches: plain_eval(gather(trainable), micro_batches)
+
+    def place(self, state):
+        """The state in the plan's placements (one process: as it is)."""
+        if not self.distributed:
+            return state
+        from backends.distributed import shard_state
+
+        return shard_state(state, self.mesh, self.plan.shard_params, self.plan.shard_optimizer)
+
+    def save(self, state, output_dir: Path, extra: dict, total_limit: int | None) -> Path:
+        """`output_dir/checkpoint-<step>`: one process's `backends.checkpoint` folder, also for a world
+        whose plan says `state_dict_type: FULL_STATE_DICT` (gathered, written by rank 0), or the
+        world's sharded one (`SHARDED_STATE_DICT`: `backends.distributed.save_sharded`, every rank its
+        shards); the oldest beyond `total_limit` are removed by rank 0. Either resumes at any world size."""
+        if not self.distributed:
+            return ckpt.save_checkpoint(state, output_dir, extra=extra, total_limit=total_limit)
+        from backends.distributed import gather, save_sharded
+
+        folder = Path(output_dir) / f"checkpoint-{state.step}"
+        if self.plan.state_dict_type == "SHARDED_STATE_DICT":
+            save_sharded(state, folder, extra=extra)
+            if self.is_main and total_limit:
+                ckpt.prune_checkpoints(output_dir, total_limit)
+        else:
+            whole = state.replace(trainable=gather(state.trainable), opt_state=gather(state.opt_state))
+            if self.is_main:
+                ckpt.save_checkpoint(whole, output_dir, extra=extra, total_limit=total_limit)
+        torch.distributed.barrier()
+        return folder
+
+    def load(self, path: Path, like):
+        """The state saved in `path`, in `like`'s placements, whatever world size saved it: a sharded
+        checkpoint is read by each rank's part (or whole, in one process); a one-process checkpoint is
+        read whole and placed."""
+        from backends.distributed import gather, is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path):
+            return load_sharded(like, path, self.mesh)
+        if not self.distributed:
+            return ckpt.load_checkpoint(path, like)[0]
+        plain = like.replace(trainable=gather(like.trainable), opt_state=gather(like.opt_state))
+        return self.place(ckpt.load_checkpoint(path, plain)[0])
+
+    def agree(self, stop: str | None) -> str | None:
+        """A stop (a signal) seen by any rank, seen by all after the same step, so they all save the
+        same checkpoint and return together; one process: `stop` as it is."""
+        if not self.distributed:
+            return stop
+        flag = torch.tensor([0 if stop is None else 1])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return (stop or "a signal to another rank") if int(flag) else None
+
+    def export(self, export: Callable, state, last_checkpoint: Path | None) -> Path | None:
+        """`export(state)` with the trained params whole: gathered on every rank, written by rank 0.
+        Returns the folder (None on the other ranks). A plan with `final_state_dict_type:
+        SHARDED_STATE_DICT` exports nothing: the run's last sharded checkpoint is its result, and
+        `programs.merge_sharded_fsdp_weights` consolidates it."""
+        if not self.distributed:
+            return export(state)
+        from backends.distributed import gather
+
+        if self.plan.final_state_dict_type == "SHARDED_STATE_DICT":
+            print(f"final_state_dict_type: SHARDED_STATE_DICT: the result is the sharded checkpoint {last_checkpoint}; "
+                  "consolidate it with python -m programs.merge_sharded_fsdp_weights --config <this config>", flush=True)
+            return last_checkpoint
+
+        plain = state.replace(trainable=gather(state.trainable))
+        folder = export(plain) if self.is_main else None
+        torch.distributed.barrier()
+        return folder
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+ONE_PROCESS = Layout()
+
+
+def world_size_from_env() -> int:
+    """torchrun's WORLD_SIZE (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def layout_of(config) -> Layout:
+    """The layout the config runs in, from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR/PORT) and the sharding keys: one process, or the process group (nccl on CUDA, gloo
+    on CPU) with its DeviceMesh. Prints (rank 0) one line of how the ranks share the state, and the
+    plan's lines. Raises ConfigError when the sizes do not fit the world or ask for more than one
+    process without torchrun, or the config asks for what the sharded step does not run."""
+    from programs.config.derived import sharding_plan
+
+    plan = sharding_plan(config)
+    world = world_size_from_env()
+    asked = {key: size for key, size in (("dp_shard_size", plan.dp_shard), ("dp_replicate_size", plan.dp_replicate),
+                                         ("tensor_parallel_size", plan.tp), ("context_parallel_size", plan.cp))
+             if size and size > 1}
+    if plan.final_state_dict_type == "SHARDED_STATE_DICT" and config.save_strategy == "no":
+        raise ConfigError("final_state_dict_type: SHARDED_STATE_DICT makes the last sharded checkpoint the result, "
+                          "but save_strategy: no saves none; drop one of them")
+    if world == 1:
+        if asked:
+            key, size = next(iter(asked.items()))
+            raise ConfigError(f"{key}: {size} needs more than one process; launch with "
+                              f"torchrun --nproc_per_node N -m programs.<program> --config ...")
+        for line in plan.lines:
+            print(line, flush=True)
+        return ONE_PROCESS
+    refuse_in_world(config, world)
+    from backends.distributed import data_parallel_mesh, make_mesh, mesh_sizes
+
+    try:
+        sizes = mesh_sizes(world, dp_shard=plan.dp_shard, dp_replicate=plan.dp_replicate, tp=plan.tp, cp=plan.cp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(seconds=plan.timeout_s) if plan.timeout_s else None
+        torch.distributed.init_process_group(backend, timeout=timeout)
+    mesh = make_mesh(sizes, "cuda" if cuda else "cpu")
+    try:
+        data_parallel_mesh(mesh)
+    except NotImplementedError as err:
+        raise ConfigError(str(err)) from None
+    rank = torch.distributed.get_rank()
+    layout = Layout(plan=plan, mesh=mesh, rank=rank, world=world)
+    if not layout.is_main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints for the world
+    print(f"distributed: {world} processes over {backend}, mesh {sizes.as_dict()}; {describe(plan)}", flush=True)
+    for line in plan.lines + memory_lines(plan, cuda):
+        print(line, flush=True)
+    return layout
+
+
+def memory_lines(plan, cuda: bool) -> tuple[str, ...]:
+    """What the plan's memory-only switches do here, one line each (none changes a result)."""
+    lines = []
+    if plan.shard_params and plan.reshard_after_forward:
+        lines.append("reshard_after_forward: true: the sharded params are gathered whole once per step and freed "
+                     "after its backward (the memory of reshard_after_forward: false); per-layer resharding is not "
+                     "built yet")
+    if plan.offload_params or plan.offload_optimizer:
+        if cuda:
+            raise ConfigError("offload_params / offload_optimizer: CPU offload from a CUDA device is not supported "
+                              "yet; set them false")
+        lines.append("offload: the params and optimizer state already live in CPU memory (no accelerator)")
+    if plan.cpu_ram_efficient_loading:
+        lines.append("cpu_ram_efficient_loading: no effect yet; every rank reads the whole checkpoint from disk")
+    return tuple(lines)
+
+
+
+def describe(plan) -> str:
+    """How the ranks share the state, in words."""
+    def where(sharded: bool) -> str:
+        return "sharded" if sharded else "replicated"
+
+    return (f"{plan.strategy}: trained params {where(plan.shard_params)}, gradients "
+            f"{'reduce-scattered' if plan.shard_grads else 'all-reduced'}, optimizer state "
+            f"{where(plan.shard_optimizer)}; frozen params whole on every rank; each rank trains on its "
+            "rows of every global micro-batch")
+
+
+def refuse_in_world(config, world: int) -> None:
+    """What the sharded step does not run yet, refused by key before anything loads."""
+    from programs.config.derived import precision_plan, training_kind
+
+    where = f"under torchrun ({world} processes)"
+    if config.torch_compile is True:
+        raise ConfigError(f"torch_compile: true is not supported {where} yet; set torch_compile: false")
+    if precision_plan(config).loss_scaling:
+        raise ConfigError(f"fp16 (dynamic loss scaling) is not supported {where} yet; use bf16 or fp32")
+    if training_kind(config) in ("grpo", "gdpo"):
+        raise ConfigError(f"rl: {training_kind(config)} is not supported {where} yet; run it in one process")
