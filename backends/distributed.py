@@ -264,7 +264,7 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], bind)
         if grads is None:  # no rows on this rank in this step
             grads = tree_map(torch.zeros_like, full)
-            aux = _empty_metrics(loss, bind, full, local[0], counts, keys[0])
+            aux = _empty_metrics(loss, bind, full, micro_batches[0], counts, keys[0], paired)
         params = tree_map(for_update, state.trainable)
         grads = tree_map(to_placement, grads, params)
         updates, opt_state = optimizer.update(grads, state.opt_state, params, state.step)
@@ -282,12 +282,15 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     return train_step
 
 
-def _empty_metrics(loss: Loss, bind, full, empty_batch: dict, counts: dict, key) -> dict:
+def _empty_metrics(loss: Loss, bind, full, micro_batch: dict, counts: dict, key, paired: bool) -> dict:
     """The metrics `loss` reports for no rows (zeros of each metric's dtype), for a rank with no rows
     in a step: it still joins every metric's sum over the ranks, with the same names and dtypes.
-    From the loss on its empty slice of a micro-batch (the forward takes zero rows)."""
+    Read from the loss on the first row (or pair) of a global micro-batch, without gradients: a
+    forward of zero rows is not something every attention kernel takes."""
+    units = int(micro_batch["input_ids"].shape[0]) // (2 if paired else 1)
+    (first,) = shard_micro_batches([micro_batch], 0, units, paired)
     with torch.no_grad():
-        _, metrics = loss(bind(full), {**empty_batch, **counts}, key)
+        _, metrics = loss(bind(full), {**first, **counts}, key)
     return {name: torch.zeros_like(v) for name, v in metrics.items()}
 
 

@@ -6,11 +6,15 @@
     python -m programs.bench --suite rollout [--model smollm2-135m-instruct] [--prompts 8 --n 4 --max-tokens 64] [--vllm]
     python -m programs.bench --suite grpo --config configs/grpo-smollm2.yaml [--steps 6] [--key value ...]
                              [--threads 2] [--repeats 3] [--temperature T --top-p P --top-k K] [--out F.json]
+    python -m programs.bench --suite distributed --config x.yaml [--world 2] [--steps 4] [--warmup 1]
+                             [--repeats 2] [--out F.json] [--key value ...]
 
 The first prints a markdown table and writes the whole report as JSON (`programs.bench.throughput`);
 `--key value` overrides a config key as in every program. The second runs `programs.bench.gpu` with
 nothing but the GPU image's torch / transformers / triton (no pydantic: the config is never read).
 The third times GRPO rollouts, our `NativeEngine` against transformers `generate` (`programs.bench.rollout`).
+The fifth runs the SFT step in one process and under torchrun: per-rank state bytes and step time
+(`programs.bench.distributed`).
 """
 from __future__ import annotations
 
@@ -114,8 +118,13 @@ def run_suite(argv: list[str]) -> int:
 
         own, overrides = grpo_step.split_args(argv)
         return grpo_step.run_suite(read_options(own, grpo_step.OPTIONS), overrides)
+    if suite == "distributed":
+        from programs.bench import distributed, grpo_step
+
+        own, overrides = grpo_step.split_args(argv, distributed.OPTIONS)
+        return distributed.run_suite(read_options(own, distributed.OPTIONS), overrides)
     if suite != "gpu":
-        raise BenchError(f"--suite {suite!r} is not known; expected 'gpu', 'rollout' or 'grpo'")
+        raise BenchError(f"--suite {suite!r} is not known; expected 'gpu', 'rollout', 'grpo' or 'distributed'")
     from programs.bench.gpu.suite import run_gpu_suite
 
     options = read_options(argv, SUITE_OPTIONS)

@@ -26,13 +26,14 @@ OPTIONS = {"--suite": (str, None), "--config": (str, None), "--steps": (int, 6),
 PHASES = ("sync", "rollout", "reward", "logps", "train")
 
 
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(this suite's options, the config overrides): `--flag value` pairs whose flag is not one of `OPTIONS`
-    are `--key value` config overrides."""
+def split_args(argv: list[str], options: dict | None = None) -> tuple[list[str], list[str]]:
+    """(the suite's options, the config overrides): `--flag value` pairs whose flag is not one of
+    `options` (this suite's `OPTIONS` by default) are `--key value` config overrides."""
+    options = OPTIONS if options is None else options
     own, overrides, i = [], [], 0
     while i < len(argv):
         name, has_value, _ = argv[i].partition("=")
-        target = own if name.replace("_", "-") in OPTIONS else overrides
+        target = own if name.replace("_", "-") in options else overrides
         target.append(argv[i])
         if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             target.append(argv[i + 1])
