@@ -135,16 +135,24 @@ def shard_batch_indices(num_rows_in_global_batch: int, rank: int, world: int) ->
     return range(start, start + per_rank + (rank < extra))
 
 
-def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int, paired: bool = False) -> list[dict]:
-    """Each micro-batch of a global step cut to `rank`'s rows (`shard_batch_indices`): every tensor
-    with the micro-batch's row count as its dim 0 is sliced; other values pass unchanged. A
-    micro-batch may come out with no rows.
+PACKED_KEYS = frozenset({"input_ids", "labels", "positions", "segment_ids"})
 
-    `paired`: the micro-batches are pair batches (`pure.data.pair_batch`, `reward_batch`: 2B rows,
-    pair i at rows i and B + i), split by pairs: the rank takes pairs i0..i1, rows i0..i1 and
-    B + i0..B + i1, in that layout."""
+
+def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int, paired: bool = False) -> list[dict]:
+    """Each micro-batch of a global step cut to `rank`'s share; a share may be empty.
+
+    A packed micro-batch (`pure.data.packing`: `input_ids`, `labels`, `positions`, `segment_ids`,
+    nothing else) is split by documents (`split_documents`), so the ranks get about equal tokens even
+    when there are fewer rows than ranks. Otherwise it is split by rows (`shard_batch_indices`):
+    every tensor with the micro-batch's row count as its dim 0 is sliced, other values pass
+    unchanged. `paired`: the micro-batches are pair batches (`pure.data.pair_batch`,
+    `reward_batch`: 2B rows, pair i at rows i and B + i), split by pairs: the rank takes pairs
+    i0..i1, rows i0..i1 and B + i0..B + i1, in that layout."""
     out = []
     for mb in micro_batches:
+        if not paired and set(mb) == PACKED_KEYS:
+            out.append(split_documents(mb, rank, world))
+            continue
         rows = int(mb["input_ids"].shape[0])
         if paired:
             half = rows // 2
@@ -155,6 +163,48 @@ def shard_micro_batches(micro_batches: Sequence[dict], rank: int, world: int, pa
             index = torch.arange(take.start, take.stop)
         out.append({k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
                     else v for k, v in mb.items()})
+    return out
+
+
+def split_documents(mb: dict, rank: int, world: int) -> dict:
+    """`rank`'s documents of a packed micro-batch, packed again into rows of the same width.
+
+    The documents (each row's segments, in row order) are cut into `world` contiguous runs of about
+    equal tokens: document i goes to rank floor(world * (tokens before i + half its length) / all
+    tokens). Each is copied whole, with its positions and labels (its first label is already -100),
+    so attention stays within it and every token's loss is the one it has in the whole batch: the
+    ranks' losses and gradients sum to the batch's. A rank with no documents gets zero rows."""
+    segments = mb["segment_ids"]
+    spans = []  # (row, start, length) of each document, in order
+    for r in range(segments.shape[0]):
+        ids = segments[r]
+        for s in torch.unique(ids[ids > 0]).tolist():
+            where = (ids == s).nonzero().flatten()
+            spans.append((r, int(where[0]), int(where.numel())))
+    total = sum(n for _, _, n in spans) or 1
+    mine, before = [], 0
+    for span in spans:
+        if min(world - 1, world * (2 * before + span[2]) // (2 * total)) == rank:
+            mine.append(span)
+        before += span[2]
+    width = segments.shape[1]
+    rows = {}  # the rank's documents of each original row, which stay together in one row
+    for span in mine:
+        rows.setdefault(span[0], []).append(span)
+    rows = list(rows.values())
+    pad = mb["input_ids"][segments == 0]
+    pad_id = int(pad[0]) if pad.numel() else 0
+    out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=mb["input_ids"].dtype),
+           "labels": torch.full((len(rows), width), -100, dtype=mb["labels"].dtype),
+           "positions": torch.zeros((len(rows), width), dtype=mb["positions"].dtype),
+           "segment_ids": torch.zeros((len(rows), width), dtype=segments.dtype)}
+    for i, docs in enumerate(rows):
+        offset = 0
+        for segment, (r, start, n) in enumerate(docs, start=1):
+            for key in ("input_ids", "labels", "positions"):
+                out[key][i, offset:offset + n] = mb[key][r, start:start + n]
+            out["segment_ids"][i, offset:offset + n] = segment
+            offset += n
     return out
 
 

@@ -143,12 +143,13 @@ def test_lora_sft_at_two_ranks_equals_one_process_and_only_rank_0_writes(tmp_pat
     assert (tmp_path / "two" / "checkpoint-6" / "state.safetensors").is_file()
 
 
-def test_one_row_steps_at_two_ranks_equal_one_process_with_rank_1_idle(tmp_path, tiny_model):
-    # the demo's shape: micro_batch_size 1, no accumulation: rank 1 has no rows in any step; it adds
-    # zero gradients and zero metrics (read from a no-grad forward of one row: the document-attention
-    # kernel takes no zero-row batch); rank 0's dropout keys are the one-process run's, so with
-    # lora_dropout the runs still agree to rounding
-    keys = dict(micro_batch_size=1, gradient_accumulation_steps=1, max_steps=4, lora_dropout=0.1)
+@pytest.mark.parametrize("packing", [True, False])
+def test_one_row_steps_at_two_ranks_equal_one_process(tmp_path, tiny_model, packing):
+    # the demo's shape: micro_batch_size 1, no accumulation. Packed, the row's documents are split
+    # over the ranks; unpacked, the row is one document, which one rank takes, and the other adds zero
+    # gradients and zero metrics (read from a no-grad forward of one row: the document-attention
+    # kernel takes no zero-row batch). No dropout: each rank draws its own masks.
+    keys = dict(micro_batch_size=1, gradient_accumulation_steps=1, max_steps=4, sample_packing=packing)
     torchrun("programs.sft", sft_config(tmp_path, tiny_model, "two", **keys))
     one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
     assert_runs_agree(tmp_path / "two", tmp_path / "one", "adapter_model.safetensors")
