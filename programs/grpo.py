@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from programs import common, loop
+from programs import common, launch, loop
 from programs.config.derived import data_settings, grpo_batching, grpo_beta, stale_rollouts, training_kind
 from pure import rng
 from pure.train import init_train_state, make_train_step
@@ -564,6 +564,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         raise ConfigError(f"programs.grpo trains rl: grpo / gdpo; this config has "
                           f"{'rl: ' + kind if kind != 'sft' else 'no rl:'} (use python -m programs.train)")
     batching = grpo_batching(config)
+    launch.layout_of(config)  # one process: GRPO under torchrun is refused by name (programs.launch)
     out, resume_from = loop.start(config, overwrite)
 
     # ---- model and prompts

@@ -274,6 +274,14 @@ def test_under_torchrun_torch_compile_is_refused_by_key_on_every_rank(tmp_path, 
     assert proc.stderr.count("error: torch_compile: true is not supported under torchrun (2 processes) yet") == 2
 
 
+def test_under_torchrun_grpo_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
+    proc = torchrun("programs.grpo", REPO / "configs" / "grpo-smollm2.yaml", "--base_model", str(tiny_model),
+                    "--output_dir", str(tmp_path / "grpo"), check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: rl: grpo is not supported under torchrun (2 processes) yet") == 2
+    assert not (tmp_path / "grpo").exists()
+
+
 def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of the launcher's worker processes (from their RANK environment variable)."""
     found = {}
