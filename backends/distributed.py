@@ -294,7 +294,7 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
         grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], bind)
         if grads is None:  # no rows on this rank in this step
             grads = tree_map(torch.zeros_like, full)
-            aux = _empty_metrics(loss, bind, full, local[0], counts, keys[0])
+            aux = _empty_metrics(loss, bind, full, micro_batches[0], counts, keys[0], paired)
         params = tree_map(for_update, state.trainable)
         grads = tree_map(to_placement, grads, params)
         updates, opt_state = optimizer.update(grads, state.opt_state, params, state.step)
@@ -312,12 +312,14 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     return train_step
 
 
-def _empty_metrics(loss: Loss, bind, full, empty_batch: dict, counts: dict, key) -> dict:
+def _empty_metrics(loss: Loss, bind, full, micro_batch: dict, counts: dict, key, paired: bool) -> dict:
     """The metrics `loss` reports for no rows (zeros of each metric's dtype), for a rank with no rows
     in a step: it still joins every metric's sum over the ranks, with the same names and dtypes.
-    From the loss on its empty slice of a micro-batch (the forward takes zero rows)."""
+    Their names and dtypes come from the loss on the first row (pair) of the global `micro_batch`,
+    not on zero rows: packed rows' document attention cannot take an empty batch."""
+    first = shard_micro_batches([micro_batch], 0, int(micro_batch["input_ids"].shape[0]), paired)[0]
     with torch.no_grad():
-        _, metrics = loss(bind(full), {**empty_batch, **counts}, key)
+        _, metrics = loss(bind(full), {**first, **counts}, key)
     return {name: torch.zeros_like(v) for name, v in metrics.items()}
 
 
