@@ -2,7 +2,7 @@
 
     sizes = mesh_sizes(world_size, dp_shard=..., tp=...)       # pure: defaults and checks
     mesh = make_mesh(sizes, "cpu")                              # init_device_mesh, named dims
-    state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard (FSDP)
+    state = shard_state(init_train_state(...), mesh)            # Shard(0) on dp_shard (FSDP, HSDP)
     step = make_sharded_train_step(loss, optimizer, lambda frozen: make_apply(config, frozen), mesh,
                                    frozen=place(frozen_params, mesh))
     state, metrics = step(state, global_micro_batches)          # the same batches on every rank
@@ -10,7 +10,8 @@
 The step is FSDP's: every rank all-gathers the params (`DTensor.full_tensor`), runs the pure
 forward/backward (`pure.train.make_accumulator`, the pure step's own) on its rows of the
 global batch, and the local gradients become one `Partial()` DTensor redistributed to the
-optimizer state's placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`).
+optimizer state's placements (a reduce-scatter onto `Shard(0)`, an all-reduce onto `Replicate()`;
+on HSDP's 2-D mesh both at once, `[Partial(), Partial()]` -> `[Replicate(), Shard(0)]`).
 The losses are divided by totals of the *global* batch (the loss's `count_fn` on the global
 micro-batches, which every rank holds), so the summed gradient is the gradient of the global-batch
 mean: the same step as one process on the whole batch, up to the order of fp32 additions. The
@@ -28,8 +29,13 @@ plus a `state.json` of the non-tensor fields from rank 0), into `<folder>.tmp` r
 a barrier; `load_sharded(like, folder, mesh)` reads it into `like`'s placements at any world size, or
 (mesh None) into plain tensors in one process with no process group.
 
-Only the `dp_shard` dimension is implemented so far; a mesh with `dp_replicate`, `cp` or `tp` larger
-than 1 is refused by name (HSDP, context and tensor parallelism are later steps of issue 17).
+The data-parallel dimensions are `dp_shard` (FSDP) and `dp_replicate`: with `dp_replicate` > 1 the
+mesh is HSDP's 2-D `("dp_replicate", "dp_shard")`, every sharded tensor is `[Replicate(), Shard(0)]`
+(each replica group holds the whole state, sharded within it) and a replicated one `[Replicate(),
+Replicate()]`. The data-parallel rank and world of the row split and the RNG keys are the flattened
+coordinates (world dp_replicate x dp_shard, rank replicate_index x dp_shard + shard_index), so the
+global batch is the same at every layout. A mesh with `cp` or `tp` larger than 1 is refused by name
+(context and tensor parallelism are later steps of issue 17).
 """
 from __future__ import annotations
 
@@ -115,9 +121,10 @@ def mesh_sizes(world_size: int, dp_shard: int | None = None, dp_replicate: int |
 
 def make_mesh(sizes: MeshSizes, device_type: str) -> DeviceMesh:
     """The DeviceMesh of `sizes` over the initialised process group (`init_device_mesh` initialises
-    the default one when none is): one named dimension per size > 1, in `MESH_DIM_NAMES` order, or a
-    1-D `("dp_shard",)` mesh when every size is 1."""
-    dims = {name: size for name, size in sizes.as_dict().items() if size > 1} or {"dp_shard": 1}
+    the default one when none is): in `MESH_DIM_NAMES` order, `dp_shard` always (size 1 too: the
+    dimension the state is sharded on) and each other dimension whose size is > 1; so FSDP's mesh is
+    1-D `("dp_shard",)` and HSDP's 2-D `("dp_replicate", "dp_shard")`."""
+    dims = {name: size for name, size in sizes.as_dict().items() if size > 1 or name == "dp_shard"}
     return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
 
 
@@ -208,31 +215,49 @@ def split_documents(mb: dict, rank: int, world: int) -> dict:
     return out
 
 
+_DATA_PARALLEL_DIMS = ("dp_replicate", "dp_shard")
+
+
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The `dp_shard` dimension of `mesh`, the one this module shards over. Raises NotImplementedError
-    naming the config key of any other dimension larger than 1 (not implemented yet)."""
+    """`mesh` restricted to its data-parallel dimensions, the ones this module places on: 1-D
+    `("dp_shard",)` (FSDP, DDP) or 2-D `("dp_replicate", "dp_shard")` (HSDP). Raises
+    NotImplementedError naming the config key of any other dimension larger than 1 (not implemented
+    yet), ValueError when `mesh` has no `dp_shard` dimension."""
     names = mesh.mesh_dim_names or ()
     for name in names:
-        if name != "dp_shard" and mesh[name].size() > 1:
+        if name not in _DATA_PARALLEL_DIMS and mesh[name].size() > 1:
             raise NotImplementedError(f"{_SIZE_KEYS.get(name, name)} > 1 is not supported yet: only "
-                                      f"dp_shard (FSDP-style) sharding is implemented")
+                                      f"data-parallel sharding (dp_shard, dp_replicate: FSDP, HSDP) is implemented")
     if "dp_shard" not in names:
         raise ValueError(f"the mesh has no 'dp_shard' dimension (its dimensions: {names}); build it with make_mesh")
-    return mesh["dp_shard"] if len(names) > 1 else mesh
+    dims = tuple(name for name in _DATA_PARALLEL_DIMS if name in names)
+    return mesh if dims == names else mesh[dims if len(dims) > 1 else dims[0]]
 
 
-def placement_for(x: torch.Tensor, dp: DeviceMesh, shard: bool = True):
-    """`Shard(0)` for a tensor whose dim 0 divides by the size of `dp` (when `shard`), else
-    `Replicate()`: 0-dim tensors such as an optimizer's step count, or an odd dim 0."""
-    return Shard(0) if shard and x.dim() > 0 and x.shape[0] % dp.size() == 0 else Replicate()
+def data_parallel_rank(dp: DeviceMesh) -> tuple[int, int]:
+    """(rank, world) of this process among the data-parallel ranks of `dp` (a `data_parallel_mesh`):
+    its flattened coordinates, rank = replicate_index * dp_shard + shard_index of world =
+    dp_replicate * dp_shard on HSDP's mesh, the `dp_shard` index on a 1-D one."""
+    rank = 0
+    for index, size in zip(dp.get_coordinate(), dp.mesh.shape):
+        rank = rank * size + index
+    return rank, dp.size()
+
+
+def placement_for(x: torch.Tensor, dp: DeviceMesh, shard: bool = True) -> tuple:
+    """The placements of `x` on `dp` (a `data_parallel_mesh`), one per dimension: `Replicate()` on
+    `dp_replicate`, and on `dp_shard` `Shard(0)` for a tensor whose dim 0 divides by its size (when
+    `shard`), else `Replicate()`: 0-dim tensors such as an optimizer's step count, or an odd dim 0."""
+    shards = shard and x.dim() > 0 and x.shape[0] % dp.mesh.shape[-1] == 0
+    return (Replicate(),) * (dp.ndim - 1) + (Shard(0) if shards else Replicate(),)
 
 
 def place(tree, mesh: DeviceMesh, shard: bool = True):
-    """`tree` with every tensor leaf a DTensor on the data-parallel dimension of `mesh`, placed by
-    `placement_for` (`shard` false: every leaf `Replicate()`, DDP's layout). Every rank passes the
-    same full values; each keeps its shard."""
+    """`tree` with every tensor leaf a DTensor on the data-parallel dimensions of `mesh`, placed by
+    `placement_for` (`shard` false: every leaf `Replicate()` on every dimension, DDP's layout). Every
+    rank passes the same full values; each keeps its shard."""
     dp = data_parallel_mesh(mesh)
-    return tree_map(lambda x: distribute_tensor(x, dp, [placement_for(x, dp, shard)])
+    return tree_map(lambda x: distribute_tensor(x, dp, placement_for(x, dp, shard))
                     if isinstance(x, torch.Tensor) else x, tree)
 
 
@@ -243,9 +268,10 @@ def gather(tree):
 
 def shard_state(state: TrainState, mesh: DeviceMesh, shard_params: bool = True,
                 shard_optimizer: bool = True) -> TrainState:
-    """`state` with its trainable params and optimizer state placed by `place` on `dp_shard`:
-    `Shard(0)` (where dim 0 divides) for the params when `shard_params` (FSDP, ZeRO-3) and for the
-    optimizer state when `shard_optimizer` (ZeRO-1 and up), `Replicate()` otherwise (DDP: neither).
+    """`state` with its trainable params and optimizer state placed by `place` on the data-parallel
+    dimensions: `Shard(0)` on `dp_shard` (where dim 0 divides; `Replicate()` on `dp_replicate`) for
+    the params when `shard_params` (FSDP, HSDP, ZeRO-3) and for the optimizer state when
+    `shard_optimizer` (ZeRO-1 and up), `Replicate()` otherwise (DDP: neither).
     Frozen params are placed with `place(frozen, mesh)` and passed to `make_sharded_train_step`,
     which gathers them every step, or passed plain (replicated on every rank)."""
     if state.loss_scale is not None:
@@ -255,8 +281,9 @@ def shard_state(state: TrainState, mesh: DeviceMesh, shard_params: bool = True,
 
 
 def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
-    """The sum of each rank's `x` (an all-reduce through a `Partial()` DTensor), as a plain tensor."""
-    return DTensor.from_local(torch.as_tensor(x), dp, [Partial()]).full_tensor()
+    """The sum of every data-parallel rank's `x` (an all-reduce through a DTensor `Partial()` on each
+    dimension of `dp`), as a plain tensor."""
+    return DTensor.from_local(torch.as_tensor(x), dp, [Partial()] * dp.ndim).full_tensor()
 
 
 def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None,
@@ -270,7 +297,9 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     baseline) are those of the global batch, computed on every rank, so each rank's micro-batch
     gradient (`torch.func.grad_and_value`) is its share of the global-batch mean; the local sums
     become `Partial()` DTensors redistributed to the optimizer state's placements, and the
-    optimizer updates those shards. Micro-batch `i` of rank `r` draws
+    optimizer updates those shards (on HSDP's mesh: all-reduced over the replicas and reduce-scattered
+    within each shard group, in one redistribute). Micro-batch `i` of data-parallel rank `r`
+    (`data_parallel_rank`, the flattened coordinates on HSDP's mesh) draws
     its key from `fold_in(step_key, r * len(micro_batches) + i)`: the pure step's keys at world
     size 1, a distinct key per rank otherwise (so dropout masks differ between ranks, and a run with
     dropout equals one process in distribution, not sample by sample). A micro-batch with no rows
@@ -290,18 +319,19 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     Metrics are those of the global batch, plain tensors on every rank: summed over the ranks as the
     pure step sums them over micro-batches."""
     dp = data_parallel_mesh(mesh)
-    rank, world = dp.get_local_rank(), dp.size()
+    rank, world = data_parallel_rank(dp)
     frozen = {} if frozen is None else frozen
 
     accumulate = make_accumulator(loss)
 
     def for_update(param: DTensor) -> DTensor:
         # the param as the optimizer state is placed: a replicated param's shard is a local slice
-        return param.redistribute(dp, [placement_for(param, dp, shard_optimizer)])
+        return param.redistribute(dp, placement_for(param, dp, shard_optimizer))
 
     def to_placement(local_grad: torch.Tensor, param: DTensor) -> DTensor:
-        # The ranks' local grads sum to the global one: reduce-scatter onto Shard(0), all-reduce onto Replicate.
-        return DTensor.from_local(local_grad, dp, [Partial()]).redistribute(dp, param.placements)
+        # The ranks' local grads sum to the global one: reduce-scatter onto Shard(0), all-reduce onto
+        # Replicate, on each mesh dimension (HSDP: across the replicas and within a shard group).
+        return DTensor.from_local(local_grad, dp, [Partial()] * dp.ndim).redistribute(dp, param.placements)
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)

@@ -37,7 +37,10 @@ from programs.config import ConfigError
 
 @dataclass(frozen=True)
 class Layout:
-    """One process (`mesh` None) or rank `rank` of a `world` of data-parallel processes on `mesh`."""
+    """One process (`mesh` None) or rank `rank` of a `world` of data-parallel processes on `mesh`.
+    `rank` and `world` are the global process rank and count (rank 0 prints; barriers span them all);
+    on HSDP's 2-D mesh the data-parallel rank that picks the rows is the same flattened index
+    (`backends.distributed.data_parallel_rank`)."""
 
     plan: object = None  # programs.config.derived.ShardingPlan
     mesh: object = None  # torch.distributed.device_mesh.DeviceMesh

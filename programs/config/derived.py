@@ -338,7 +338,7 @@ def sharding_plan(config: Config) -> ShardingPlan:
                  tp=_positive(config.tensor_parallel_size, "tensor_parallel_size"),
                  cp=_positive(config.context_parallel_size, "context_parallel_size"))
     timeout_s = _positive(config.ddp_timeout, "ddp_timeout")
-    fsdp_set = [key for key in ("fsdp_config", "fsdp") if getattr(config, key)]
+    fsdp_set = [key for key in ("fsdp_config", "fsdp") if getattr(config, key) not in (None, [])]  # {}: FSDP, defaults
     if config.deepspeed and fsdp_set:
         raise ConfigError(f"deepspeed and {fsdp_set[0]} cannot both be set: DeepSpeed and FSDP are exclusive "
                           "sharding strategies; choose one")
@@ -455,7 +455,7 @@ def _fsdp_plan(config: Config) -> ShardingPlan:
         lines.append(f"{options['cpu_offload_pin_memory'][1]}: no effect without offload_params: true")
     if reshard is None:
         return ShardingPlan("ddp", lines=tuple(lines))
-    lines.insert(0, f"{'fsdp_config' if config.fsdp_config else 'fsdp'}: run as DTensor sharding of params, gradients and optimizer state (FSDP2, "
+    lines.insert(0, f"{'fsdp_config' if config.fsdp_config is not None else 'fsdp'}: run as DTensor sharding of params, gradients and optimizer state (FSDP2, "
                     f"reshard_after_forward: {str(reshard).lower()})")
     return ShardingPlan(
         "fsdp2", shard_params=True, shard_grads=True, shard_optimizer=True, reshard_after_forward=reshard,

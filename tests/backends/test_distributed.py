@@ -1,9 +1,11 @@
-"""backends.distributed: mesh sizes and batch sharding (pure), and FSDP-style training at 2 ranks
+"""backends.distributed: mesh sizes and batch sharding (pure), and FSDP-style training at 2 ranks,
+HSDP (dp_replicate 2 x dp_shard 2) at 4 and pure replication (dp_replicate 2 x dp_shard 1) at 2
 under torchrun equal to one process.
 
 Run as a script (`python -m torch.distributed.run --nproc_per_node 2 --standalone
-tests/backends/test_distributed.py OUT`), this file trains the tiny model sharded and rank 0 writes
-the losses and gathered final params to OUT; the test launches it and compares with the same steps
+tests/backends/test_distributed.py OUT CHECKPOINTS`, or `... hsdp OUT CHECKPOINTS` at 4 processes,
+`... replicate OUT CHECKPOINTS` at 2), this file trains the tiny model sharded and rank 0 writes
+the losses and gathered final params to OUT; the tests launch it and compare with the same steps
 run here in one process."""
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ VARIANTS = ("full", "lora")
 # (3: one rank takes 2 rows, the other 1; 1: one rank has no rows at all).
 LAYOUTS = {"full-zero2": ("full", False, True, ROWS), "full-ddp": ("full", False, False, ROWS),
            "lora-rows3": ("lora", True, True, 3), "full-rows1": ("full", True, True, 1)}
+# the same on HSDP's 2 x 2 mesh: 3 rows over 4 data-parallel ranks leave the last (replica 1, shard 1) none
+HSDP_LAYOUTS = {"hsdp-full-zero2": ("full", False, True, ROWS), "hsdp-full-ddp": ("full", False, False, ROWS),
+                "hsdp-lora-rows3": ("lora", True, True, 3)}
 
 
 # ---- mesh sizes -------------------------------------------------------------------------------
@@ -162,6 +167,21 @@ def _gathered(state) -> dict:
     return {**dict(leaves_with_paths(tree)), "step": state.step}
 
 
+def _fresh(variant: str, mesh):
+    """The initial train state of `variant`, `shard_state`d on `mesh` (FSDP's or HSDP's placements)."""
+    from backends.distributed import shard_state
+
+    trainable, _, optimizer, _ = _setup(variant)
+    return shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
+
+
+def _reload(variant: str, folder: Path, mesh):
+    """The `save_sharded` checkpoint in `folder` loaded into a fresh state on `mesh`."""
+    from backends.distributed import load_sharded
+
+    return load_sharded(_fresh(variant, mesh), folder, mesh)
+
+
 def _checkpoint_sharded(variant: str, mesh, rank: int, world: int, folder: Path, one_process: Path) -> dict:
     """Train 2 steps, `save_sharded` (and on rank 0 a plain `save_checkpoint` of the gathered state),
     take step 3 (the uninterrupted run); then load the checkpoint into a fresh sharded state and take
@@ -216,6 +236,61 @@ def _torchrun_main(out: str, checkpoints: str) -> None:
     dist.destroy_process_group()
 
 
+def _hsdp_main(out: str, checkpoints: str) -> None:
+    """4 processes: HSDP (dp_replicate 2 x dp_shard 2) and FSDP (dp_shard 4) runs; an HSDP checkpoint
+    resumed at HSDP, loaded at FSDP 4 ranks, saved there and loaded back at HSDP."""
+    import torch.distributed as dist
+
+    from backends.distributed import make_mesh, place, save_sharded
+
+    world = int(os.environ["WORLD_SIZE"])
+    hsdp = make_mesh(mesh_sizes(world, dp_replicate=2), "cpu")  # initialises the process group
+    fsdp = make_mesh(mesh_sizes(world), "cpu")
+    rank = dist.get_rank()
+    results = {f"hsdp-{variant}": _train_sharded(variant, hsdp) for variant in VARIANTS}
+    results.update({f"fsdp4-{variant}": _train_sharded(variant, fsdp) for variant in VARIANTS})
+    results.update({name: _train_sharded(variant, hsdp, *layout) for name, (variant, *layout) in HSDP_LAYOUTS.items()})
+    results["checkpoint"] = {}
+    for variant in VARIANTS:
+        folder = Path(checkpoints) / variant
+        run = _checkpoint_sharded(variant, hsdp, rank, world, folder, Path(checkpoints) / "one-process" / variant)
+        at_fsdp = _reload(variant, folder / "sharded", fsdp)
+        save_sharded(at_fsdp, folder / "fsdp4")
+        run.update(at_fsdp4=_gathered(at_fsdp), back_at_hsdp=_gathered(_reload(variant, folder / "fsdp4", hsdp)))
+        results["checkpoint"][variant] = run
+    results["mesh"] = (hsdp.mesh_dim_names, tuple(hsdp.mesh.shape))
+    try:
+        place({"w": torch.zeros(4)}, make_mesh(mesh_sizes(world, dp_replicate=2, cp=2), "cpu"))
+    except NotImplementedError as error:
+        results["cp_refusal"] = str(error)
+    else:
+        results["cp_refusal"] = "a cp mesh was accepted"
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def _replicate_main(out: str, checkpoints: str) -> None:
+    """2 processes: dp_replicate 2 x dp_shard 1 runs (the 2-D path with nothing sharded); the HSDP
+    checkpoint of `_hsdp_main` loaded at FSDP 2 ranks and at this mesh."""
+    import torch.distributed as dist
+
+    from backends.distributed import make_mesh
+
+    world = int(os.environ["WORLD_SIZE"])
+    mesh = make_mesh(mesh_sizes(world, dp_replicate=world), "cpu")
+    fsdp = make_mesh(mesh_sizes(world), "cpu")
+    results = {f"replicate-{variant}": _train_sharded(variant, mesh) for variant in VARIANTS}
+    results["mesh"] = (mesh.mesh_dim_names, tuple(mesh.mesh.shape))
+    results["hsdp_checkpoint_at"] = {
+        variant: {"fsdp2": _gathered(_reload(variant, Path(checkpoints) / variant / "sharded", fsdp)),
+                  "replicate2": _gathered(_reload(variant, Path(checkpoints) / variant / "sharded", mesh))}
+        for variant in VARIANTS}
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
 def _save_one_process_checkpoints(folder: Path) -> dict:
     """`save_sharded` without a process group, after 2 one-process steps of each variant, into
     `folder/<variant>`; returns the saved states' `_gathered` tensors for the 2-rank load to match."""
@@ -240,13 +315,18 @@ def two_rank_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     out, checkpoints = root / "results.pt", root / "checkpoints"
     one_process = _save_one_process_checkpoints(checkpoints / "one-process")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           __file__, str(out), str(checkpoints)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _launch(2, out, checkpoints)
     results = torch.load(out)
     results["checkpoints"], results["one_process_saved"] = checkpoints, one_process
     return results
+
+
+def _launch(nproc: int, *args) -> None:
+    """This file under torchrun at `nproc` processes (gloo, one thread each), with `args`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+                           __file__, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -405,5 +485,119 @@ def test_a_sharded_checkpoint_with_a_missing_shard_file_is_refused_as_damaged(tw
         load_sharded(_plain_like("lora"), damaged, mesh=None)
 
 
+# ---- HSDP: dp_replicate x dp_shard ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hsdp_results(tmp_path_factory):
+    """The 4-process HSDP / FSDP launch, then the 2-process dp_replicate launch (which loads the HSDP
+    checkpoints the first wrote); one dict of both, with the folders and the one-process saves."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    root = tmp_path_factory.mktemp("hsdp")
+    checkpoints = root / "checkpoints"
+    one_process = _save_one_process_checkpoints(checkpoints / "one-process")
+    _launch(4, "hsdp", root / "hsdp.pt", checkpoints)
+    _launch(2, "replicate", root / "replicate.pt", checkpoints)
+    return {**torch.load(root / "hsdp.pt"), "replicate": torch.load(root / "replicate.pt"),
+            "checkpoints": checkpoints, "one_process_saved": one_process}
+
+
+def _assert_runs_agree(got: dict, want: dict) -> None:
+    # fp32 sums in another order (per-rank partial sums, the all-reduce and reduce-scatter), as above
+    for g, w in zip(got["metrics"], want["metrics"], strict=True):
+        assert g == pytest.approx(w, abs=1e-5)
+    assert got["params"].keys() == want["params"].keys()
+    for path, value in want["params"].items():
+        torch.testing.assert_close(got["params"][path], value, atol=1e-5, rtol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hsdp_at_four_ranks_equals_one_process_and_fsdp_at_four_ranks(hsdp_results, variant):
+    hsdp = hsdp_results[f"hsdp-{variant}"]
+    _assert_runs_agree(hsdp, _train_one_process(variant))
+    _assert_runs_agree(hsdp, hsdp_results[f"fsdp4-{variant}"])
+
+
+@pytest.mark.parametrize("name", HSDP_LAYOUTS)
+def test_hsdp_zero2_ddp_and_uneven_rows_equal_one_process(hsdp_results, name):
+    variant, _, _, rows = HSDP_LAYOUTS[name]
+    _assert_runs_agree(hsdp_results[name], _train_one_process(variant, rows))
+
+
+def test_hsdp_replicates_across_the_replicas_and_shards_dim_0_within_a_shard_group(hsdp_results):
+    full = hsdp_results["hsdp-full"]
+    placements = full["placements"]
+    name = "layers.0.mlp.up_proj.weight"
+    assert placements[f"trainable.params.model.{name}"] == ("R", "S(0)")
+    assert placements[f"opt_state.1.1.momentum.params.model.{name}"] == ("R", "S(0)")
+    # 61 vocabulary rows do not split over the 2 ranks of a shard group; a 0-dim grad norm cannot split
+    assert placements["trainable.params.model.embed_tokens.weight"] == ("R", "R")
+    assert placements["opt_state.0.grad_norm"] == ("R", "R")
+    lora = hsdp_results["hsdp-lora"]["placements"]
+    assert all(p == ("R", "S(0)") for path, p in lora.items() if path.startswith("trainable.")), lora
+    # a rank holds about half (its shard group's share), not a quarter: the replicas hold the same shards
+    assert 0.4 * full["full_numel"] < full["local_numel"] < 0.7 * full["full_numel"]
+    zero2, ddp = hsdp_results["hsdp-full-zero2"]["placements"], hsdp_results["hsdp-full-ddp"]["placements"]
+    assert zero2[f"trainable.params.model.{name}"] == ("R", "R")
+    assert zero2[f"opt_state.1.1.momentum.params.model.{name}"] == ("R", "S(0)")
+    assert set(ddp.values()) == {("R", "R")}
+
+
+def test_the_hsdp_mesh_is_replicate_by_shard_and_context_parallelism_is_refused_by_key(hsdp_results):
+    assert hsdp_results["mesh"] == (("dp_replicate", "dp_shard"), (2, 2))
+    assert "context_parallel_size > 1 is not supported yet" in hsdp_results["cp_refusal"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dp_replicate_two_by_dp_shard_one_at_two_ranks_equals_one_process(hsdp_results, variant):
+    replicate = hsdp_results["replicate"]
+    assert replicate["mesh"] == (("dp_replicate", "dp_shard"), (2, 1))
+    _assert_runs_agree(replicate[f"replicate-{variant}"], _train_one_process(variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_hsdp_checkpoint_resumes_at_hsdp_bitwise_identical(hsdp_results, variant):
+    run = hsdp_results["checkpoint"][variant]
+    assert run["uninterrupted"]["step"] == 3
+    _assert_bitwise_equal(run["resumed"], run["uninterrupted"])
+    assert run["metrics"][0] == run["metrics"][1]
+
+
+def _saved_at_step_2(results, variant: str) -> dict:
+    """`_gathered` of the state the HSDP run saved, from rank 0's plain checkpoint of it."""
+    from backends.checkpoint import latest_checkpoint, load_checkpoint
+
+    return _gathered(load_checkpoint(latest_checkpoint(results["checkpoints"] / variant / "plain"),
+                                     _plain_like(variant))[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_hsdp_checkpoint_loads_in_one_process_as_the_gathered_state(hsdp_results, variant):
+    from backends.distributed import load_sharded
+
+    loaded = load_sharded(_plain_like(variant), hsdp_results["checkpoints"] / variant / "sharded", mesh=None)
+    assert loaded.step == 2
+    _assert_bitwise_equal(_gathered(loaded), _saved_at_step_2(hsdp_results, variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_hsdp_checkpoint_loads_at_fsdp_two_and_four_ranks_and_back_at_hsdp_as_saved(hsdp_results, variant):
+    saved = _saved_at_step_2(hsdp_results, variant)
+    run, at = hsdp_results["checkpoint"][variant], hsdp_results["replicate"]["hsdp_checkpoint_at"][variant]
+    for loaded in (at["fsdp2"], at["replicate2"], run["at_fsdp4"], run["back_at_hsdp"]):
+        _assert_bitwise_equal(loaded, saved)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_one_process_checkpoint_loads_at_hsdp_as_saved(hsdp_results, variant):
+    _assert_bitwise_equal(hsdp_results["checkpoint"][variant]["from_one_process"],
+                          hsdp_results["one_process_saved"][variant])
+
+
 if __name__ == "__main__":
-    _torchrun_main(sys.argv[1], sys.argv[2])
+    mains = {"hsdp": _hsdp_main, "replicate": _replicate_main}
+    if sys.argv[1] in mains:
+        mains[sys.argv[1]](sys.argv[2], sys.argv[3])
+    else:
+        _torchrun_main(sys.argv[1], sys.argv[2])

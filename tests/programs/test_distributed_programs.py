@@ -328,3 +328,21 @@ def test_a_rank_killed_mid_run_stops_the_others_with_a_clear_error_and_no_half_w
     proc = torchrun("programs.sft", sft_config(tmp_path, tiny_model, "killed", auto_resume_from_checkpoints=True,
                                                **{**keys, "max_steps": last + 2}), check=False)
     assert f"resumed from {out / f'checkpoint-{last}'} at step {last}" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---- HSDP: dp_replicate x dp_shard -------------------------------------------------------------
+
+
+def test_hsdp_full_fine_tune_at_four_ranks_equals_one_process(tmp_path, tiny_model):
+    # sharded checkpoints, written from HSDP's 2-D placements
+    keys = dict(adapter=None, learning_rate=1e-3, max_steps=3, save_steps=3, eval_steps=3, fsdp_version=2,
+                fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
+    proc = torchrun("programs.sft", sft_config(tmp_path, tiny_model, "four", dp_replicate_size=2, dp_shard_size=2,
+                                               **keys), nproc=4)
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
+    assert_runs_agree(tmp_path / "four", tmp_path / "one", "model/model.safetensors")
+    assert "distributed: 4 processes over gloo, mesh {'dp_replicate': 2, 'dp_shard': 2, 'cp': 1, 'tp': 1}" in proc.stdout
+    assert proc.stdout.count("exported to") == 1
+    from backends.checkpoint import is_sharded_checkpoint
+
+    assert is_sharded_checkpoint(tmp_path / "four" / "checkpoint-3")

@@ -88,6 +88,12 @@ def test_fsdp2_defaults_reshard_after_forward_like_zero3():
     assert plan.reshard_after_forward is True and not plan.offload_params and plan.offload_pin_memory
 
 
+def test_an_empty_fsdp_config_is_fsdp2_with_its_defaults():
+    plan = plan_of({"fsdp_version": 2, "fsdp_config": {}})
+    assert plan.strategy == "fsdp2" and plan.shard_params and plan.reshard_after_forward
+    assert plan.lines[0].startswith("fsdp_config: run as DTensor sharding")
+
+
 def test_final_state_dict_type_from_the_block_or_the_top_level_key():
     assert plan_of({"fsdp_version": 2, "fsdp_config": {"final_state_dict_type": "SHARDED_STATE_DICT"}}
                    ).final_state_dict_type == "SHARDED_STATE_DICT"
