@@ -33,45 +33,22 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 RTOL = 1e-4
 
 
+# 3 rows per micro-batch: the ranks take unequal shares (part of the test); no dropout: the ranks draw
+# their own masks; 6 steps, saved and evaluated at 3
+SFT_KEYS = dict(lora_dropout=0.0, neftune_noise_alpha=None, micro_batch_size=3, max_steps=6, save_steps=3,
+                eval_steps=3)
+
+
 def sft_config(tmp_path: Path, tiny_model, name: str, **overrides) -> Path:
-    rows = (DATA / "arithmetic_train.jsonl").read_text().splitlines()[:48]
-    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    raw = {
-        "base_model": str(tiny_model),
-        "datasets": [{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
-        "val_set_size": 8, "dataset_prepared_path": str(tmp_path / "prepared"),
-        "sequence_len": 128, "sample_packing": True,
-        "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_linear": True,
-        # 3 packed rows per micro-batch: the ranks take 2 and 1 (uneven shares are part of the test)
-        "micro_batch_size": 3, "gradient_accumulation_steps": 2, "max_steps": 6,
-        "learning_rate": 1e-2, "lr_scheduler": "cosine", "warmup_steps": 2, "optimizer": "adamw_torch",
-        "save_steps": 3, "eval_steps": 3, "logging_steps": 1, "output_dir": str(tmp_path / name), "seed": 3,
-    }
-    raw.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
-    return path
+    from tests.programs.test_sft import write_config
+
+    return write_config(tmp_path, tiny_model, name, **{**SFT_KEYS, **overrides})
 
 
-def preference_config(tmp_path: Path, tiny_model, name: str, rl, type_="chatml.prompt_pairs", data="preference",
-                      **overrides) -> Path:
-    rows = (DATA / f"{data}_train.jsonl").read_text().splitlines()
-    (tmp_path / "pref_train.jsonl").write_text("\n".join(rows[:24]) + "\n")
-    (tmp_path / "pref_eval.jsonl").write_text("\n".join(rows[24:32]) + "\n")
-    raw = {
-        "base_model": str(tiny_model), "rl": rl,
-        "datasets": [{"path": str(tmp_path / "pref_train.jsonl"), "type": type_}],
-        "test_datasets": [{"path": str(tmp_path / "pref_eval.jsonl"), "type": type_}],
-        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 64, "sample_packing": False,
-        "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_linear": True,
-        "micro_batch_size": 3, "gradient_accumulation_steps": 2, "max_steps": 4, "eval_batch_size": 8,
-        "learning_rate": 5e-3, "optimizer": "adamw_torch", "save_steps": 2, "eval_steps": 4, "logging_steps": 1,
-        "output_dir": str(tmp_path / name), "seed": 3,
-    }
-    raw.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
-    return path
+def preference_config(tmp_path: Path, tiny_model, name: str, rl, **overrides) -> Path:
+    from tests.programs.test_preference import write_config
+
+    return write_config(tmp_path, tiny_model, name, rl=rl, **{"lora_dropout": 0.0, "micro_batch_size": 3, **overrides})
 
 
 def torchrun(program: str, config: Path, *args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
