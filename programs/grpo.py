@@ -23,7 +23,7 @@ import torch
 from programs import common, launch, loop
 from programs.config.derived import data_settings, grpo_batching, grpo_beta, stale_rollouts, training_kind
 from pure import rng
-from pure.train import init_train_state, make_train_step
+from pure.train import init_train_state
 
 DESCRIPTION = "GRPO / GDPO (online RL from reward functions) with axolotl's config keys."
 KINDS = ("grpo", "gdpo")
@@ -456,16 +456,22 @@ class RolloutSchedule:
         return produced, without(carry, pending_name(generation)), key
 
 
-def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: RolloutSchedule, reference_of, sync):
+def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: RolloutSchedule, reference_of, sync,
+                   layout: launch.Layout = launch.ONE_PROCESS):
     """`step(state, slots) -> (state, metrics)`: where a slot starts a generation, take it from the
     rollouts (sampled now, or prefetched), make its micro-batches under the state's policy; train one
     optimizer step on the slots' slices, then sync the reference when due.
     `skip_zero_advantage_batches` skips the update (the step and its key still advance) when every
-    advantage of the step is zero."""
-    inner = make_train_step(loss, optimizer, bind)
+    advantage of the step is zero.
+
+    Under torchrun (`layout`) every rank samples and scores the same generations with the gathered
+    policy (the same keys: the same rollouts, checked each step), and the sharded step trains each
+    rank on its rows of the slices."""
+    inner, _ = layout.steps(loss, optimizer, bind)
     skip_zero = generator.config.trl.skip_zero_advantage_batches
 
     def step(state, slots):
+        sharded, state = state, state.replace(trainable=layout.whole(state.trainable))
         carry = dict(state.carry)
         micro, metrics, zero, tokens = [], {}, True, 0
         for i, slot in enumerate(slots):
@@ -488,11 +494,13 @@ def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: Rollou
             new_state = state.replace(step=state.step + 1, rng_key=rng.split(state.rng_key, 2)[1])
             step_metrics = {"train/loss": torch.zeros(()), "train/grad_norm": torch.zeros(())}
         else:
-            new_state, step_metrics = inner(state, micro)
+            layout.check_same(micro, "the ranks sampled or scored different rollouts (a reward function that is "
+                                     "not deterministic?)")
+            new_state, step_metrics = inner(sharded, micro)
         step_metrics["time/train_s"] = time.perf_counter() - start
         carry["skipped_zero_adv_batches"] = skipped
         carry["num_tokens"] = int(carry.get("num_tokens", 0)) + tokens
-        carry = sync(new_state, carry)
+        carry = sync(new_state.replace(trainable=layout.whole(new_state.trainable)), carry)
         step_metrics.update(metrics)
         step_metrics.update({"num_tokens": float(carry["num_tokens"]), "step_tokens": tokens,
                              "skipped_zero_adv_batches": float(skipped)})
@@ -564,8 +572,8 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
         raise ConfigError(f"programs.grpo trains rl: grpo / gdpo; this config has "
                           f"{'rl: ' + kind if kind != 'sft' else 'no rl:'} (use python -m programs.train)")
     batching = grpo_batching(config)
-    launch.layout_of(config)  # one process: GRPO under torchrun is refused by name (programs.launch)
-    out, resume_from = loop.start(config, overwrite)
+    layout = launch.layout_of(config)
+    out, resume_from = loop.start(config, overwrite, layout)
 
     # ---- model and prompts
     params, model_config, tokenizer = common.load_model(config)
@@ -632,14 +640,15 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     try:
         return loop.fit(config, loop.Run(
             state=init_train_state(trainable, optimizer, init_key),
-            train_step=make_grpo_step(loss, optimizer, bind, generator, rollouts, reference_of, sync),
+            train_step=make_grpo_step(loss, optimizer, bind, generator, rollouts, reference_of, sync, layout),
             epoch_batches=epoch_batches,
             schedule=schedule,
             export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-            eval_step=make_eval(generator, producer, config) if eval_rows else None,
+            eval_step=layout.whole_params(make_eval(generator, producer, config)) if eval_rows else None,
             eval_batches=eval_batches,
             num_examples=(len(rows), len(eval_rows)),
             summary=lambda before, after: summary(len(eval_rows), before, after),
+            layout=layout,
         ), resume_from=resume_from, stop_after_step=stop_after_step)
     finally:
         producer.close()

@@ -74,12 +74,42 @@ class Layout:
 
         if not self.distributed:
             return make_train_step(loss, optimizer, bind), make_eval_step(loss, bind)
-        from backends.distributed import gather, make_sharded_train_step
+        from backends.distributed import make_sharded_train_step
 
         train_step = make_sharded_train_step(loss, optimizer, lambda frozen: bind, self.mesh,
                                              shard_optimizer=self.plan.shard_optimizer, paired=paired)
-        plain_eval = make_eval_step(loss, bind)
-        return train_step, lambda trainable, micro_batches: plain_eval(gather(trainable), micro_batches)
+        return train_step, self.whole_params(make_eval_step(loss, bind))
+
+    def whole(self, tree):
+        """`tree` with its DTensors gathered whole (one process: `tree` as it is)."""
+        if not self.distributed:
+            return tree
+        from backends.distributed import gather
+
+        return gather(tree)
+
+    def whole_params(self, step: Callable) -> Callable:
+        """`step(params, *args)` called with the params gathered whole."""
+        if not self.distributed:
+            return step
+        return lambda params, *args: step(self.whole(params), *args)
+
+    def check_same(self, micro_batches, what: str) -> None:
+        """Raise ValueError(`what`) unless every rank holds the same micro-batches (a checksum of
+        their tensors, compared over the ranks). One process: nothing to check."""
+        if not self.distributed:
+            return
+        total = torch.zeros((), dtype=torch.float64)
+        for mb in micro_batches:
+            for name in sorted(mb):
+                if isinstance(mb[name], torch.Tensor) and mb[name].numel():
+                    values = mb[name].detach().double().flatten()
+                    total = total + (values * torch.arange(1, values.numel() + 1, dtype=torch.float64)).sum()
+        low, high = total.clone().reshape(1), total.clone().reshape(1)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise ValueError(f"rank {self.rank}: {what}")
 
     def place(self, state):
         """The state in the plan's placements (one process: as it is)."""
@@ -255,5 +285,6 @@ def refuse_in_world(config, world: int) -> None:
         raise ConfigError(f"torch_compile: true is not supported {where} yet; set torch_compile: false")
     if precision_plan(config).loss_scaling:
         raise ConfigError(f"fp16 (dynamic loss scaling) is not supported {where} yet; use bf16 or fp32")
-    if training_kind(config) in ("grpo", "gdpo"):
-        raise ConfigError(f"rl: {training_kind(config)} is not supported {where} yet; run it in one process")
+    if training_kind(config) in ("grpo", "gdpo") and config.trl.use_vllm:
+        raise ConfigError(f"rl: {training_kind(config)} with trl.use_vllm is not supported {where} yet; every rank "
+                          "samples with the native engine (use_vllm: false), or run it in one process")

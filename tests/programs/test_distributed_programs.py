@@ -51,10 +51,11 @@ def preference_config(tmp_path: Path, tiny_model, name: str, rl, **overrides) ->
     return write_config(tmp_path, tiny_model, name, rl=rl, **{"lora_dropout": 0.0, "micro_batch_size": 3, **overrides})
 
 
-def torchrun(program: str, config: Path, *args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(program: str, config: Path, *args: str, nproc: int = 2, check: bool = True,
+             cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-                           "-m", program, "--config", str(config), *args], cwd=REPO, env=env, capture_output=True,
+                           "-m", program, "--config", str(config), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -251,11 +252,45 @@ def test_under_torchrun_torch_compile_is_refused_by_key_on_every_rank(tmp_path, 
     assert proc.stderr.count("error: torch_compile: true is not supported under torchrun (2 processes) yet") == 2
 
 
-def test_under_torchrun_grpo_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
+@pytest.fixture
+def grpo_workdir(tmp_path, monkeypatch):
+    from tests.programs.test_grpo import REWARDS
+
+    (tmp_path / "test_rewards_mod.py").write_text(REWARDS)
+    rows = (DATA / "arithmetic_train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[16:20]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_grpo_at_two_ranks_equals_one_process(grpo_workdir, tiny_model):
+    # every rank samples and scores the same generations with the gathered policy (the native engine,
+    # the state's keys), then trains on its rows; the one-process run takes torchrun's one thread, so
+    # the sampled tokens are the same too
+    from tests.programs.test_grpo import write_config
+
+    keys = dict(lora_dropout=0.0, trl={"beta": 0.04})
+    torchrun("programs.grpo", write_config(grpo_workdir, tiny_model, "two", **keys), cwd=grpo_workdir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_process("programs.grpo", write_config(grpo_workdir, tiny_model, "one", **keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert_runs_agree(grpo_workdir / "two", grpo_workdir / "one", "adapter_model.safetensors")
+    def rewards(out: Path) -> list:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("reward"), r.get("eval/reward")) for r in records if "reward" in r or "eval/reward" in r]
+
+    assert rewards(grpo_workdir / "two") == rewards(grpo_workdir / "one") and rewards(grpo_workdir / "one")
+
+
+def test_grpo_with_vllm_under_torchrun_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
     proc = torchrun("programs.grpo", REPO / "configs" / "grpo-smollm2.yaml", "--base_model", str(tiny_model),
-                    "--output_dir", str(tmp_path / "grpo"), check=False)
+                    "--output_dir", str(tmp_path / "grpo"), "--use_vllm", "true", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: rl: grpo is not supported under torchrun (2 processes) yet") == 2
+    assert proc.stderr.count("error: rl: grpo with trl.use_vllm is not supported under torchrun (2 processes) yet") == 2
     assert not (tmp_path / "grpo").exists()
 
 
