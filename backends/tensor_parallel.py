@@ -106,11 +106,15 @@ def _lora_layout(module: str, factor: str) -> str:
         raise ValueError(f"tensor parallelism: LoRA on {module!r} is not supported (only the decoder's "
                          f"linear layers {COLUMN_PARALLEL + ROW_PARALLEL}, not lm_head)")
     if factor == "m":
-        raise ValueError("tensor parallelism: DoRA (peft_use_dora) is not supported with tensor_parallel_size > 1: "
-                         "its row norm ||W + s B A|| spans every rank's shard")
+        _refuse_dora()
     if which == "column":
         return SHARD_0 if factor == "B" else PARTIAL
     return SHARD_1 if factor == "A" else PARTIAL
+
+
+def _refuse_dora():
+    raise ValueError("tensor parallelism: DoRA (peft_use_dora) is not supported with tensor_parallel_size > 1: "
+                     "its row norm ||W + s B A|| spans every rank's shard")
 
 
 def tp_layout(trainable: dict) -> dict:
@@ -267,7 +271,7 @@ def make_tp_ops(mesh: DeviceMesh, linear_fn: Callable = F.linear,
 
     def tp_lora_linear(x, weight, bias, entry, config: LoraConfig, key=None):
         if config.use_dora:
-            _lora_layout("model.layers.0.self_attn.q_proj", "m")  # raises the DoRA refusal
+            _refuse_dora()
         if isinstance(weight, ColumnParallel):  # x is whole on every rank: the one-process dropout mask
             return lora_linear_fn(copy_to_tp(x, group), weight.weight, bias, entry, config, key)
         if not isinstance(weight, RowParallel):
@@ -310,7 +314,7 @@ def make_tp_apply(config: ModelConfig, frozen: dict, mesh: DeviceMesh, *, lora_c
     linear_fn / lora_linear_fn are the local ops f and g wrap. `apply_kwargs`: make_apply's others
     (checkpoint_layers, token_logprob_fn, rms_norm_fn, swiglu_fn, neftune_alpha)."""
     if lora_config is not None and lora_config.use_dora:
-        _lora_layout("model.layers.0.self_attn.q_proj", "m")
+        _refuse_dora()
     tp = tp_mesh(mesh)
     local = tp_local_config(config, tp.size())
     if "reference_params" in apply_kwargs and apply_kwargs["reference_params"] is not None:

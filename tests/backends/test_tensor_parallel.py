@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.tensor_parallel import (PARTIAL, REPLICATED, SHARD_0, SHARD_1, shard_params_for_tp, tp_layout,
-                                      tp_local_config)
+from backends.tensor_parallel import (PARTIAL, REPLICATED, SHARD_0, SHARD_1, make_tp_apply, shard_params_for_tp,
+                                      tp_layout, tp_local_config)
 from pure import rng
 from pure.losses import sft
 from pure.lora import LINEAR_MODULES, LoraConfig, init_lora
@@ -44,7 +44,7 @@ def test_tiny_heads_and_mlp_divide_by_two():
 
 
 def test_a_model_that_does_not_divide_is_refused_naming_tensor_parallel_size():
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 does not divide the model's num_key_value_heads \(2\)"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 does not divide .* num_key_value_heads \(2\)"):
         tp_local_config(TINY, 4)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=5 .*num_attention_heads \(4\)"):
         shard_params_for_tp(init(TINY, rng.key(0)), None, TINY, 0, 5)
@@ -57,6 +57,13 @@ def test_dora_is_refused():
     dora = init_lora(params, LoraConfig(r=2, use_dora=True), rng.key(1), target_modules=["q_proj"])
     with pytest.raises(ValueError, match="DoRA .* not supported with tensor_parallel_size > 1"):
         shard_params_for_tp(params, dora, TINY, 0, TP)
+    with pytest.raises(ValueError, match="DoRA .* not supported with tensor_parallel_size > 1"):
+        make_tp_apply(TINY, params, mesh=None, lora_config=LoraConfig(r=2, use_dora=True))
+
+
+def test_lora_on_lm_head_is_refused_by_module():
+    with pytest.raises(ValueError, match="LoRA on 'lm_head' is not supported"):
+        tp_layout({"lora": {"lm_head": {"A": torch.zeros(2, 32), "B": torch.zeros(61, 2)}}})
 
 
 def test_column_parallel_shards_outputs_row_parallel_shards_inputs_and_lora_follows_its_base():
@@ -140,16 +147,26 @@ def _packed_batches(config) -> list[list[dict]]:
     return steps
 
 
+VARIANTS = ("full", "lora", "lora-dropout-remat")
+
+
 def _setup(variant: str):
-    """(trainable, frozen, optimizer, lora_config, config): a full fine-tune of TINY (SGD with momentum
-    after a global-norm clip that is active: the norm is above 0.5), or a LoRA on all seven linears
-    (AdamW, with the same clip)."""
+    """(trainable, frozen, optimizer, lora_config, apply kwargs): a full fine-tune of TINY (SGD with
+    momentum after a global-norm clip that is active: the norm is above 0.5), or a LoRA on all seven
+    linears (AdamW, with the same clip at 0.05); "lora-dropout-remat" adds LoRA dropout (TP draws
+    one process's masks: the row-parallel modules take their slice of it), activation checkpointing
+    (the collectives rerun in the recomputation) and the document attention kernel."""
     params = init(TINY, rng.key(0))
     if variant == "full":
-        return {"params": params}, {}, chain(clip_by_global_norm(0.5), sgd(0.5, momentum=0.9)), None
-    lora_config = LoraConfig(r=4, alpha=8)
+        return {"params": params}, {}, chain(clip_by_global_norm(0.5), sgd(0.5, momentum=0.9)), None, {}
+    lora_config, kwargs = LoraConfig(r=4, alpha=8), {}
+    if variant == "lora-dropout-remat":
+        from kernels.attention import document_attention
+
+        lora_config = LoraConfig(r=4, alpha=8, dropout=0.1)
+        kwargs = {"checkpoint_layers": True, "attention_fn": document_attention}
     return ({"lora": _lora(params)}, params, chain(clip_by_global_norm(0.05), adamw(1e-2, weight_decay=0.01)),
-            lora_config)
+            lora_config, kwargs)
 
 
 def _step_metrics(metrics: dict) -> tuple[float, float, float]:
@@ -157,8 +174,8 @@ def _step_metrics(metrics: dict) -> tuple[float, float, float]:
 
 
 def _train_one_process(variant: str) -> dict:
-    trainable, frozen, optimizer, lora_config = _setup(variant)
-    step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
+    trainable, frozen, optimizer, lora_config, kwargs = _setup(variant)
+    step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config, **kwargs))
     state = init_train_state(trainable, optimizer, rng.key(3))
     history = []
     for micro_batches in _packed_batches(TINY):
@@ -186,7 +203,7 @@ def _forward_one_process(attention: str) -> dict:
     lora = _lora(params)
     batch = _packed_batches(BIASED)[0][0]
     kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
-    if attention == "document":  # drops the padding (its logits are lm_head(0) = 0), so compare like with like
+    if attention == "kernels":  # drops the padding (its logits are lm_head(0) = 0), so compare like with like
         kwargs["attention_fn"] = document_attention
     return {"base": forward(params, batch["input_ids"], BIASED, **kwargs).logits,
             "lora": forward(params, batch["input_ids"], BIASED, lora=lora, lora_config=LoraConfig(r=4, alpha=8),
@@ -207,6 +224,7 @@ def _all_ranks(x: torch.Tensor, mesh) -> list[torch.Tensor]:
 def _tp_forward(mesh) -> dict:
     from backends.tensor_parallel import make_tp_apply
     from kernels.attention import document_attention
+    from kernels.lora_linear import lora_linear_function
 
     rank = mesh.get_local_rank()
     full = _biased_params()
@@ -214,8 +232,8 @@ def _tp_forward(mesh) -> dict:
     batch = _packed_batches(BIASED)[0][0]
     kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
     out = {}
-    for name, attention in (("sdpa", None), ("document", document_attention)):
-        extra = {} if attention is None else {"attention_fn": attention}
+    for name, extra in (("sdpa", {}), ("kernels", {"attention_fn": document_attention,
+                                                   "lora_linear_fn": lora_linear_function})):
         base = make_tp_apply(BIASED, params, mesh, **extra)({})
         adapted = make_tp_apply(BIASED, params, mesh, lora_config=LoraConfig(r=4, alpha=8), **extra)({"lora": lora})
         with torch.no_grad():
@@ -238,13 +256,13 @@ def _tp_grads(variant: str, mesh) -> dict:
     grads, _, _ = make_accumulator(sft)(trainable, micro_batches, counts, [None] * len(micro_batches), bind)
     layout = tp_layout(trainable)
     raw = {path: _all_ranks(g, mesh) for path, g in leaves_with_paths(grads)}
-    reduced = tree_map_local(reduce_tp_grads(grads, layout, mesh))
+    reduced = _to_local(reduce_tp_grads(grads, layout, mesh))
     gathered = gather_tp(reduced.get("params", {}), reduced.get("lora"), mesh)
     return {"layout": dict(leaves_with_paths(layout)), "raw": raw,
             "reduced": dict(leaves_with_paths({"params": gathered[0]} if variant == "full" else {"lora": gathered[1]}))}
 
 
-def tree_map_local(tree):
+def _to_local(tree):
     from pure.tree import tree_map
 
     return tree_map(lambda x: x.to_local(), tree)
@@ -254,14 +272,14 @@ def _train_tp(variant: str, mesh) -> dict:
     from backends.tensor_parallel import gather_tp, init_tp_train_state, make_tp_train_step
 
     rank = mesh.get_local_rank()
-    trainable, frozen, optimizer, lora_config = _setup(variant)
+    trainable, frozen, optimizer, lora_config, kwargs = _setup(variant)
     if variant == "full":
         local = {"params": shard_params_for_tp(trainable["params"], None, TINY, rank, TP)[0]}
         frozen_local = {}
     else:
         frozen_local, lora = shard_params_for_tp(frozen, trainable["lora"], TINY, rank, TP)
         local = {"lora": lora}
-    step = make_tp_train_step(sft, optimizer, TINY, frozen_local, mesh, lora_config=lora_config)
+    step = make_tp_train_step(sft, optimizer, TINY, frozen_local, mesh, lora_config=lora_config, **kwargs)
     state = init_tp_train_state(local, optimizer, rng.key(3), mesh)
     history = []
     for micro_batches in _packed_batches(TINY):
@@ -282,7 +300,7 @@ def _torchrun_main(out: str) -> None:
     mesh = tp_mesh(make_mesh(mesh_sizes(world, tp=world), "cpu"))
     results = {"forward": _tp_forward(mesh),
                "grads": {variant: _tp_grads(variant, mesh) for variant in ("full", "lora")},
-               "train": {variant: _train_tp(variant, mesh) for variant in ("full", "lora")}}
+               "train": {variant: _train_tp(variant, mesh) for variant in VARIANTS}}
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -303,7 +321,7 @@ def tp_results(tmp_path_factory):
 # ---- TP 2 equals 1 ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "document"])
+@pytest.mark.parametrize("attention", ["sdpa", "kernels"])
 def test_the_tp2_forward_equals_one_process_logits(tp_results, attention):
     reference = _forward_one_process(attention)
     for name in ("base", "lora"):
@@ -328,7 +346,7 @@ def test_replicated_grads_are_whole_on_every_rank_and_partial_ones_are_reduced(t
     assert (REPLICATED in kinds) == (variant == "full")
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_tp2_training_equals_one_process(tp_results, variant):
     got, want = tp_results["train"][variant], _train_one_process(variant)
     max_norm = 0.5 if variant == "full" else 0.05
