@@ -38,6 +38,11 @@ The optimizer then runs on DTensor views of the local tensors (`Shard(0)`, `Shar
 on the `tp` dimension), as `backends.distributed`'s step does, so a global-norm clip measures the
 full model: sharded squares summed over the ranks, replicated ones once. `torch.func.grad` itself
 only ever sees plain tensors (a DTensor redistribute inside it fails on torch 2.13).
+
+Not here yet: TP combined with data parallelism on one mesh (other dimensions > 1 are refused),
+sharded checkpoints of a TP state (`backends.distributed.save_sharded` would take the plain local
+shards for whole tensors: export through `gather_tp`), fp16 loss scaling, quantised bases, and
+fewer key/value heads than TP ranks (they would have to be replicated).
 """
 from __future__ import annotations
 
@@ -256,7 +261,13 @@ def make_tp_ops(mesh: DeviceMesh, linear_fn: Callable = F.linear,
                 lora_linear_fn: Callable = lora_linear) -> dict[str, Callable]:
     """`{"linear_fn", "lora_linear_fn"}` for `pure.models.forward` / `pure.train.make_apply` on TP
     shards whose weights are `ColumnParallel` / `RowParallel` (`tag_tp_weights`): f or g around the
-    given local ops (the references, or `kernels/` ones that take the same arguments)."""
+    given local ops (the references, or `kernels/` ones that take the same arguments).
+
+    LoRA dropout on a row-parallel module draws the one-process mask over the full input width and
+    keeps the rank's slice, then computes the low-rank term with the reference math (not
+    `lora_linear_fn`): so TP drops the same entries as one process, at the cost of a full-width
+    mask per rank. A column-parallel module's input is whole on every rank: its mask is one
+    process's as it is."""
     tp = tp_mesh(mesh)
     group, rank, size = tp.get_group(), tp.get_local_rank(), tp.size()
 
