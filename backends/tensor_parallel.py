@@ -2,10 +2,11 @@
 
     local_config = tp_local_config(config, tp_size)                          # heads and MLP width / tp
     params, lora = shard_params_for_tp(params, lora, config, rank, tp_size)  # each rank's plain shards
-    state = init_tp_train_state({"lora": lora}, optimizer, key, mesh)
-    step = make_tp_train_step(sft, optimizer, config, frozen=params, mesh=mesh, lora_config=lora_config)
+    state = init_tp_train_state({"lora": lora}, optimizer, key, mesh)        # DTensor views of the shards
+    bind = make_tp_apply(config, params, mesh, lora_config=lora_config)      # the rank's forward
+    step = make_tp_train_step(sft, optimizer, bind, mesh)
     state, metrics = step(state, micro_batches)                              # the same batches on every TP rank
-    full_params, full_lora = gather_tp(params, state.trainable["lora"], mesh)  # export
+    full_lora = backends.distributed.gather(state.trainable["lora"])         # export (full_tensor)
 
 Every TP rank holds whole heads of q/k/v and a slice of the MLP's width: q/k/v/gate/up are
 column-parallel (weight [out/tp, in], sharded on dim 0 with their biases), o/down row-parallel
@@ -39,10 +40,13 @@ on the `tp` dimension), as `backends.distributed`'s step does, so a global-norm 
 full model: sharded squares summed over the ranks, replicated ones once. `torch.func.grad` itself
 only ever sees plain tensors (a DTensor redistribute inside it fails on torch 2.13).
 
+At rest a TP state's trainable params and optimizer state are those DTensor views, so
+`backends.distributed`'s gather, sharded checkpoints (DCP reads them at any TP size, or whole in one
+process) and FULL saves take them as they take FSDP's; `place_tp_state` places a whole state.
+
 Not here yet: TP combined with data parallelism on one mesh (other dimensions > 1 are refused),
-sharded checkpoints of a TP state (`backends.distributed.save_sharded` would take the plain local
-shards for whole tensors: export through `gather_tp`), fp16 loss scaling, quantised bases, and
-fewer key/value heads than TP ranks (they would have to be replicated).
+fp16 loss scaling, quantised bases, and fewer key/value heads than TP ranks (they would have to be
+replicated).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from pure import rng
 from pure.losses.core import Loss
@@ -61,7 +65,7 @@ from pure.models.config import ModelConfig
 from pure.models.llama import sdpa_attention
 from pure.optim import apply_updates, grad_norm_from_state
 from pure.train import TrainState, make_accumulator, make_apply
-from pure.tree import global_norm, tree_map
+from pure.tree import global_norm, leaves_with_paths, replace_leaves, tree_map
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -364,47 +368,81 @@ def reduce_tp_grads(grads: dict, layout: dict, tp: DeviceMesh) -> dict:
 
 
 def init_tp_train_state(trainable: dict, optimizer, key: torch.Tensor, mesh: DeviceMesh) -> TrainState:
-    """A TrainState whose trainable subtree is the rank's plain shards and whose optimizer state is
-    initialised on their DTensor views (moments placed as their params)."""
+    """A TrainState of the rank's plain shards (`shard_params_for_tp`) held as DTensor views on the
+    `tp` dimension (`Shard(0)`, `Shard(1)` or `Replicate()`, no communication), the optimizer state
+    initialised on them (moments placed as their params)."""
     tp = tp_mesh(mesh)
-    opt_state = optimizer.init(_as_dtensors(trainable, tp_layout(trainable), tp))
-    return TrainState(step=0, trainable=trainable, opt_state=opt_state, rng_key=key)
+    trainable = _as_dtensors(trainable, tp_layout(trainable), tp)
+    return TrainState(step=0, trainable=trainable, opt_state=optimizer.init(trainable), rng_key=key)
 
 
-def make_tp_train_step(loss: Loss, optimizer, config: ModelConfig, frozen: dict, mesh: DeviceMesh, *,
-                       lora_config: LoraConfig | None = None, **apply_kwargs):
-    """Build `train_step(state, micro_batches) -> (state, metrics)` for an `init_tp_train_state` state:
-    `pure.train.make_train_step`'s contract on one TP rank, every TP rank passing the same
-    micro-batches (TP ranks share the data, and the keys: dropout masks are one process's).
+def place_tp_state(state: TrainState, mesh: DeviceMesh) -> TrainState:
+    """`state` with whole plain tensors on every rank (a fresh one, or a one-process checkpoint)
+    placed for TP: each trainable leaf a DTensor on the `tp` dimension as `tp_layout` lays it, each
+    optimizer-state leaf as the trainable param it belongs to (the one whose pytree path ends its
+    own, when the shapes agree: a moment of that param), `Replicate()` otherwise (a step count)."""
+    tp = tp_mesh(mesh)
+    layout = tp_layout(state.trainable)
+    trainable = tree_map(lambda x, how: distribute_tensor(x, tp, [_PLACEMENTS[how]]), state.trainable, layout)
+    params = {path: (how, leaf.shape) for (path, how), (_, leaf) in
+              zip(leaves_with_paths(layout), leaves_with_paths(state.trainable))}
+
+    def placed(path: str, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        how = next((how for p, (how, shape) in params.items()
+                    if (path == p or path.endswith("." + p)) and shape == x.shape), REPLICATED)
+        return distribute_tensor(x, tp, [_PLACEMENTS[how]])
+
+    named = leaves_with_paths(state.opt_state, none_is_leaf=True)
+    opt_state = replace_leaves(state.opt_state, [placed(path, x) for path, x in named], none_is_leaf=True)
+    return state.replace(trainable=trainable, opt_state=opt_state)
+
+
+def _local(tree):
+    return tree_map(lambda x: x.to_local() if isinstance(x, DTensor) else x, tree)
+
+
+def make_tp_train_step(loss: Loss, optimizer, bind, mesh: DeviceMesh):
+    """Build `train_step(state, micro_batches) -> (state, metrics)` for a TP state
+    (`init_tp_train_state`, `place_tp_state`): `pure.train.make_train_step`'s contract on one TP rank,
+    every TP rank passing the same micro-batches (TP ranks share the data, and the keys: dropout
+    masks are one process's). `bind` is `make_tp_apply`'s.
 
     Per step: the loss's totals, then per micro-batch `torch.func.grad_and_value` of the rank's
-    forward (`make_tp_apply`; apply_kwargs go there: attention_fn, linear_fn, checkpoint_layers, ...)
-    over its plain shards; the PARTIAL gradients are all-reduced (`reduce_tp_grads`) and the
-    optimizer updates DTensor views of the shards, so `clip_by_global_norm` and `train/grad_norm` are
+    forward over its plain local shards; the PARTIAL gradients are all-reduced (`reduce_tp_grads`)
+    and the optimizer updates the DTensor views, so `clip_by_global_norm` and `train/grad_norm` are
     the full model's norm. Loss and metrics come out of a replicated forward: the same on every
     rank, no reduction. fp16 loss scaling is refused."""
     tp = tp_mesh(mesh)
-    bind = make_tp_apply(config, frozen, tp, lora_config=lora_config, **apply_kwargs)
     accumulate = make_accumulator(loss)
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         if state.loss_scale is not None:
             raise NotImplementedError("fp16 dynamic loss scaling is not supported by the tensor-parallel step yet")
-        layout = tp_layout(state.trainable)
+        local = _local(state.trainable)
+        layout = tp_layout(local)
         step_key, next_key = rng.split(state.rng_key, 2)
-        counts = loss.totals(bind(state.trainable), micro_batches)
+        counts = loss.totals(bind(local), micro_batches)
         keys = [rng.fold_in(step_key, i) for i in range(len(micro_batches))]
-        grads, total, aux = accumulate(state.trainable, micro_batches, counts, keys, bind)
+        grads, total, aux = accumulate(local, micro_batches, counts, keys, bind)
         grads = reduce_tp_grads(grads, layout, tp)
-        params = _as_dtensors(state.trainable, layout, tp)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable, state.step)
         grad_norm = grad_norm_from_state(opt_state)
         if grad_norm is None:
             grad_norm = global_norm(grads)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        trainable = tree_map(lambda x: x.to_local() if isinstance(x, DTensor) else x, apply_updates(params, updates))
         metrics = {"train/loss": total, "train/grad_norm": grad_norm, **aux}
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng_key=next_key), metrics
+        return state.replace(step=state.step + 1, trainable=apply_updates(state.trainable, updates),
+                             opt_state=opt_state, rng_key=next_key), metrics
 
     return train_step
+
+
+def make_tp_eval_step(loss: Loss, bind):
+    """`pure.train.make_eval_step` of `bind` (`make_tp_apply`'s) on a TP state's trainable DTensor views."""
+    from pure.train import make_eval_step
+
+    inner = make_eval_step(loss, bind)
+    return lambda trainable, micro_batches: inner(_local(trainable), micro_batches)

@@ -269,7 +269,7 @@ def _to_local(tree):
 
 
 def _train_tp(variant: str, mesh) -> dict:
-    from backends.tensor_parallel import gather_tp, init_tp_train_state, make_tp_train_step
+    from backends.tensor_parallel import gather_tp, init_tp_train_state, make_tp_apply, make_tp_train_step
 
     rank = mesh.get_local_rank()
     trainable, frozen, optimizer, lora_config, kwargs = _setup(variant)
@@ -279,15 +279,34 @@ def _train_tp(variant: str, mesh) -> dict:
     else:
         frozen_local, lora = shard_params_for_tp(frozen, trainable["lora"], TINY, rank, TP)
         local = {"lora": lora}
-    step = make_tp_train_step(sft, optimizer, TINY, frozen_local, mesh, lora_config=lora_config, **kwargs)
+    step = make_tp_train_step(sft, optimizer, make_tp_apply(TINY, frozen_local, mesh, lora_config=lora_config,
+                                                            **kwargs), mesh)
     state = init_tp_train_state(local, optimizer, rng.key(3), mesh)
     history = []
     for micro_batches in _packed_batches(TINY):
         state, metrics = step(state, micro_batches)
         history.append(_step_metrics(metrics))
-    params, lora = gather_tp(state.trainable.get("params", {}), state.trainable.get("lora"), mesh)
+    params, lora = gather_tp(_to_local(state.trainable.get("params", {})), _to_local(state.trainable.get("lora")), mesh)
     gathered = {"params": params} if variant == "full" else {"lora": lora}
     return {"metrics": history, "params": dict(leaves_with_paths(gathered))}
+
+
+def _placed(variant: str, mesh) -> dict:
+    """`place_tp_state` of a whole state after one one-process step (moments not zero): each leaf's
+    placement and local shard, and the shards `shard_params_for_tp` cuts."""
+    from backends.tensor_parallel import place_tp_state
+    from pure.train import make_train_step
+
+    trainable, frozen, optimizer, lora_config, kwargs = _setup(variant)
+    step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
+    state, _ = step(init_train_state(trainable, optimizer, rng.key(3)), _packed_batches(TINY)[0])
+    placed = place_tp_state(state, mesh)
+    rank = mesh.get_local_rank()
+    params, lora = shard_params_for_tp(state.trainable.get("params", {}), state.trainable.get("lora"), TINY, rank, TP)
+    tree = {"trainable": placed.trainable, "opt_state": placed.opt_state}
+    return {"placements": {path: str(x.placements[0]) for path, x in leaves_with_paths(tree)},
+            "local": {path: x.to_local() for path, x in leaves_with_paths(tree)},
+            "want": dict(leaves_with_paths({"trainable": {"params": params} if variant == "full" else {"lora": lora}}))}
 
 
 def _torchrun_main(out: str) -> None:
@@ -300,7 +319,9 @@ def _torchrun_main(out: str) -> None:
     mesh = tp_mesh(make_mesh(mesh_sizes(world, tp=world), "cpu"))
     results = {"forward": _tp_forward(mesh),
                "grads": {variant: _tp_grads(variant, mesh) for variant in ("full", "lora")},
-               "train": {variant: _train_tp(variant, mesh) for variant in VARIANTS}}
+               "train": {variant: _train_tp(variant, mesh) for variant in VARIANTS},
+               "placed": [None] * world}  # each rank's `_placed`
+    dist.all_gather_object(results["placed"], {variant: _placed(variant, mesh) for variant in ("full", "lora")})
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -358,6 +379,22 @@ def test_tp2_training_equals_one_process(tp_results, variant):
     assert got["params"].keys() == want["params"].keys()
     for path, value in want["params"].items():
         torch.testing.assert_close(got["params"][path], value, atol=1e-5, rtol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_a_whole_state_is_placed_for_tp_as_the_shards_and_their_moments(tp_results, variant):
+    for rank, placed in enumerate(tp_results["placed"]):
+        got = placed[variant]
+        for path, want in got["want"].items():  # the trainable shards are shard_params_for_tp's
+            assert torch.equal(got["local"][path], want), path
+        for path, placement in got["placements"].items():
+            if not path.startswith("opt_state.") or got["local"][path].dim() == 0:
+                continue
+            param = next(p for p in got["want"] if path.endswith(p[len("trainable"):]))  # its param
+            assert placement == got["placements"][param], path  # a moment lies as its param
+            assert got["local"][path].shape == got["local"][param].shape, path
+    placements = set(tp_results["placed"][0][variant]["placements"].values())
+    assert {"S(0)", "S(1)", "R"} <= placements
 
 
 if __name__ == "__main__":
