@@ -278,10 +278,12 @@ def quantized_ops(params: dict) -> dict:
     return quantized_model_ops() if is_quantized(params) else {}
 
 
-def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
+def make_bind(config, model_config, frozen: dict, lora_config, layout=None, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
     device and dtype (chunked linear + cross-entropy head, attention), as the kernel keys and plugins
-    select them (`programs.kernel_keys`; one line says what serves each requested key)."""
+    select them (`programs.kernel_keys`; one line says what serves each requested key). With a
+    tensor-parallel `layout` (`programs.launch`): the rank's forward over its shards of `frozen`
+    (`backends.tensor_parallel.make_tp_apply`, the same kernels inside the TP linears)."""
     from programs.kernel_keys import served_ops
     from pure.train import make_apply
 
@@ -294,4 +296,11 @@ def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     from programs.config.derived import sharding_plan
 
     remat = bool(config.gradient_checkpointing) or sharding_plan(config).activation_checkpointing  # fsdp_config's
+    if layout is not None and layout.tensor_parallel:
+        from backends.tensor_parallel import make_tp_apply, shard_params_for_tp
+
+        rank, size = layout.mesh["tp"].get_local_rank(), layout.mesh["tp"].size()
+        local, _ = shard_params_for_tp(frozen, None, model_config, rank, size)
+        return make_tp_apply(model_config, local, layout.mesh, lora_config=lora_config, checkpoint_layers=remat,
+                             **ops, **kwargs)
     return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat, **ops, **kwargs)

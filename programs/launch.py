@@ -55,6 +55,11 @@ class Layout:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the ranks split each layer (`tensor_parallel_size` > 1) rather than the batch."""
+        return self.distributed and (self.plan.tp or 1) > 1
+
     @contextlib.contextmanager
     def main_first(self):
         """Rank 0 runs the block first (it writes what the block caches: a prepared dataset), then the
@@ -74,6 +79,10 @@ class Layout:
 
         if not self.distributed:
             return make_train_step(loss, optimizer, bind), make_eval_step(loss, bind)
+        if self.tensor_parallel:  # `bind` is the rank's TP forward (`common.make_bind` with this layout)
+            from backends.tensor_parallel import make_tp_eval_step, make_tp_train_step
+
+            return make_tp_train_step(loss, optimizer, bind, self.mesh), make_tp_eval_step(loss, bind)
         from backends.distributed import make_sharded_train_step
 
         train_step = make_sharded_train_step(loss, optimizer, lambda frozen: bind, self.mesh,
@@ -115,6 +124,10 @@ class Layout:
         """The state in the plan's placements (one process: as it is)."""
         if not self.distributed:
             return state
+        if self.tensor_parallel:
+            from backends.tensor_parallel import place_tp_state
+
+            return place_tp_state(state, self.mesh)
         from backends.distributed import shard_state
 
         return shard_state(state, self.mesh, self.plan.shard_params, self.plan.shard_optimizer)
@@ -234,9 +247,15 @@ def layout_of(config) -> Layout:
         torch.distributed.init_process_group(backend, timeout=timeout)
     mesh = make_mesh(sizes, "cuda" if cuda else "cpu")
     try:
-        data_parallel_mesh(mesh)
+        if sizes.tp > 1:
+            from backends.tensor_parallel import tp_mesh
+
+            tp_mesh(mesh)  # TP alone: every rank of the world in the one TP group
+        else:
+            data_parallel_mesh(mesh)
     except NotImplementedError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{err} (tensor_parallel_size={sizes.tp} with {world} processes: TP runs alone, "
+                          "tensor_parallel_size = the world size)" if sizes.tp > 1 else str(err)) from None
     rank = torch.distributed.get_rank()
     layout = Layout(plan=plan, mesh=mesh, rank=rank, world=world)
     if not layout.is_main:
@@ -270,6 +289,10 @@ def describe(plan) -> str:
     def where(sharded: bool) -> str:
         return "sharded" if sharded else "replicated"
 
+    if (plan.tp or 1) > 1:
+        return ("tensor parallel: q/k/v/gate/up split by output features (whole heads), o/down by input "
+                "features, embeddings, norms and lm_head replicated, LoRA factors placed with their base; every "
+                "rank runs every row of the batch")
     return (f"{plan.strategy}: trained params {where(plan.shard_params)}, gradients "
             f"{'reduce-scattered' if plan.shard_grads else 'all-reduced'}, optimizer state "
             f"{where(plan.shard_optimizer)}; frozen params whole on every rank; each rank trains on its "
@@ -281,6 +304,13 @@ def refuse_in_world(config, world: int) -> None:
     from programs.config.derived import precision_plan, training_kind
 
     where = f"under torchrun ({world} processes)"
+    if (config.tensor_parallel_size or 1) > 1:
+        if training_kind(config) != "sft":
+            raise ConfigError(f"tensor_parallel_size runs programs.sft only yet; rl / reward models {where} shard "
+                              "the batch (dp_shard_size), not the layers")
+        if config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit:
+            raise ConfigError("tensor_parallel_size: a quantised base (load_in_4bit / load_in_8bit) is not split "
+                              "over TP ranks yet")
     if config.torch_compile is True:
         raise ConfigError(f"torch_compile: true is not supported {where} yet; set torch_compile: false")
     if precision_plan(config).loss_scaling:

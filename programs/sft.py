@@ -56,7 +56,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     init_key, lora_key = rng.split(rng.key(config.seed), 2)
     trainable, frozen, lora_config = common.build_trainable(config, params, lora_key)
     optimizer, schedule = common.build_optimizer_from_config(config, total)
-    bind = common.make_bind(config, model_config, frozen, lora_config)
+    bind = common.make_bind(config, model_config, frozen, lora_config, layout)
     train_step, eval_step = layout.steps(sft, optimizer, bind)
 
     def summary(before: dict, after: dict) -> str:

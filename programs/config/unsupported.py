@@ -58,7 +58,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deepcompile": (_truthy, ""),
     "sequence_parallel_degree": (_above_one, ""),
     "context_parallel_size": (_above_one, ""),
-    "tensor_parallel_size": (_above_one, ""),
     "use_ray": (_truthy, ""),
     "auto_find_batch_size": (_truthy, ""),
     "optimizer": (_not_in(SUPPORTED_OPTIMIZERS), f"supported: {', '.join(SUPPORTED_OPTIMIZERS)}"),

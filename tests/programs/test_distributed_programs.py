@@ -216,6 +216,34 @@ def test_final_state_dict_type_sharded_leaves_the_sharded_checkpoint_as_the_resu
     assert not (tmp_path / "two" / "model").exists() and (tmp_path / "two" / "checkpoint-3" / ".metadata").is_file()
 
 
+# ---- tensor parallelism ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_tensor_parallel_sft_at_two_ranks_equals_one_process(tmp_path, tiny_model, adapter):
+    # the tiny model's 4 heads, 2 kv heads and 64 MLP columns split over 2 TP ranks; both ranks run
+    # every row; sharded checkpoints hold the TP shards (Shard(0) / Shard(1) DTensors)
+    keys = dict(adapter=adapter, learning_rate=1e-3 if adapter is None else 1e-2, fsdp_version=2,
+                fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
+    proc = torchrun("programs.sft", sft_config(tmp_path, tiny_model, "two", tensor_parallel_size=2, **keys))
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
+    export = "adapter_model.safetensors" if adapter else "model/model.safetensors"
+    assert_runs_agree(tmp_path / "two", tmp_path / "one", export)
+    assert "tensor parallel: q/k/v/gate/up split by output features" in proc.stdout
+    from backends.checkpoint import is_sharded_checkpoint
+
+    assert is_sharded_checkpoint(tmp_path / "two" / "checkpoint-6")
+
+
+def test_a_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path, tiny_model):
+    keys = dict(fsdp_version=2, fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
+    torchrun("programs.sft", sft_config(tmp_path, tiny_model, "two", tensor_parallel_size=2, **keys))
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "resumed",
+                                           resume_from_checkpoint=str(tmp_path / "two" / "checkpoint-3"), **keys))
+    assert_close_files(tmp_path / "resumed" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors")
+
+
 # ---- the other training programs -------------------------------------------------------------
 
 
