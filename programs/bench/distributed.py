@@ -65,7 +65,7 @@ def measure_rank(config, steps: int, warmup: int) -> dict:
         return optimizer.update(grads, state, params, step)
 
     measured = GradientTransformation(optimizer.init, update)
-    train_step, _ = layout.steps(sft, measured, common.make_bind(config, model_config, frozen, lora_config))
+    train_step, _ = layout.steps(sft, measured, common.make_bind(config, model_config, frozen, lora_config, layout))
     state = layout.place(init_train_state(trainable, measured, init_key))
     del trainable
     seconds = []
@@ -80,7 +80,8 @@ def measure_rank(config, steps: int, warmup: int) -> dict:
             torch.distributed.barrier()  # the step ends when the slowest rank is done
         seconds.append(time.perf_counter() - start)
     params_b, opt_b = local_bytes(state.trainable), local_bytes(state.opt_state)
-    return {"rank": layout.rank, "world": layout.world, "strategy": layout.plan.strategy if layout.plan else "one process",
+    strategy = "one process" if not layout.distributed else "tp" if layout.tensor_parallel else layout.plan.strategy
+    return {"rank": layout.rank, "world": layout.world, "strategy": strategy,
             "params_bytes": params_b, "grads_bytes": grad_bytes[-1], "optimizer_bytes": opt_b,
             "state_bytes": params_b + grad_bytes[-1] + opt_b, "frozen_bytes": local_bytes(frozen),
             "peak_rss_mb": max_rss_mb(), "step_seconds": seconds[warmup:], "loss": float(metrics["train/loss"]),
@@ -152,7 +153,9 @@ def table(report: dict) -> str:
                      f"{r['optimizer_bytes'] / mib:.1f} | {r['state_bytes'] / mib:.1f} "
                      f"({r['state_bytes'] / one['state_bytes']:.2f}x) | {r['frozen_bytes'] / mib:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['step_seconds_median']:.3f} |")
-    lines += ["", f"bytes: rank 0's local tensors (per_rank in the JSON has each rank's); step: the slowest rank's, "
+    lines += ["", f"bytes: rank 0's local tensors (per_rank in the JSON has each rank's); frozen: the program's "
+                  "frozen params, whole on every rank (under TP the forward holds its shards of them besides); "
+                  "step: the slowest rank's, "
                   f"between barriers; runs alternated {' -> '.join(map(str, report['order']))}; "
                   f"{report['cpu_count']} CPUs, load average {report['load_average'][0]:.2f}"]
     return "\n".join(lines)

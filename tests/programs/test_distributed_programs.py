@@ -216,6 +216,16 @@ def test_final_state_dict_type_sharded_leaves_the_sharded_checkpoint_as_the_resu
     assert not (tmp_path / "two" / "model").exists() and (tmp_path / "two" / "checkpoint-3" / ".metadata").is_file()
 
 
+def test_a_streamed_dataset_at_two_ranks_equals_one_process(tmp_path, tiny_model):
+    # every rank reads the same stream (tokenised and packed as training consumes it) and trains on
+    # its documents of each micro-batch
+    keys = dict(streaming=True, val_set_size=0, max_steps=4, save_steps=2, eval_steps=None,
+                streaming_multipack_buffer_size=16)
+    torchrun("programs.sft", sft_config(tmp_path, tiny_model, "two", **keys))
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
+    assert_runs_agree(tmp_path / "two", tmp_path / "one", "adapter_model.safetensors")
+
+
 # ---- tensor parallelism ------------------------------------------------------------------------
 
 
