@@ -281,7 +281,9 @@ def quantized_ops(params: dict) -> dict:
 def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
     device and dtype (chunked linear + cross-entropy head, attention), as the kernel keys and plugins
-    select them (`programs.kernel_keys`; one line says what serves each requested key)."""
+    select them (`programs.kernel_keys`; one line says what serves each requested key). A keyword of
+    `kwargs` replaces the served op of that name. `bind.with_attention(attention_fn)` is the same bind
+    with another attention (the context-parallel one, which `programs.launch.Layout.steps` puts in)."""
     from programs.kernel_keys import served_ops
     from pure.train import make_apply
 
@@ -294,4 +296,22 @@ def make_bind(config, model_config, frozen: dict, lora_config, **kwargs):
     from programs.config.derived import sharding_plan
 
     remat = bool(config.gradient_checkpointing) or sharding_plan(config).activation_checkpointing  # fsdp_config's
-    return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat, **ops, **kwargs)
+
+    def bind_with(**override):  # a keyword of kwargs (e.g. attention_fn) replaces the served kernel's
+        return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat,
+                          **{**ops, **kwargs, **override})
+
+    bind = bind_with()
+
+    def with_attention(attention_fn):
+        # The same bind with another attention (`programs.launch.Layout.steps`: the context-parallel one);
+        # a sliding window would need it in that attention's mask, which it does not build.
+        if model_config.sliding_window is not None:
+            from programs.config import ConfigError
+
+            raise ConfigError(f"context_parallel_size > 1: sliding-window attention (sliding_window: "
+                              f"{model_config.sliding_window}) is not supported with context parallelism yet")
+        return bind_with(attention_fn=attention_fn)
+
+    bind.with_attention = with_attention
+    return bind
