@@ -366,7 +366,8 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
 
         if paired:
             raise ValueError("context parallelism (context_parallel_size > 1) splits packed rows by tokens; pair "
-                             "batches (DPO and its family, reward models) are not supported: set context_parallel_size: 1")
+                             "batches (DPO and its family, reward models) are not supported: set "
+                             "context_parallel_size: 1")
         if make_context_parallel_bind is None:
             raise ValueError("a mesh with context_parallel_size > 1 needs make_context_parallel_bind: a bind whose "
                              "attention is backends.context_parallel.context_parallel_attention(mesh)")

@@ -1,10 +1,13 @@
-"""backends.context_parallel: "CP equals no CP on packed rows". The token split (pure), and under
+"""backends.context_parallel: "CP equals no CP on packed rows". The token split (pure); under
 torchrun at 2 processes (gloo, the tiny model) the forward's log-probs and 3 training steps (full
-fine-tune and LoRA) of context_parallel_size 2 equal one process on the same packed micro-batches.
+fine-tune and LoRA) at context_parallel_size 2 equal one process on the same packed micro-batches,
+and the run's sharded checkpoint loads in one process; at 4 processes, cp 2 on HSDP's and FSDP's
+meshes equals one process too, with a data-parallel share that has no rows.
 
 Run as a script (`python -m torch.distributed.run --nproc_per_node 2 --standalone
-tests/backends/test_context_parallel.py OUT`), rank 0 writes the results to OUT; the tests launch
-it and compare with the same computation here in one process."""
+tests/backends/test_context_parallel.py OUT CHECKPOINTS`, or `... four OUT` at 4 processes), rank 0
+writes the results to OUT; the tests launch it and compare with the same computation here in one
+process."""
 from __future__ import annotations
 
 import os
@@ -56,9 +59,17 @@ def _packed_batch(key) -> dict:
     return {"input_ids": ids, "labels": labels, "positions": positions, "segment_ids": segments}
 
 
-def _global_batches() -> list[list[dict]]:
-    return [[_packed_batch(rng.fold_in(rng.key(11), s * MICRO_BATCHES + m)) for m in range(MICRO_BATCHES)]
-            for s in range(STEPS)]
+def _global_batches(one_document: bool = False) -> list[list[dict]]:
+    """STEPS steps of MICRO_BATCHES packed micro-batches; `one_document`: the last micro-batch is one
+    row of one 6-token document (2 data-parallel ranks: one of them has no rows of it)."""
+    steps = [[_packed_batch(rng.fold_in(rng.key(11), s * MICRO_BATCHES + m)) for m in range(MICRO_BATCHES)]
+             for s in range(STEPS)]
+    if one_document:
+        mb = _packed_batch(rng.key(12))
+        steps[-1][-1] = {key: value[:1] for key, value in mb.items()}
+        steps[-1][-1]["segment_ids"] = (torch.arange(WIDTH) < 6).long()[None]
+        steps[-1][-1]["labels"] = torch.where(steps[-1][-1]["segment_ids"] > 0, steps[-1][-1]["labels"], IGNORE_INDEX)
+    return steps
 
 
 # ---- the token split (pure) -------------------------------------------------------------------
@@ -134,20 +145,21 @@ def _metrics(metrics: dict) -> tuple[float, float, float]:
     return tuple(float(metrics[name]) for name in ("train/loss", "train/grad_norm", "num_trained_tokens"))
 
 
-def _train_one_process(variant: str) -> dict:
+def _train_one_process(variant: str, one_document: bool = False) -> dict:
     trainable, frozen, optimizer, lora_config = _setup(variant)
     step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
     state = init_train_state(trainable, optimizer, rng.key(2))
     history = []
-    for micro_batches in _global_batches():
+    for micro_batches in _global_batches(one_document):
         state, metrics = step(state, micro_batches)
         history.append(_metrics(metrics))
     return {"metrics": history, "params": dict(leaves_with_paths(state.trainable))}
 
 
-def _train_context_parallel(variant: str, mesh) -> dict:
+def _train_context_parallel(variant: str, mesh, one_document: bool = False, folder: Path | None = None) -> dict:
+    """3 steps of the sharded step on `mesh` (with its cp dimension); `folder`: `save_sharded` there after."""
     from backends.context_parallel import context_parallel_attention
-    from backends.distributed import gather, make_sharded_train_step, place, shard_state
+    from backends.distributed import gather, make_sharded_train_step, place, save_sharded, shard_state
 
     trainable, frozen, optimizer, lora_config = _setup(variant)
     attention = context_parallel_attention(mesh)
@@ -156,9 +168,11 @@ def _train_context_parallel(variant: str, mesh) -> dict:
         make_context_parallel_bind=lambda full: make_apply(TINY, full, lora_config=lora_config, attention_fn=attention))
     state = shard_state(init_train_state(trainable, optimizer, rng.key(2)), mesh)
     history = []
-    for micro_batches in _global_batches():
+    for micro_batches in _global_batches(one_document):
         state, metrics = step(state, micro_batches)
         history.append(_metrics(metrics))
+    if folder is not None:
+        save_sharded(state, folder)
     placements = {path: tuple(str(p) for p in x.placements) for path, x in leaves_with_paths(state.trainable)}
     return {"metrics": history, "params": dict(leaves_with_paths(gather(state.trainable))), "placements": placements}
 
@@ -177,7 +191,7 @@ def _forward_logprobs(bind_params, attention=None, rank: int = 0, world: int = 1
     return out.logits.log_softmax(-1)[0, :row["input_ids"].shape[1] - (rank < world - 1)]
 
 
-def _torchrun_main(out: str) -> None:
+def _torchrun_main(out: str, checkpoints: str) -> None:
     import torch.distributed as dist
 
     from backends.context_parallel import context_parallel_attention
@@ -191,7 +205,8 @@ def _torchrun_main(out: str) -> None:
     parts = [None] * world
     dist.all_gather_object(parts, mine)
     results["logprobs"] = torch.cat(parts)
-    results.update({variant: _train_context_parallel(variant, mesh) for variant in VARIANTS})
+    results.update({variant: _train_context_parallel(variant, mesh, folder=Path(checkpoints) / variant)
+                    for variant in VARIANTS})
     try:
         make_sharded_train_step(sft, sgd(0.1), lambda full: make_apply(TINY, full), mesh, paired=True)
     except ValueError as error:
@@ -201,16 +216,39 @@ def _torchrun_main(out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def context_parallel_results(tmp_path_factory):
+def _four_rank_main(out: str) -> None:
+    """4 processes: HSDP (dp_replicate 2) x cp 2 and FSDP (dp_shard 2) x cp 2, with a micro-batch of
+    one document (one data-parallel share has no rows: its whole cp group adds zeros)."""
+    import torch.distributed as dist
+
+    from backends.distributed import make_mesh, mesh_sizes
+
+    world = int(os.environ["WORLD_SIZE"])
+    meshes = {"hsdp-cp": make_mesh(mesh_sizes(world, dp_replicate=2, cp=2), "cpu"),
+              "fsdp-cp": make_mesh(mesh_sizes(world, cp=2), "cpu")}
+    results = {name: {variant: _train_context_parallel(variant, mesh, one_document=True) for variant in VARIANTS}
+               for name, mesh in meshes.items()}
+    results["meshes"] = {name: mesh.mesh_dim_names for name, mesh in meshes.items()}
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def _launch(nproc: int, *args) -> None:
+    """This file under torchrun at `nproc` processes (gloo, one thread each), with `args`."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    out = tmp_path_factory.mktemp("context_parallel") / "results.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           __file__, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+                           __file__, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def context_parallel_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("context_parallel")
+    _launch(2, root / "results.pt", root / "checkpoints")
+    return {**torch.load(root / "results.pt"), "checkpoints": root / "checkpoints"}
 
 
 def test_the_forward_logprobs_of_two_context_parallel_ranks_equal_one_process(context_parallel_results):
@@ -239,5 +277,34 @@ def test_pair_batches_are_refused_under_context_parallelism(context_parallel_res
     assert "pair batches" in context_parallel_results["pair_refusal"]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_context_parallel_checkpoint_loads_in_one_process_as_the_gathered_params(context_parallel_results, variant):
+    from backends.distributed import load_sharded
+
+    trainable, _, optimizer, _ = _setup(variant)
+    state = load_sharded(init_train_state(trainable, optimizer, rng.key(2)),
+                         context_parallel_results["checkpoints"] / variant, mesh=None)
+    assert state.step == STEPS
+    for path, value in leaves_with_paths(state.trainable):
+        assert torch.equal(value, context_parallel_results[variant]["params"][path]), path
+
+
+def test_context_parallel_two_on_hsdp_and_fsdp_at_four_ranks_equals_one_process(tmp_path):
+    _launch(4, "four", tmp_path / "results.pt")
+    results = torch.load(tmp_path / "results.pt")
+    assert results["meshes"] == {"hsdp-cp": ("dp_replicate", "dp_shard", "cp"), "fsdp-cp": ("dp_shard", "cp")}
+    for variant in VARIANTS:
+        want = _train_one_process(variant, one_document=True)
+        for name in ("hsdp-cp", "fsdp-cp"):
+            got = results[name][variant]
+            for g, w in zip(got["metrics"], want["metrics"], strict=True):
+                assert g == pytest.approx(w, abs=1e-5), (name, variant)
+            for path, value in want["params"].items():
+                torch.testing.assert_close(got["params"][path], value, rtol=1e-5, atol=1e-5, msg=f"{name} {path}")
+
+
 if __name__ == "__main__":
-    _torchrun_main(sys.argv[1])
+    if sys.argv[1] == "four":
+        _four_rank_main(sys.argv[2])
+    else:
+        _torchrun_main(sys.argv[1], sys.argv[2])
