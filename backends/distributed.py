@@ -34,8 +34,14 @@ mesh is HSDP's 2-D `("dp_replicate", "dp_shard")`, every sharded tensor is `[Rep
 (each replica group holds the whole state, sharded within it) and a replicated one `[Replicate(),
 Replicate()]`. The data-parallel rank and world of the row split and the RNG keys are the flattened
 coordinates (world dp_replicate x dp_shard, rank replicate_index x dp_shard + shard_index), so the
-global batch is the same at every layout. A mesh with `cp` or `tp` larger than 1 is refused by name
-(context and tensor parallelism are later steps of issue 17).
+global batch is the same at every layout.
+
+Context parallelism (`cp` > 1, `backends.context_parallel`): the mesh is `("dp_shard", "cp")` or
+`("dp_replicate", "dp_shard", "cp")`; the state is placed on all of them (`placement_mesh`),
+`Replicate()` on `cp`; each data-parallel share of a packed micro-batch is split over the cp ranks
+by tokens, their gradients are partial, and `cp` is one more `Partial()` dimension of the local
+gradients and metrics. A mesh with `tp` larger than 1 is refused by name (tensor parallelism is a
+later step of issue 17).
 """
 from __future__ import annotations
 
@@ -216,22 +222,44 @@ def split_documents(mb: dict, rank: int, world: int) -> dict:
 
 
 _DATA_PARALLEL_DIMS = ("dp_replicate", "dp_shard")
+# The dimensions the state is placed on: data parallel, and context parallel (whose ranks hold the same
+# params and sum their partial gradients, as dp_replicate's do).
+_PLACEMENT_DIMS = ("dp_replicate", "dp_shard", "cp")
+
+
+def _submesh(mesh: DeviceMesh, keep: tuple[str, ...]) -> DeviceMesh:
+    """`mesh` restricted to the dimensions of `keep` it has, after refusing by config key any other
+    dimension larger than 1 (tensor parallelism: not implemented yet)."""
+    names = mesh.mesh_dim_names or ()
+    for name in names:
+        if name not in _PLACEMENT_DIMS and mesh[name].size() > 1:
+            raise NotImplementedError(f"{_SIZE_KEYS.get(name, name)} > 1 is not supported yet: only data-parallel "
+                                      "sharding (dp_shard, dp_replicate: FSDP, HSDP) and context parallelism "
+                                      "(context_parallel_size) are implemented")
+    if "dp_shard" not in names:
+        raise ValueError(f"the mesh has no 'dp_shard' dimension (its dimensions: {names}); build it with make_mesh")
+    dims = tuple(name for name in keep if name in names)
+    return mesh if dims == names else mesh[dims if len(dims) > 1 else dims[0]]
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """`mesh` restricted to its data-parallel dimensions, the ones this module places on: 1-D
+    """`mesh` restricted to its data-parallel dimensions, the ones that split the rows: 1-D
     `("dp_shard",)` (FSDP, DDP) or 2-D `("dp_replicate", "dp_shard")` (HSDP). Raises
-    NotImplementedError naming the config key of any other dimension larger than 1 (not implemented
-    yet), ValueError when `mesh` has no `dp_shard` dimension."""
-    names = mesh.mesh_dim_names or ()
-    for name in names:
-        if name not in _DATA_PARALLEL_DIMS and mesh[name].size() > 1:
-            raise NotImplementedError(f"{_SIZE_KEYS.get(name, name)} > 1 is not supported yet: only "
-                                      f"data-parallel sharding (dp_shard, dp_replicate: FSDP, HSDP) is implemented")
-    if "dp_shard" not in names:
-        raise ValueError(f"the mesh has no 'dp_shard' dimension (its dimensions: {names}); build it with make_mesh")
-    dims = tuple(name for name in _DATA_PARALLEL_DIMS if name in names)
-    return mesh if dims == names else mesh[dims if len(dims) > 1 else dims[0]]
+    NotImplementedError naming the config key of a tensor-parallel dimension larger than 1 (not
+    implemented yet), ValueError when `mesh` has no `dp_shard` dimension."""
+    return _submesh(mesh, _DATA_PARALLEL_DIMS)
+
+
+def placement_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """`mesh` restricted to the dimensions the state is placed on: the data-parallel ones and, when
+    `make_mesh` built one (context_parallel_size > 1), `cp` last, on which everything is
+    `Replicate()`. Without cp it is `data_parallel_mesh(mesh)`. Refuses what `data_parallel_mesh` does."""
+    return _submesh(mesh, _PLACEMENT_DIMS)
+
+
+def context_parallel_size(mesh: DeviceMesh) -> int:
+    """The size of `mesh`'s `cp` dimension (1 when it has none)."""
+    return mesh["cp"].size() if "cp" in (mesh.mesh_dim_names or ()) else 1
 
 
 def data_parallel_rank(dp: DeviceMesh) -> tuple[int, int]:
@@ -245,18 +273,19 @@ def data_parallel_rank(dp: DeviceMesh) -> tuple[int, int]:
 
 
 def placement_for(x: torch.Tensor, dp: DeviceMesh, shard: bool = True) -> tuple:
-    """The placements of `x` on `dp` (a `data_parallel_mesh`), one per dimension: `Replicate()` on
-    `dp_replicate`, and on `dp_shard` `Shard(0)` for a tensor whose dim 0 divides by its size (when
-    `shard`), else `Replicate()`: 0-dim tensors such as an optimizer's step count, or an odd dim 0."""
-    shards = shard and x.dim() > 0 and x.shape[0] % dp.mesh.shape[-1] == 0
-    return (Replicate(),) * (dp.ndim - 1) + (Shard(0) if shards else Replicate(),)
+    """The placements of `x` on `dp` (a `placement_mesh`), one per dimension: `Replicate()` on
+    `dp_replicate` and `cp`, and on `dp_shard` `Shard(0)` for a tensor whose dim 0 divides by its size
+    (when `shard`), else `Replicate()`: 0-dim tensors such as an optimizer's step count, or an odd dim 0."""
+    at = dp.mesh_dim_names.index("dp_shard")
+    shards = shard and x.dim() > 0 and x.shape[0] % dp.mesh.shape[at] == 0
+    return tuple(Shard(0) if i == at and shards else Replicate() for i in range(dp.ndim))
 
 
 def place(tree, mesh: DeviceMesh, shard: bool = True):
-    """`tree` with every tensor leaf a DTensor on the data-parallel dimensions of `mesh`, placed by
+    """`tree` with every tensor leaf a DTensor on the placement dimensions of `mesh` (`placement_mesh`), placed by
     `placement_for` (`shard` false: every leaf `Replicate()` on every dimension, DDP's layout). Every
     rank passes the same full values; each keeps its shard."""
-    dp = data_parallel_mesh(mesh)
+    dp = placement_mesh(mesh)
     return tree_map(lambda x: distribute_tensor(x, dp, placement_for(x, dp, shard))
                     if isinstance(x, torch.Tensor) else x, tree)
 
@@ -281,13 +310,13 @@ def shard_state(state: TrainState, mesh: DeviceMesh, shard_params: bool = True,
 
 
 def _sum_over_ranks(x: torch.Tensor, dp: DeviceMesh) -> torch.Tensor:
-    """The sum of every data-parallel rank's `x` (an all-reduce through a DTensor `Partial()` on each
-    dimension of `dp`), as a plain tensor."""
+    """The sum of every rank's `x` over the dimensions of `dp` (a `placement_mesh`: the data-parallel
+    ranks and the context-parallel ones; an all-reduce through a DTensor `Partial()` on each), as a plain tensor."""
     return DTensor.from_local(torch.as_tensor(x), dp, [Partial()] * dp.ndim).full_tensor()
 
 
 def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, frozen: dict | None = None,
-                            shard_optimizer: bool = True, paired: bool = False):
+                            shard_optimizer: bool = True, paired: bool = False, make_context_parallel_bind=None):
     """Build `train_step(state, micro_batches) -> (state, metrics)` for a `shard_state`d state; every
     rank passes the same micro-batches, those of the global step, and trains on its rows of each
     (`shard_micro_batches`).
@@ -317,10 +346,32 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
     `torch.func.grad`: a DTensor redistribute inside it fails (torch 2.13: "In order to use an
     autograd.Function with functorch transforms ... it must override the setup_context staticmethod").
     Metrics are those of the global batch, plain tensors on every rank: summed over the ranks as the
-    pure step sums them over micro-batches."""
-    dp = data_parallel_mesh(mesh)
-    rank, world = data_parallel_rank(dp)
+    pure step sums them over micro-batches.
+
+    Context parallelism (a mesh with a `cp` dimension, context_parallel_size > 1): the ranks of a cp
+    group hold the same data-parallel share of each micro-batch and split it by tokens
+    (`backends.context_parallel.split_tokens`: packed micro-batches only; pair batches and other
+    keys are refused); `make_context_parallel_bind(frozen_full) -> bind` is then required, a bind whose
+    attention is `backends.context_parallel.context_parallel_attention(mesh)`, used for the local
+    forward/backward only (the totals and a share with no rows use `make_bind`'s). Each cp rank's
+    gradient is partial (its tokens), so `cp` is one more `Partial()` dimension of the local
+    gradients and the metrics (the params are `Replicate()` on it); each cp rank folds its cp index
+    into its keys, so it draws its own dropout masks."""
+    dp = placement_mesh(mesh)
+    rank, world = data_parallel_rank(data_parallel_mesh(mesh))
     frozen = {} if frozen is None else frozen
+    cp = context_parallel_size(mesh)
+    if cp > 1:
+        from backends.context_parallel import split_tokens
+
+        if paired:
+            raise ValueError("context parallelism (context_parallel_size > 1) splits packed rows by tokens; pair "
+                             "batches (DPO and its family, reward models) are not supported: set "
+                             "context_parallel_size: 1")
+        if make_context_parallel_bind is None:
+            raise ValueError("a mesh with context_parallel_size > 1 needs make_context_parallel_bind: a bind whose "
+                             "attention is backends.context_parallel.context_parallel_attention(mesh)")
+        cp_rank = mesh["cp"].get_local_rank()
 
     accumulate = make_accumulator(loss)
 
@@ -335,13 +386,19 @@ def make_sharded_train_step(loss: Loss, optimizer, make_bind, mesh: DeviceMesh, 
 
     def train_step(state: TrainState, micro_batches: Sequence[dict]):
         step_key, next_key = rng.split(state.rng_key, 2)
-        bind = make_bind(gather(frozen))
+        whole_frozen = gather(frozen)
+        bind = make_bind(whole_frozen)
         full = gather(state.trainable)
         counts = loss.totals(bind(full), micro_batches)
         local = shard_micro_batches(micro_batches, rank, world, paired)
         keys = [rng.fold_in(step_key, rank * len(local) + i) for i in range(len(local))]
         mine = [i for i, mb in enumerate(local) if mb["input_ids"].shape[0]]
-        grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], bind)
+        local_bind = bind
+        if cp > 1:  # the cp group shares each data-parallel share by tokens (the whole group has it or none)
+            local = [split_tokens(mb, cp_rank, cp) if i in mine else mb for i, mb in enumerate(local)]
+            keys = [rng.fold_in(key, cp_rank) for key in keys]
+            local_bind = make_context_parallel_bind(whole_frozen)
+        grads, total, aux = accumulate(full, [local[i] for i in mine], counts, [keys[i] for i in mine], local_bind)
         if grads is None:  # no rows on this rank in this step
             grads = tree_map(torch.zeros_like, full)
             aux = _empty_metrics(loss, bind, full, micro_batches[0], counts, keys[0], paired)

@@ -281,8 +281,10 @@ def quantized_ops(params: dict) -> dict:
 def make_bind(config, model_config, frozen: dict, lora_config, layout=None, **kwargs):
     """`pure.train.make_apply` with the config's switches and the fastest kernels for the params'
     device and dtype (chunked linear + cross-entropy head, attention), as the kernel keys and plugins
-    select them (`programs.kernel_keys`; one line says what serves each requested key). With a
-    tensor-parallel `layout` (`programs.launch`): the rank's forward over its shards of `frozen`
+    select them (`programs.kernel_keys`; one line says what serves each requested key). A keyword of
+    `kwargs` replaces the served op of that name. `bind.with_attention(attention_fn)` is the same bind
+    with another attention (the context-parallel one, which `programs.launch.Layout.steps` puts in).
+    With a tensor-parallel `layout` (`programs.launch`): the rank's forward over its shards of `frozen`
     (`backends.tensor_parallel.make_tp_apply`, the same kernels inside the TP linears)."""
     from programs.kernel_keys import served_ops
     from pure.train import make_apply
@@ -302,5 +304,23 @@ def make_bind(config, model_config, frozen: dict, lora_config, layout=None, **kw
         rank, size = layout.mesh["tp"].get_local_rank(), layout.mesh["tp"].size()
         local, _ = shard_params_for_tp(frozen, None, model_config, rank, size)
         return make_tp_apply(model_config, local, layout.mesh, lora_config=lora_config, checkpoint_layers=remat,
-                             **ops, **kwargs)
-    return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat, **ops, **kwargs)
+                             **{**ops, **kwargs})
+
+    def bind_with(**override):  # a keyword of kwargs (e.g. attention_fn) replaces the served kernel's
+        return make_apply(model_config, frozen, lora_config=lora_config, checkpoint_layers=remat,
+                          **{**ops, **kwargs, **override})
+
+    bind = bind_with()
+
+    def with_attention(attention_fn):
+        # The same bind with another attention (`programs.launch.Layout.steps`: the context-parallel one);
+        # a sliding window would need it in that attention's mask, which it does not build.
+        if model_config.sliding_window is not None:
+            from programs.config import ConfigError
+
+            raise ConfigError(f"context_parallel_size > 1: sliding-window attention (sliding_window: "
+                              f"{model_config.sliding_window}) is not supported with context parallelism yet")
+        return bind_with(attention_fn=attention_fn)
+
+    bind.with_attention = with_attention
+    return bind

@@ -74,7 +74,9 @@ class Layout:
         """(train_step, eval_step) of `loss` with `bind` (its frozen params whole on every rank):
         `pure.train`'s, or the sharded step on the plan's placements with an eval step that gathers
         the trained params first (every rank evaluates the whole eval set; rank 0 logs it).
-        `paired`: the batches are pair batches, which the ranks split by pairs."""
+        `paired`: the batches are pair batches, which the ranks split by pairs.
+        With context_parallel_size > 1 the train step's local forward runs `bind.with_attention`
+        (`programs.common.make_bind`'s) of the context-parallel attention; eval keeps `bind`."""
         from pure.train import make_eval_step, make_train_step
 
         if not self.distributed:
@@ -85,8 +87,18 @@ class Layout:
             return make_tp_train_step(loss, optimizer, bind, self.mesh), make_tp_eval_step(loss, bind)
         from backends.distributed import make_sharded_train_step
 
+        make_local_bind = None
+        if (self.plan.cp or 1) > 1:
+            from backends.context_parallel import context_parallel_attention
+
+            if paired:
+                raise ConfigError("context_parallel_size > 1 splits packed rows by tokens; pair batches (DPO and "
+                                  "its family, reward models) are not supported yet: set context_parallel_size: 1")
+            local_bind = bind.with_attention(context_parallel_attention(self.mesh))
+            make_local_bind = lambda frozen: local_bind  # noqa: E731 (the frozen params are bound already)
         train_step = make_sharded_train_step(loss, optimizer, lambda frozen: bind, self.mesh,
-                                             shard_optimizer=self.plan.shard_optimizer, paired=paired)
+                                             shard_optimizer=self.plan.shard_optimizer, paired=paired,
+                                             make_context_parallel_bind=make_local_bind)
         return train_step, self.whole_params(make_eval_step(loss, bind))
 
     def whole(self, tree):
@@ -232,7 +244,7 @@ def layout_of(config) -> Layout:
             print(line, flush=True)
         return ONE_PROCESS
     refuse_in_world(config, world)
-    from backends.distributed import data_parallel_mesh, make_mesh, mesh_sizes
+    from backends.distributed import make_mesh, mesh_sizes, placement_mesh
 
     try:
         sizes = mesh_sizes(world, dp_shard=plan.dp_shard, dp_replicate=plan.dp_replicate, tp=plan.tp, cp=plan.cp)
@@ -252,7 +264,7 @@ def layout_of(config) -> Layout:
 
             tp_mesh(mesh)  # TP alone: every rank of the world in the one TP group
         else:
-            data_parallel_mesh(mesh)
+            placement_mesh(mesh)
     except NotImplementedError as err:
         raise ConfigError(f"{err} (tensor_parallel_size={sizes.tp} with {world} processes: TP runs alone, "
                           "tensor_parallel_size = the world size)" if sizes.tp > 1 else str(err)) from None
@@ -318,3 +330,7 @@ def refuse_in_world(config, world: int) -> None:
     if training_kind(config) in ("grpo", "gdpo") and config.trl.use_vllm:
         raise ConfigError(f"rl: {training_kind(config)} with trl.use_vllm is not supported {where} yet; every rank "
                           "samples with the native engine (use_vllm: false), or run it in one process")
+    if (config.context_parallel_size or 1) > 1 and (training_kind(config) != "sft" or not config.sample_packing):
+        raise ConfigError(f"context_parallel_size: {config.context_parallel_size} splits packed rows by tokens: it "
+                          f"needs SFT with sample_packing: true, not {training_kind(config)} with sample_packing: "
+                          f"{config.sample_packing} (pair batches and unpacked rows are not supported yet)")

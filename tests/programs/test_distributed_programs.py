@@ -396,3 +396,31 @@ def test_hsdp_full_fine_tune_at_four_ranks_equals_one_process(tmp_path, tiny_mod
     from backends.checkpoint import is_sharded_checkpoint
 
     assert is_sharded_checkpoint(tmp_path / "four" / "checkpoint-3")
+
+
+# ---- context parallelism: the ranks share each packed micro-batch by tokens ---------------------
+
+
+@pytest.mark.parametrize("adapter, export", [("lora", "adapter_model.safetensors"), (None, "model/model.safetensors")])
+def test_packed_sft_at_context_parallel_two_equals_one_process(tmp_path, tiny_model, adapter, export):
+    # FSDP2 at dp_shard 1 x cp 2: both ranks hold every micro-batch's rows and split their tokens
+    keys = dict(adapter=adapter, max_steps=4, save_steps=4, eval_steps=4, fsdp_version=2, fsdp_config={},
+                **({} if adapter else {"learning_rate": 1e-3}))
+    proc = torchrun("programs.sft", sft_config(tmp_path, tiny_model, "two", context_parallel_size=2, **keys))
+    one_process("programs.sft", sft_config(tmp_path, tiny_model, "one", **keys))
+    assert_runs_agree(tmp_path / "two", tmp_path / "one", export)
+    assert "mesh {'dp_replicate': 1, 'dp_shard': 1, 'cp': 2, 'tp': 1}" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, words", [("dpo", "needs SFT with sample_packing: true, not dpo"),
+                                         ("unpacked", "not sft with sample_packing: False")])
+def test_context_parallelism_of_pair_batches_or_unpacked_rows_is_refused_by_key(tmp_path, tiny_model, kind, words):
+    from programs.config import ConfigError
+    from programs.launch import refuse_in_world
+
+    keys = dict(context_parallel_size=2, fsdp_version=2, fsdp_config={})
+    path = preference_config(tmp_path, tiny_model, "two", "dpo", **keys) if kind == "dpo" else \
+        sft_config(tmp_path, tiny_model, "two", sample_packing=False, **keys)
+    with pytest.raises(ConfigError, match="context_parallel_size: 2 splits packed rows by tokens") as error:
+        refuse_in_world(load_config(path), 2)
+    assert words in str(error.value)

@@ -180,7 +180,7 @@ def test_test_datasets_with_zero_val_set_size_is_fine():
 @pytest.mark.parametrize("key, value", [
     ("deepcompile", True), ("use_ray", True), ("gptq", True), ("liger_use_token_scaling", True),
     ("lora_embedding_kernel", True), ("use_sonicmoe", True), ("unsloth_lora_mlp", True), ("xformers_attention", True),
-    ("optimizer", "galore_adamw"), ("context_parallel_size", 2),
+    ("optimizer", "galore_adamw"),
 ])
 def test_features_not_built_yet_fail_with_one_clear_line(key, value):
     with pytest.raises(ConfigError, match=f"{key} is not supported yet by puretune"):
