@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from programs.config import load_config
+from tests.programs.test_grpo import workdir  # noqa: F401 (the fixture: reward module, prompts, chdir)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"
@@ -290,38 +290,26 @@ def test_under_torchrun_torch_compile_is_refused_by_key_on_every_rank(tmp_path, 
     assert proc.stderr.count("error: torch_compile: true is not supported under torchrun (2 processes) yet") == 2
 
 
-@pytest.fixture
-def grpo_workdir(tmp_path, monkeypatch):
-    from tests.programs.test_grpo import REWARDS
-
-    (tmp_path / "test_rewards_mod.py").write_text(REWARDS)
-    rows = (DATA / "arithmetic_train.jsonl").read_text().splitlines()
-    (tmp_path / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
-    (tmp_path / "eval.jsonl").write_text("\n".join(rows[16:20]) + "\n")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_grpo_at_two_ranks_equals_one_process(grpo_workdir, tiny_model):
+def test_grpo_at_two_ranks_equals_one_process(workdir, tiny_model):
     # every rank samples and scores the same generations with the gathered policy (the native engine,
     # the state's keys), then trains on its rows; the one-process run takes torchrun's one thread, so
     # the sampled tokens are the same too
     from tests.programs.test_grpo import write_config
 
     keys = dict(lora_dropout=0.0, trl={"beta": 0.04})
-    torchrun("programs.grpo", write_config(grpo_workdir, tiny_model, "two", **keys), cwd=grpo_workdir)
+    torchrun("programs.grpo", write_config(workdir, tiny_model, "two", **keys), cwd=workdir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one_process("programs.grpo", write_config(grpo_workdir, tiny_model, "one", **keys))
+        one_process("programs.grpo", write_config(workdir, tiny_model, "one", **keys))
     finally:
         torch.set_num_threads(threads)
-    assert_runs_agree(grpo_workdir / "two", grpo_workdir / "one", "adapter_model.safetensors")
+    assert_runs_agree(workdir / "two", workdir / "one", "adapter_model.safetensors")
     def rewards(out: Path) -> list:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r.get("reward"), r.get("eval/reward")) for r in records if "reward" in r or "eval/reward" in r]
 
-    assert rewards(grpo_workdir / "two") == rewards(grpo_workdir / "one") and rewards(grpo_workdir / "one")
+    assert rewards(workdir / "two") == rewards(workdir / "one") and rewards(workdir / "one")
 
 
 def test_grpo_with_vllm_under_torchrun_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
