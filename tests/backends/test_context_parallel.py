@@ -25,9 +25,9 @@ from pure.losses.common import IGNORE_INDEX, next_token_targets
 from pure.lora import LoraConfig, init_lora
 from pure.models import init
 from pure.optim import adamw, chain, clip_by_global_norm, sgd
-from pure.train import init_train_state, make_apply, make_train_step
+from pure.train import init_train_state, make_apply
 from pure.tree import leaves_with_paths
-from tests.backends.agreement import assert_runs_agree
+from tests.backends.agreement import assert_runs_agree, step_metrics, train_one_process
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,19 +142,9 @@ def _setup(variant: str):
     return {"lora": delta}, params, adamw(1e-2, weight_decay=0.01), lora_config
 
 
-def _metrics(metrics: dict) -> tuple[float, float, float]:
-    return tuple(float(metrics[name]) for name in ("train/loss", "train/grad_norm", "num_trained_tokens"))
-
-
 def _train_one_process(variant: str, one_document: bool = False) -> dict:
     trainable, frozen, optimizer, lora_config = _setup(variant)
-    step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config))
-    state = init_train_state(trainable, optimizer, rng.key(2))
-    history = []
-    for micro_batches in _global_batches(one_document):
-        state, metrics = step(state, micro_batches)
-        history.append(_metrics(metrics))
-    return {"metrics": history, "params": dict(leaves_with_paths(state.trainable))}
+    return train_one_process(TINY, trainable, frozen, optimizer, lora_config, _global_batches(one_document), rng.key(2))
 
 
 def _train_context_parallel(variant: str, mesh, one_document: bool = False, folder: Path | None = None) -> dict:
@@ -171,7 +161,7 @@ def _train_context_parallel(variant: str, mesh, one_document: bool = False, fold
     history = []
     for micro_batches in _global_batches(one_document):
         state, metrics = step(state, micro_batches)
-        history.append(_metrics(metrics))
+        history.append(step_metrics(metrics))
     if folder is not None:
         save_sharded(state, folder)
     placements = {path: tuple(str(p) for p in x.placements) for path, x in leaves_with_paths(state.trainable)}

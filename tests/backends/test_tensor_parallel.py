@@ -22,9 +22,9 @@ from pure.losses import sft
 from pure.lora import LINEAR_MODULES, LoraConfig, init_lora
 from pure.models import forward, init
 from pure.optim import adamw, chain, clip_by_global_norm, sgd
-from pure.train import init_train_state, make_accumulator, make_apply, make_train_step
+from pure.train import init_train_state, make_accumulator, make_apply
 from pure.tree import leaves_with_paths
-from tests.backends.agreement import assert_runs_agree
+from tests.backends.agreement import assert_runs_agree, step_metrics, train_one_process
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,19 +170,10 @@ def _setup(variant: str):
             lora_config, kwargs)
 
 
-def _step_metrics(metrics: dict) -> tuple[float, float, float]:
-    return tuple(float(metrics[name]) for name in ("train/loss", "train/grad_norm", "num_trained_tokens"))
-
-
 def _train_one_process(variant: str) -> dict:
     trainable, frozen, optimizer, lora_config, kwargs = _setup(variant)
-    step = make_train_step(sft, optimizer, make_apply(TINY, frozen, lora_config=lora_config, **kwargs))
-    state = init_train_state(trainable, optimizer, rng.key(3))
-    history = []
-    for micro_batches in _packed_batches(TINY):
-        state, metrics = step(state, micro_batches)
-        history.append(_step_metrics(metrics))
-    return {"metrics": history, "params": dict(leaves_with_paths(state.trainable))}
+    return train_one_process(TINY, trainable, frozen, optimizer, lora_config, _packed_batches(TINY), rng.key(3),
+                             **kwargs)
 
 
 def _grads_one_process(variant: str) -> dict:
@@ -286,7 +277,7 @@ def _train_tp(variant: str, mesh) -> dict:
     history = []
     for micro_batches in _packed_batches(TINY):
         state, metrics = step(state, micro_batches)
-        history.append(_step_metrics(metrics))
+        history.append(step_metrics(metrics))
     params, lora = gather_tp(_to_local(state.trainable.get("params", {})), _to_local(state.trainable.get("lora")), mesh)
     gathered = {"params": params} if variant == "full" else {"lora": lora}
     return {"metrics": history, "params": dict(leaves_with_paths(gathered))}
