@@ -392,8 +392,9 @@ class RolloutSchedule:
     resumes by re-running it: the same rollouts wherever the engine is reproducible (native; vLLM
     with its per-request seeds)."""
 
-    def __init__(self, generator: Generator, producer, generation_after, prompts_of, total_steps: int):
-        self.generator, self.producer = generator, producer
+    def __init__(self, generator: Generator, producer, generation_after, prompts_of, total_steps: int,
+                 layout: launch.Layout = launch.ONE_PROCESS):
+        self.generator, self.producer, self.layout = generator, producer, layout
         self.generation_after, self.prompts_of, self.total_steps = generation_after, prompts_of, total_steps
         trl = generator.config.trl
         self.sync_every = trl.vllm_sync_interval or 1
@@ -439,7 +440,8 @@ class RolloutSchedule:
         if self.depth == 0:
             policy, carry = self.policy(state, carry)
             prompts, carry = self.prompts(state, carry, generation, prompts)
-            return self.producer.call(self.generator.produce, policy, prompts, slot_key), carry, slot_key
+            produced = self.layout.from_main(self.producer.call, self.producer.work, policy, prompts, slot_key)
+            return produced, carry, slot_key
         base = rng.fold_in(state.rng_key, ROLLOUT_STREAM)
         ahead, wanted = generation, [generation]
         for _ in range(self.depth):
@@ -452,8 +454,13 @@ class RolloutSchedule:
         for g in wanted:  # a resumed run re-submits what the checkpoint had in flight
             self.producer.submit(g, *self._job(state, carry, g))
         _, _, key = self._job(state, carry, generation)
-        produced = self.producer.result(generation)
+        produced = self.layout.from_main(self.producer.result, generation)
         return produced, without(carry, pending_name(generation)), key
+
+
+def nothing(*args):
+    """A job that does nothing: a rank other than 0 under torchrun samples nothing itself."""
+    return None
 
 
 def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: RolloutSchedule, reference_of, sync,
@@ -464,9 +471,10 @@ def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: Rollou
     `skip_zero_advantage_batches` skips the update (the step and its key still advance) when every
     advantage of the step is zero.
 
-    Under torchrun (`layout`) every rank samples and scores the same generations with the gathered
-    policy (the same keys: the same rollouts, checked each step), and the sharded step trains each
-    rank on its rows of the slices."""
+    Under torchrun (`layout`) rank 0 samples and scores each generation with the gathered policy and
+    the others receive it; every rank builds the slices' micro-batches from it (old and reference
+    log-probs under the gathered policy: the same batches, checked each step), and the sharded step
+    trains each rank on its rows of them."""
     inner, _ = layout.steps(loss, optimizer, bind)
     skip_zero = generator.config.trl.skip_zero_advantage_batches
 
@@ -494,8 +502,7 @@ def make_grpo_step(loss, optimizer, bind, generator: Generator, rollouts: Rollou
             new_state = state.replace(step=state.step + 1, rng_key=rng.split(state.rng_key, 2)[1])
             step_metrics = {"train/loss": torch.zeros(()), "train/grad_norm": torch.zeros(())}
         else:
-            layout.check_same(micro, "the ranks sampled or scored different rollouts (a reward function that is "
-                                     "not deterministic?)")
+            layout.check_same(micro, "the ranks built different GRPO batches from the same generations")
             new_state, step_metrics = inner(sharded, micro)
         step_metrics["time/train_s"] = time.perf_counter() - start
         carry["skipped_zero_adv_batches"] = skipped
@@ -541,17 +548,19 @@ def make_reference(config, trainable: dict, lora_config):
 
 # ---- eval: the mean reward on held-out prompts
 
-def make_eval(generator: Generator, producer, config):
+def make_eval(generator: Generator, producer, config, layout: launch.Layout = launch.ONE_PROCESS):
     """`eval_step(trainable, batches)`: completions for the held-out prompts from a fixed key (the same
-    at every eval, so evals compare policies, not luck), their rewards under TRL's metric names."""
+    at every eval, so evals compare policies, not luck), their rewards under TRL's metric names.
+    Under torchrun rank 0 samples and scores them, and the others receive them."""
     key = rng.fold_in(rng.key(config.seed), EVAL_STREAM)
+    sample = generator.sample if layout.is_main else nothing
 
     def eval_step(trainable, batches):
         scores, completions, reasons = [], [], []
         for i, batch in enumerate(batches):
             with torch.no_grad():
-                _, out, _, batch_scores, _ = producer.call(generator.sample, trainable, batch["prompts"].tolist(),
-                                                           rng.fold_in(key, i))
+                _, out, _, batch_scores, _ = layout.from_main(producer.call, sample, trainable,
+                                                              batch["prompts"].tolist(), rng.fold_in(key, i))
             scores.append(batch_scores)
             completions += out.completion_ids
             reasons += out.finish_reasons
@@ -623,10 +632,12 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
     total = common.total_steps(config, common.steps_per_epoch(len(epoch_batches(0)),
                                                               config.gradient_accumulation_steps))
     optimizer, schedule = common.build_optimizer_from_config(config, total)
-    producer = Producer(generator.produce, prefetch_depth_of(config))
+    # Under torchrun rank 0 samples and scores each generation (the only rank that talks to vLLM or runs the
+    # reward functions); the others receive it (`Layout.from_main`) and build the same batches from it.
+    producer = Producer(generator.produce if layout.is_main else nothing, prefetch_depth_of(config))
     rollouts = RolloutSchedule(generator, producer, generation_after,
                                lambda epoch, index: generation_prompts(len(rows), batching, seed, epoch, index).tolist(),
-                               total)
+                               total, layout)
     per_eval = max(1, config.eval_batch_size // batching.num_generations)
     held_out = list(range(len(rows), len(rows) + len(eval_rows)))
     eval_batches = [{"prompts": torch.tensor(held_out[i:i + per_eval])} for i in range(0, len(held_out), per_eval)]
@@ -644,7 +655,7 @@ def run(config, overwrite: bool = False, stop_after_step: int | None = None) -> 
             epoch_batches=epoch_batches,
             schedule=schedule,
             export=lambda state: common.export_policy(config, state, frozen, model_config, tokenizer, lora_config),
-            eval_step=layout.whole_params(make_eval(generator, producer, config)) if eval_rows else None,
+            eval_step=layout.whole_params(make_eval(generator, producer, config, layout)) if eval_rows else None,
             eval_batches=eval_batches,
             num_examples=(len(rows), len(eval_rows)),
             summary=lambda before, after: summary(len(eval_rows), before, after),

@@ -115,6 +115,27 @@ class Layout:
             return step
         return lambda params, *args: step(self.whole(params), *args)
 
+    def from_main(self, fn: Callable, *args):
+        """`fn(*args)` on every rank, and rank 0's result, or its exception, on all of them (a pickled
+        broadcast): what rank 0 alone computes (GRPO's sampling), the others receive, and a failure
+        there (a vLLM server that stopped answering) is raised by every rank at the same point. One
+        process: `fn(*args)`."""
+        if not self.distributed:
+            return fn(*args)
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001 (rank 0's is re-raised on every rank below)
+            if not self.is_main:
+                raise
+            error = err
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
     def check_same(self, micro_batches, what: str) -> None:
         """Raise ValueError(`what`) unless every rank holds the same micro-batches (a checksum of
         their tensors, compared over the ranks). One process: nothing to check."""
@@ -327,9 +348,9 @@ def refuse_in_world(config, world: int) -> None:
         raise ConfigError(f"torch_compile: true is not supported {where} yet; set torch_compile: false")
     if precision_plan(config).loss_scaling:
         raise ConfigError(f"fp16 (dynamic loss scaling) is not supported {where} yet; use bf16 or fp32")
-    if training_kind(config) in ("grpo", "gdpo") and config.trl.use_vllm:
-        raise ConfigError(f"rl: {training_kind(config)} with trl.use_vllm is not supported {where} yet; every rank "
-                          "samples with the native engine (use_vllm: false), or run it in one process")
+    if training_kind(config) in ("grpo", "gdpo") and config.trl.use_vllm and config.trl.vllm_mode == "colocate":
+        raise ConfigError(f"trl.vllm_mode: colocate is not supported {where} yet (an engine in every rank); use "
+                          "vllm_mode: server, which rank 0 talks to")
     if (config.context_parallel_size or 1) > 1 and (training_kind(config) != "sft" or not config.sample_packing):
         raise ConfigError(f"context_parallel_size: {config.context_parallel_size} splits packed rows by tokens: it "
                           f"needs SFT with sample_packing: true, not {training_kind(config)} with sample_packing: "

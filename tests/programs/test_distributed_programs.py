@@ -312,11 +312,38 @@ def test_grpo_at_two_ranks_equals_one_process(workdir, tiny_model):
     assert rewards(workdir / "two") == rewards(workdir / "one") and rewards(workdir / "one")
 
 
-def test_grpo_with_vllm_under_torchrun_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
+def test_grpo_through_a_vllm_server_at_two_ranks_equals_one_process(tmp_path, vllm_server, monkeypatch):
+    # rank 0 alone syncs the LoRA to the server, samples and scores; rank 1 receives the generations;
+    # the server's seeded requests give the one-process run the same completions
+    from tests.programs.test_grpo_vllm import REWARDS, write_config
+
+    (tmp_path / "vllm_rewards_mod.py").write_text(REWARDS)
+    rows = (DATA / "arithmetic_train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    keys = dict(lora_dropout=0.0, max_steps=3)
+    torchrun("programs.grpo", write_config(tmp_path, vllm_server, "two", **keys), cwd=tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_process("programs.grpo", write_config(tmp_path, vllm_server, "one", **keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert_runs_agree(tmp_path / "two", tmp_path / "one", "adapter_model.safetensors")
+
+    def rewards(out: Path) -> list:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["reward"]) for r in records if "reward" in r]
+
+    assert rewards(tmp_path / "two") == rewards(tmp_path / "one") and len(rewards(tmp_path / "one")) == 3
+
+
+def test_grpo_with_colocated_vllm_under_torchrun_is_refused_by_key_before_anything_loads(tmp_path, tiny_model):
     proc = torchrun("programs.grpo", REPO / "configs" / "grpo-smollm2.yaml", "--base_model", str(tiny_model),
-                    "--output_dir", str(tmp_path / "grpo"), "--use_vllm", "true", check=False)
+                    "--output_dir", str(tmp_path / "grpo"), "--use_vllm", "true", "--trl.vllm_mode", "colocate",
+                    check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: rl: grpo with trl.use_vllm is not supported under torchrun (2 processes) yet") == 2
+    assert proc.stderr.count("error: trl.vllm_mode: colocate is not supported under torchrun (2 processes) yet") == 2
     assert not (tmp_path / "grpo").exists()
 
 
